@@ -1,0 +1,98 @@
+"""Every PruneVid knob in one validated dataclass, with the paper's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# (field, lower, upper, lower inclusive, upper inclusive): the allowed range of each numeric knob.
+_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "tau": (-1.0, 1.0, True, True),
+    "temporal_segment_ratio": (0.0, 1.0, False, True),
+    "cluster_ratio": (0.0, 1.0, False, True),
+    "k": (1, math.inf, True, False),
+    "spatial_merge_threshold": (0, math.inf, True, False),
+    "dpc_noise": (0.0, 1.0, True, True),
+    "seed": (0, 2**63 - 1, True, True),
+    "selected_layer": (0, math.inf, True, False),
+    "alpha": (0.0, 1.0, False, True),
+    "num_frames": (1, 1024, True, True),
+}
+_INTEGER_FIELDS = {"k", "spatial_merge_threshold", "seed", "selected_layer", "num_frames"}
+
+
+@dataclass(frozen=True)
+class PruneVidConfig:
+    """PruneVid settings. Defaults are the paper's (16 frames, LLaVA-OneVision / PLLaVA).
+
+    stage1: spatial-temporal token merging before the language model.
+    stage2: question-guided pruning at decoder layer `selected_layer` (0-based).
+    tau: cosine-similarity threshold above which a grid position is static in a segment.
+    temporal_segment_ratio: temporal clusters = max(1, int(T * ratio)).
+    cluster_ratio: spatial clusters = max(1, int(n * ratio)) for a set of n > threshold tokens.
+    k: DPC-KNN neighbours.
+    spatial_merge_threshold: sets of at most this many tokens are not clustered.
+    dpc_noise: scale of the seeded tie-break noise added to DPC densities (0 disables it).
+    seed: seed of that noise.
+    selected_layer: decoder layer whose queries/keys score the visual tokens (must exist in the model).
+    alpha: fraction of visual tokens kept by stage 2 in each budget set.
+    num_frames: frames sampled uniformly from a video.
+    """
+
+    stage1: bool = True
+    stage2: bool = True
+    tau: float = 0.8
+    temporal_segment_ratio: float = 0.25
+    cluster_ratio: float = 0.5
+    k: int = 7
+    spatial_merge_threshold: int = 14
+    dpc_noise: float = 1e-6
+    seed: int = 0
+    selected_layer: int = 10
+    alpha: float = 0.4
+    num_frames: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("stage1", "stage2"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name, (low, high, low_in, high_in) in _RANGES.items():
+            value = getattr(self, name)
+            kind = "an integer" if name in _INTEGER_FIELDS else "a number"
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            if name in _INTEGER_FIELDS and not is_int:
+                raise ValueError(f"{name} must be {kind} in {_range_text(name)}, got {value!r}")
+            if not (is_int or isinstance(value, float)) or math.isnan(value):
+                raise ValueError(f"{name} must be {kind} in {_range_text(name)}, got {value!r}")
+            above = value >= low if low_in else value > low
+            below = value <= high if high_in else value < high
+            if not (above and below):
+                raise ValueError(f"{name} must be in {_range_text(name)}, got {value!r}")
+
+    def replace(self, **changes: Any) -> PruneVidConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PruneVidConfig:
+        """Build from a mapping; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown PruneVidConfig field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+def _range_text(name: str) -> str:
+    low, high, low_in, high_in = _RANGES[name]
+    fmt = (
+        (lambda v: "inf" if v == math.inf else f"{v:g}")
+        if name not in _INTEGER_FIELDS
+        else (lambda v: "inf" if v == math.inf else str(int(v)))
+    )
+    return f"{'[' if low_in else '('}{fmt(low)}, {fmt(high)}{']' if high_in else ')'}"

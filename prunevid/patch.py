@@ -1,0 +1,54 @@
+"""`patch` / `unpatch` / `last_trace`: the public API, dispatching on the model's class."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from .config import PruneVidConfig
+from .trace import PruningTrace
+
+
+def _adapter(model: torch.nn.Module) -> ModuleType:
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    if isinstance(model, LlavaOnevisionForConditionalGeneration):
+        from .models import llava_onevision
+
+        return llava_onevision
+    raise TypeError(
+        f"PruneVid has no adapter for {type(model).__name__}; supported: LlavaOnevisionForConditionalGeneration"
+    )
+
+
+def patch(model: torch.nn.Module, config: PruneVidConfig | None = None) -> torch.nn.Module:
+    """Make `model` run PruneVid in every forward/generate with a video (in place; returns it).
+
+    Patching a patched model replaces its config. `unpatch` restores the stock model.
+    """
+    _adapter(model).patch(model, config or PruneVidConfig())
+    return model
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    _adapter(model).unpatch(model)
+    return model
+
+
+def last_traces(model: torch.nn.Module) -> list[PruningTrace | None]:
+    """The traces of the last prefill with a video, one per batch row (None for rows without video)."""
+    runtime = _adapter(model).runtime(model)
+    if runtime is None:
+        raise RuntimeError("this model is not patched: call prunevid.patch(model) first")
+    if runtime.traces is None:
+        raise RuntimeError("no video has gone through this model since it was patched")
+    return runtime.traces
+
+
+def last_trace(model: torch.nn.Module, row: int = 0) -> PruningTrace:
+    """The PruningTrace of batch row `row` in the last prefill with a video."""
+    trace = last_traces(model)[row]
+    if trace is None:
+        raise RuntimeError(f"batch row {row} of the last call had no video")
+    return trace

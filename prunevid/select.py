@@ -1,0 +1,42 @@
+"""Stage 2: question-guided selection of visual tokens (ALGORITHM.md §5.2-5.4). Pure torch."""
+
+from __future__ import annotations
+
+import torch
+
+
+def question_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of the question rows over all prompt keys, in float32.
+
+    queries: (H, nq, d) question tokens; keys: (Hkv, nk, d) prompt tokens, H a multiple of Hkv
+    (grouped-query heads: query head h reads key head h // (H / Hkv)). No RoPE, no causal mask.
+    Returns (H, nq, nk). Only these nq rows are ever formed, never the full nk x nk map.
+    """
+    heads, kv_heads = queries.shape[0], keys.shape[0]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key heads")
+    keys = keys.float().repeat_interleave(heads // kv_heads, dim=0)
+    logits = queries.float() @ keys.transpose(1, 2) / queries.shape[-1] ** 0.5
+    return logits.softmax(-1)
+
+
+def visual_scores(attention: torch.Tensor) -> torch.Tensor:
+    """Score of each key: the max over heads and question rows. (H, nq, nk) -> (nk,)."""
+    return attention.amax(dim=(0, 1))
+
+
+def keep_by_budget(scores: torch.Tensor, groups: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Indices of the tokens kept, in increasing order.
+
+    scores: (M,) relevance; groups: (M,) budget set of each token (stage 1's static set of a
+    segment or dynamic set of a frame). Each set keeps its top max(1, int(alpha * size))
+    tokens; equal scores keep the lower index.
+    """
+    order = scores.sort(descending=True, stable=True).indices
+    order = order[groups[order].sort(stable=True).indices]  # by set, best first inside each
+    sizes = torch.bincount(groups)
+    budget = (alpha * sizes.double()).long().clamp(min=1)  # float64, as int(alpha * size)
+    starts = sizes.cumsum(0) - sizes
+    ordered_groups = groups[order]
+    rank = torch.arange(len(order), device=scores.device) - starts[ordered_groups]
+    return order[rank < budget[ordered_groups]].sort().values

@@ -1,0 +1,136 @@
+"""PruningTrace: what happened to every original visual token of one video (for plots and JSON)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .merge import MergeResult
+
+
+@dataclass
+class PruningTrace:
+    """Per original token (frame t, grid row, grid col), stored as (T, H, W) arrays.
+
+    segment: (T,) temporal segment of each frame.
+    static: (T, H, W) merged over time as static in stage 1.
+    merged_index: (T, H, W) index of the stage-1 token it went into (0 .. num_after_stage1 - 1).
+    kept: (T, H, W) whether that merged token survived stage 2.
+    score: (T, H, W) stage-2 relevance of that merged token (NaN when stage 2 is off).
+    timings: seconds per stage, e.g. {"stage1_s", "stage2_s", "llm_prefill_s"}.
+    """
+
+    segment: np.ndarray
+    static: np.ndarray
+    merged_index: np.ndarray
+    kept: np.ndarray
+    score: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return self.static.shape[0]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.static.shape[1], self.static.shape[2]
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return int(self.static.size)
+
+    @property
+    def num_after_stage1(self) -> int:
+        return int(self.merged_index.max()) + 1
+
+    @property
+    def num_after_stage2(self) -> int:
+        return int(np.unique(self.merged_index[self.kept]).size)
+
+    @classmethod
+    def from_stages(
+        cls,
+        merge: MergeResult,
+        kept: np.ndarray | None = None,
+        scores: np.ndarray | None = None,
+        timings: dict[str, float] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> PruningTrace:
+        """Combine stage 1's result with stage 2's per-merged-token kept mask and scores (M,)."""
+        shape = (merge.assignment.shape[0], *merge.grid)
+        index = merge.assignment.cpu().numpy().reshape(shape)
+        num_merged = merge.num_tokens
+        kept = np.ones(num_merged, dtype=bool) if kept is None else np.asarray(kept, dtype=bool)
+        scores = np.full(num_merged, np.nan, dtype=np.float32) if scores is None else np.asarray(scores)
+        return cls(
+            segment=merge.segments.cpu().numpy(),
+            static=merge.static.cpu().numpy().reshape(shape),
+            merged_index=index,
+            kept=kept[index],
+            score=scores.astype(np.float32)[index],
+            timings=dict(timings or {}),
+            config=dict(config or {}),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Counts, retention and timings: the small part that UIs and benchmarks print."""
+        return {
+            "num_visual_tokens": self.num_visual_tokens,
+            "num_after_stage1": self.num_after_stage1,
+            "num_after_stage2": self.num_after_stage2,
+            "retention": self.num_after_stage2 / self.num_visual_tokens,
+            "num_segments": int(self.segment.max()) + 1,
+            "timings": dict(self.timings),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the summary, the config and one column per field over all T*H*W tokens."""
+        frame, row, col = np.indices(self.static.shape).reshape(3, -1)
+        score = self.score.reshape(-1)
+        return {
+            **self.summary(),
+            "grid": list(self.grid),
+            "num_frames": self.num_frames,
+            "config": self.config,
+            "segment_of_frame": self.segment.tolist(),
+            "tokens": {
+                "frame": frame.tolist(),
+                "row": row.tolist(),
+                "col": col.tolist(),
+                "segment": self.segment[frame].tolist(),
+                "static": self.static.reshape(-1).tolist(),
+                "merged_index": self.merged_index.reshape(-1).tolist(),
+                "kept": self.kept.reshape(-1).tolist(),
+                "score": [None if np.isnan(s) else float(s) for s in score],
+            },
+        }
+
+    def to_json(self, path: str | None = None) -> str:
+        text = json.dumps(self.to_dict())
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruningTrace:
+        shape = (data["num_frames"], *data["grid"])
+        tokens = data["tokens"]
+        score = np.array([np.nan if s is None else s for s in tokens["score"]], dtype=np.float32)
+        return cls(
+            segment=np.asarray(data["segment_of_frame"], dtype=np.int64),
+            static=np.asarray(tokens["static"], dtype=bool).reshape(shape),
+            merged_index=np.asarray(tokens["merged_index"], dtype=np.int64).reshape(shape),
+            kept=np.asarray(tokens["kept"], dtype=bool).reshape(shape),
+            score=score.reshape(shape),
+            timings=dict(data.get("timings", {})),
+            config=dict(data.get("config", {})),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> PruningTrace:
+        return cls.from_dict(json.loads(text))

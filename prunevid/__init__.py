@@ -8,7 +8,7 @@ trace = prunevid.last_trace(model)
 
 from .config import PruneVidConfig
 from .merge import MergeResult, merge_tokens
-from .patch import last_trace, last_traces, patch, unpatch
+from .api import last_trace, last_traces, patch, unpatch
 from .trace import PruningTrace
 
 __all__ = [

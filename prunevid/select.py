@@ -25,6 +25,19 @@ def visual_scores(attention: torch.Tensor) -> torch.Tensor:
     return attention.amax(dim=(0, 1))
 
 
+def question_guided(
+    attention: torch.Tensor, groups: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PruneVid's rule. attention: (H, nq, n) question rows over the n visual tokens.
+
+    Returns (scores (n,), kept (n,) bool): max over heads and rows, then the per-set budget.
+    """
+    scores = visual_scores(attention)
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    kept[keep_by_budget(scores, groups, alpha)] = True
+    return scores, kept
+
+
 def keep_by_budget(scores: torch.Tensor, groups: torch.Tensor, alpha: float) -> torch.Tensor:
     """Indices of the tokens kept, in increasing order.
 

@@ -179,9 +179,9 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: in
     if height % 2 or width % 2:
         frames = np.pad(frames, pad, mode="edge")
     with av.open(os.fspath(path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream(
-            "libx264", rate=Fraction(fps).limit_denominator(1001), options={"crf": str(crf)}
-        )
+        # mbtree off: with it, this x264 build reads uninitialised memory and output bytes vary run to run.
+        options = {"crf": str(crf), "mbtree": "0"}
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options=options)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))

@@ -13,6 +13,7 @@ only, each sample left-padded to the batch's longest.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,12 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..config import PruneVidConfig
-from ..select import keep_by_budget, question_attention, visual_scores
+from ..select import question_attention, question_guided
+
+
+# (attention (H, nq, n) of the question rows over the n visual tokens, groups (n,), alpha)
+#   -> (scores (n,), kept (n,) bool)
+Rule = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -97,12 +103,14 @@ def prefill(
     cache: Cache | None,
     spans: list[VisualSpan | None],
     config: PruneVidConfig,
+    rule: Rule = question_guided,
 ) -> tuple[torch.Tensor, Selection]:
     """Prefill a stock decoder `lm` (e.g. Qwen2Model) on the logical prompt, with stage 2.
 
     embeds: (B, L, C); mask: (B, L); position_ids: (B, L), or (3, B, L) for M-RoPE.
     Layers 0..selected_layer run on all L tokens; stage 2 then keeps the selected tokens,
     crops those layers' cache to them and runs the remaining layers on the P kept tokens.
+    `rule` picks the kept visual tokens from the question rows' attention (baselines swap it).
     Returns the final-normed hidden states (B, P, C) and the selection.
     """
     prune_at = config.selected_layer if config.stage2 and any(spans) else None
@@ -122,7 +130,7 @@ def prefill(
             use_cache=cache is not None,
         )
         if i == prune_at:
-            selection = select_tokens(layer, layer_input, mask, spans, config.alpha)
+            selection = select_tokens(layer, layer_input, mask, spans, config.alpha, rule)
             hidden = hidden.gather(1, selection.keep[:, :, None].expand(-1, -1, hidden.shape[2]))
             position_ids = position_ids.gather(-1, selection.keep.expand(*position_ids.shape[:-2], -1, -1))
             if cache is not None:
@@ -140,6 +148,7 @@ def select_tokens(
     mask: torch.Tensor,
     spans: list[VisualSpan | None],
     alpha: float,
+    rule: Rule = question_guided,
 ) -> Selection:
     """Stage 2 (ALGORITHM.md §5.2-5.4) from `layer`'s own query/key projections of its input.
 
@@ -163,9 +172,9 @@ def select_tokens(
         queries = _heads(attn, "q", normed[b, question])
         keys = _heads(attn, "k", normed[b, real])
         visual = (real >= span.start) & (real < span.end)
-        score = visual_scores(question_attention(queries, keys))[visual]
-        kept = torch.zeros_like(score, dtype=torch.bool)
-        kept[keep_by_budget(score, span.groups.to(score.device), alpha)] = True
+        score, kept = rule(
+            question_attention(queries, keys)[:, :, visual], span.groups.to(keys.device), alpha
+        )
         keeps.append(torch.cat([real[~visual], real[visual][kept]]).sort().values)
         kept_masks.append(kept)
         scores.append(score)

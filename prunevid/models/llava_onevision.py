@@ -26,7 +26,8 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 from ..config import PruneVidConfig
 from ..merge import merge_tokens
 from ..trace import PruningTrace
-from .decoder import DecodeState, VisualSpan, positions_from_mask, prefill
+from ..select import question_guided
+from .decoder import DecodeState, Rule, VisualSpan, positions_from_mask, prefill
 
 # The chat format of the llava-hf LLaVA-OneVision checkpoints (their processor's template).
 PROMPT = "<|im_start|>user <video>\n{question}<|im_end|><|im_start|>assistant\n"
@@ -37,6 +38,7 @@ class Runtime:
     """What a patched model carries: its settings, the decode state and the last traces."""
 
     config: PruneVidConfig
+    rule: Rule = question_guided
     state: DecodeState | None = None
     traces: list[PruningTrace | None] | None = None
 
@@ -159,7 +161,9 @@ class PruneVidLlavaOnevisionModel(LlavaOnevisionModel):
         if cache is None and use_cache is not False:
             cache = DynamicCache(config=self.language_model.config)
         tic = _clock(embeds)
-        hidden, selection = prefill(self.language_model, embeds, mask, positions, cache, spans, config)
+        hidden, selection = prefill(
+            self.language_model, embeds, mask, positions, cache, spans, config, runtime.rule
+        )
         prefill_s = _clock(embeds) - tic
 
         runtime.state = None if cache is None else DecodeState(cache, selection.mask, mask.sum(1))
@@ -185,8 +189,10 @@ class PruneVidLlavaOnevisionModel(LlavaOnevisionModel):
         return LlavaOnevisionModelOutputWithPast(last_hidden_state=hidden, cache=cache, video_outputs=video)
 
 
-def patch(model: LlavaOnevisionForConditionalGeneration, config: PruneVidConfig) -> None:
-    """Swap the PruneVid forward onto `model.model` (in place); patching again updates the config."""
+def patch(
+    model: LlavaOnevisionForConditionalGeneration, config: PruneVidConfig, rule: Rule = question_guided
+) -> None:
+    """Swap the PruneVid forward onto `model.model` (in place); patching again updates the settings."""
     inner = model.model
     layers = model.config.text_config.num_hidden_layers
     if config.selected_layer >= layers:
@@ -197,7 +203,7 @@ def patch(model: LlavaOnevisionForConditionalGeneration, config: PruneVidConfig)
     if not isinstance(inner, PruneVidLlavaOnevisionModel):
         inner._prunevid_stock_class = type(inner)
         inner.__class__ = _subclass(type(inner))
-    inner._prunevid = Runtime(config)
+    inner._prunevid = Runtime(config, rule)
 
 
 def unpatch(model: LlavaOnevisionForConditionalGeneration) -> None:

@@ -7,6 +7,8 @@ from types import ModuleType
 import torch
 
 from .config import PruneVidConfig
+from .models.decoder import Rule
+from .select import question_guided
 from .trace import PruningTrace
 
 
@@ -22,12 +24,15 @@ def _adapter(model: torch.nn.Module) -> ModuleType:
     )
 
 
-def patch(model: torch.nn.Module, config: PruneVidConfig | None = None) -> torch.nn.Module:
+def patch(
+    model: torch.nn.Module, config: PruneVidConfig | None = None, rule: Rule | None = None
+) -> torch.nn.Module:
     """Make `model` run PruneVid in every forward/generate with a video (in place; returns it).
 
-    Patching a patched model replaces its config. `unpatch` restores the stock model.
+    `rule` swaps stage 2's selection rule (default: PruneVid's; see `prunevid.baselines`).
+    Patching a patched model replaces its settings. `unpatch` restores the stock model.
     """
-    _adapter(model).patch(model, config or PruneVidConfig())
+    _adapter(model).patch(model, config or PruneVidConfig(), rule or question_guided)
     return model
 
 

@@ -55,7 +55,7 @@ def _probe(path: str) -> None:
     try:
         with av.open(path) as container:
             if not container.streams.video:
-                raise VideoError(f"file has no video stream: {path}")
+                raise VideoError(f"video has no frames (no video stream found): {path}")
             stream = container.streams.video[0]
             width, height, frames = stream.codec_context.width, stream.codec_context.height, stream.frames
     except av.FFmpegError as e:
@@ -82,9 +82,9 @@ def _decode_decord(path: str, num_frames: int) -> tuple[np.ndarray, np.ndarray, 
     _check_size(path, total, 0, 0)
     indices = sample_indices(total, num_frames)
     frames = vr.get_batch(indices).asnumpy()
-    timestamps = np.asarray(vr.get_frame_timestamp(indices), dtype=np.float64)[:, 0]
+    timestamps = np.round(np.asarray(vr.get_frame_timestamp(indices), dtype=np.float64)[:, 0], 6)
     fps = float(vr.get_avg_fps())
-    duration = float(vr.get_frame_timestamp(total - 1)[1])
+    duration = round(float(vr.get_frame_timestamp(total - 1)[1]), 6)
     return frames, timestamps, fps, duration
 
 

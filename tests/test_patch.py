@@ -1,0 +1,279 @@
+"""The LLaVA-OneVision patch against the stock model and a slow masked reference (tiny random models)."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from transformers import TextIteratorStreamer
+
+import prunevid
+from prunevid import PruneVidConfig, merge_tokens
+from prunevid.models.llava_onevision import build_batch, build_inputs, pooled_grid
+from prunevid.testing import tiny_model, tiny_tokenizer
+
+LAYERS = 4
+OFF = PruneVidConfig(stage1=False, stage2=False, selected_layer=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def model(tokenizer):
+    # Larger-than-default random weights give sharp, position-sensitive attention, so that a
+    # wrong position or mask shows in the logits well above the tolerances.
+    return tiny_model(seed=0, tokenizer=tokenizer, initializer_range=0.1)
+
+
+def scene(seed: int, frames: int = 16) -> np.ndarray:
+    """A textured still background with a bright square moving right: (T, 112, 112, 3) uint8."""
+    rng = np.random.default_rng(seed)
+    background = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    video = np.repeat(background[None], frames, axis=0)
+    for t in range(frames):
+        x = 4 + 6 * t
+        video[t, 40:64, x : x + 24] = (255, 40 * (seed % 5), 0)
+    return video
+
+
+@pytest.fixture(scope="module")
+def inputs(tokenizer):
+    return build_inputs(tokenizer, tiny_model(tokenizer=tokenizer).config, scene(0), "what colour is the object ?")
+
+
+def greedy(model, inputs, steps=5, **kwargs):
+    with torch.no_grad():
+        return model.generate(
+            **inputs,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+
+
+# ---------------------------------------------------------------- exactness with both stages off
+
+
+def test_stages_off_equal_stock_logits_and_tokens(model, inputs):
+    with torch.no_grad():
+        stock_logits = model(**inputs).logits
+    stock = greedy(model, inputs, steps=8)
+    prunevid.patch(model, OFF)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    patched = greedy(model, inputs, steps=8)
+    torch.testing.assert_close(logits, stock_logits, atol=1e-5, rtol=0)
+    assert torch.equal(patched.sequences, stock.sequences)
+    trace = prunevid.last_trace(model)
+    assert trace.num_visual_tokens == trace.num_after_stage1 == trace.num_after_stage2 == 16 * 49
+
+
+def test_unpatch_restores_stock(model, inputs):
+    stock = greedy(model, inputs, steps=6)
+    stock_class = type(model.model)
+    prunevid.patch(model, PruneVidConfig(selected_layer=1))
+    pruned = greedy(model, inputs, steps=6)
+    prunevid.unpatch(model)
+    assert type(model.model) is stock_class and not hasattr(model.model, "_prunevid")
+    restored = greedy(model, inputs, steps=6)
+    assert torch.equal(restored.sequences, stock.sequences)
+    assert not all(torch.equal(a, b) for a, b in zip(pruned.logits, stock.logits)), "pruning changed nothing"
+
+
+def test_sampling_with_stages_off_matches_stock_sampling(model, inputs):
+    def sample():
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return model.generate(**inputs, max_new_tokens=8, do_sample=True, temperature=1.5, top_k=0)
+
+    stock = sample()
+    prunevid.patch(model, OFF)
+    assert torch.equal(sample(), stock)
+    prunevid.patch(model, PruneVidConfig(selected_layer=1))
+    first, second = sample(), sample()
+    assert torch.equal(first, second), "same seed, same settings -> same sample"
+
+
+# ---------------------------------------------------------------- fast path == slow masked path
+
+
+def slow_reference(model, inputs, config, new_tokens):
+    """Logits of each generated step from a full recomputation without a KV cache: every
+    token stays in the sequence and pruned visual tokens are only masked out as keys, in
+    layers after `selected_layer` and, for generated tokens, in every layer."""
+    inner = model.model
+    lm = inner.language_model
+    ids = inputs["input_ids"][0]
+    with torch.no_grad():
+        features = inner.get_video_features(inputs["pixel_values_videos"], return_dict=True).pooler_output[0]
+        grid = pooled_grid(model.config)
+        merge = merge_tokens(features[:-1].view(-1, grid[0] * grid[1], features.shape[-1]), config, grid)
+        trace = prunevid.last_trace(model)
+        kept_merged = torch.zeros(merge.num_tokens, dtype=torch.bool)
+        kept_merged[torch.from_numpy(trace.merged_index[trace.kept])] = True
+
+        where = (ids == model.config.video_token_id).nonzero().squeeze(1)
+        start, end = int(where[0]), int(where[-1]) + 1
+        embed = lm.embed_tokens
+        prompt = torch.cat([embed(ids[:start]), merge.tokens, features[-1:], embed(ids[end:])])
+        keep = torch.cat([torch.ones(start, dtype=torch.bool), kept_merged, torch.ones(1 + len(ids) - end, dtype=torch.bool)])
+        n_prompt = len(prompt)
+
+        logits = []
+        for step in range(len(new_tokens)):
+            hidden = torch.cat([prompt, embed(new_tokens[:step])])[None]
+            n = hidden.shape[1]
+            positions = torch.arange(n)[None]
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            key_kept = torch.cat([keep, torch.ones(step, dtype=torch.bool)])
+            late = causal & key_kept
+            early = causal.clone()
+            early[n_prompt:] &= key_kept
+            if not config.stage2:
+                late = early = causal
+            rotary = lm.rotary_emb(hidden, positions)
+            for i, layer in enumerate(lm.layers):
+                mask = (early if i <= config.selected_layer else late)[None, None]
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
+            logits.append(model.lm_head(lm.norm(hidden))[0, -1])
+    return logits
+
+
+@pytest.mark.parametrize("stage1", [False, True])
+@pytest.mark.parametrize("selected_layer", [0, 1, LAYERS - 1])
+def test_fast_path_equals_slow_masked_path(model, inputs, stage1, selected_layer):
+    config = PruneVidConfig(stage1=stage1, selected_layer=selected_layer)
+    prunevid.patch(model, config)
+    fast = greedy(model, inputs, steps=5)
+    trace = prunevid.last_trace(model)
+    assert trace.num_after_stage2 < trace.num_after_stage1
+    new_tokens = fast.sequences[0, inputs["input_ids"].shape[1] :]
+    slow = slow_reference(model, inputs, config, new_tokens)
+    for step, (f, s) in enumerate(zip(fast.logits, slow)):
+        torch.testing.assert_close(f[0], s, atol=1e-4, rtol=0, msg=f"step {step}")
+
+
+def test_positions_and_cache_after_pruning(model, inputs):
+    config = PruneVidConfig(stage1=False, selected_layer=1)
+    prunevid.patch(model, config)
+    seen = []
+    hook = model.model.language_model.layers[2].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"].clone()), with_kwargs=True
+    )
+    result = greedy(model, inputs, steps=3)
+    hook.remove()
+    trace = prunevid.last_trace(model)
+    n_prompt = inputs["input_ids"].shape[1]  # stage 1 off: the logical prompt is the stock one
+    video_start = int((inputs["input_ids"][0] == model.config.video_token_id).nonzero()[0])
+    kept_visual = video_start + np.flatnonzero(trace.kept.reshape(-1))
+    expected = sorted([*range(video_start), *kept_visual.tolist(), *range(video_start + 16 * 49, n_prompt)])
+    assert seen[0][0].tolist() == expected, "kept tokens keep their original positions"
+    assert [int(p) for p in seen[1:]] == [n_prompt, n_prompt + 1], "decoding continues from the unpruned length"
+    cache = result.past_key_values if hasattr(result, "past_key_values") else result.cache
+    lengths = {layer.keys.shape[2] for layer in cache.layers}
+    assert lengths == {len(expected) + 2}, "every layer's cache holds the kept prompt + generated tokens"
+
+
+# ---------------------------------------------------------------- stage-2 scores
+
+
+def test_stage2_scores_equal_explicit_eager_computation(model, inputs):
+    """Recompute the relevance of every visual token by hand: softmax(q k^T / sqrt(d)) of the
+    question rows over all prompt keys, per head with grouped-query key sharing, max over heads
+    and rows. The tiny model has 4 query heads and 2 key heads."""
+    config = PruneVidConfig(stage1=False, selected_layer=2)
+    prunevid.patch(model, config)
+    layer = model.model.language_model.layers[2]
+    captured = {}
+    hook = layer.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0].clone()))
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    trace = prunevid.last_trace(model)
+
+    x = layer.input_layernorm(captured["x"][0])
+    attn = layer.self_attn
+    heads, kv_heads, dim = 4, 2, attn.head_dim
+    ids = inputs["input_ids"][0]
+    video = (ids == model.config.video_token_id).nonzero().squeeze(1)
+    first_question = int(video[-1]) + 1
+    expected = torch.full((len(video) - 1,), -1.0)
+    with torch.no_grad():
+        q = attn.q_proj(x).view(len(ids), heads, dim)
+        k = attn.k_proj(x).view(len(ids), kv_heads, dim)
+        for h in range(heads):
+            kh = k[:, h // (heads // kv_heads)]
+            for row in range(first_question, len(ids)):
+                weights = torch.softmax(q[row, h] @ kh.T / dim**0.5, dim=0)
+                expected = torch.maximum(expected, weights[video[:-1]])
+    torch.testing.assert_close(torch.from_numpy(trace.score.reshape(-1)), expected, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- generate() features
+
+
+def test_batch_with_padding_equals_each_prompt_alone(model, tokenizer):
+    videos = [scene(1), scene(2)]
+    questions = ["what colour is the object ?", "is the object moving left or right or up or down ?"]
+    prunevid.patch(model, PruneVidConfig(selected_layer=1))
+    batch = build_batch(tokenizer, model.config, videos, questions)
+    assert (batch["attention_mask"] == 0).any(), "the test needs padding"
+    together = greedy(model, batch, steps=6)
+    traces = prunevid.last_traces(model)
+    for row, (video, question) in enumerate(zip(videos, questions)):
+        alone = greedy(model, build_inputs(tokenizer, model.config, video, question), steps=6)
+        n = batch["input_ids"].shape[1]
+        assert together.sequences[row, n:].tolist() == alone.sequences[0, -6:].tolist()
+        for a, b in zip(together.logits, alone.logits):
+            torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=0)
+        assert traces[row].num_after_stage2 == prunevid.last_trace(model).num_after_stage2
+
+
+def test_streaming_and_max_new_tokens(model, tokenizer, inputs):
+    prunevid.patch(model, PruneVidConfig(selected_layer=1))
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = {}
+
+    def run():
+        with torch.no_grad():
+            out["ids"] = model.generate(**inputs, max_new_tokens=7, min_new_tokens=7, do_sample=False, streamer=streamer)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    new = out["ids"][0, inputs["input_ids"].shape[1] :]
+    assert len(new) == 7
+    assert streamed.split() == tokenizer.decode(new, skip_special_tokens=True).split()
+
+
+def test_defaults_keep_at_most_a_fifth_of_visual_tokens(model, inputs):
+    prunevid.patch(model, PruneVidConfig(selected_layer=1))  # the paper's defaults, layer scaled to 4
+    with torch.no_grad():
+        model(**inputs)
+    trace = prunevid.last_trace(model)
+    assert trace.num_visual_tokens == 16 * 49
+    assert trace.num_after_stage2 / trace.num_visual_tokens <= 0.20
+    # The counts add up: every original token maps to one merged token, kept or not.
+    assert len(np.unique(trace.merged_index)) == trace.num_after_stage1
+    kept_merged = np.unique(trace.merged_index[trace.kept])
+    assert not np.isin(kept_merged, np.unique(trace.merged_index[~trace.kept])).any()
+    assert prunevid.PruningTrace.from_json(trace.to_json()).summary() == trace.summary()
+
+
+def test_patch_errors(model):
+    with pytest.raises(ValueError, match=r"selected_layer must be in \[0, 3\] for this model \(4 decoder layers\), got 10"):
+        prunevid.patch(model, PruneVidConfig())
+    with pytest.raises(TypeError, match="PruneVid has no adapter for Linear"):
+        prunevid.patch(torch.nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match="not patched"):
+        prunevid.last_trace(model)
+    prunevid.patch(model, PruneVidConfig(selected_layer=1))
+    with pytest.raises(RuntimeError, match="no video has gone through"):
+        prunevid.last_trace(model)

@@ -290,8 +290,12 @@ class Trainer:
         self.save("last")
 
 
-def export(run: Path, target: Path) -> None:
-    """Copy the best checkpoint's model and tokenizer (no optimiser state) into `target`."""
+def export(run: Path, target: Path, frames: int, calibration_videos: int) -> None:
+    """Copy the best checkpoint's model and tokenizer (no optimiser state) into `target`, then
+    calibrate its PruneVid preset on training seeds and store it as `prunevid.json`."""
+    from prunevid.accuracy import CALIBRATION_SEED, Checkpoint, calibrate, write_preset
+    from prunevid.config import PruneVidConfig
+
     source = run / "best"
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(source)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
@@ -299,8 +303,17 @@ def export(run: Path, target: Path) -> None:
     target.mkdir(parents=True)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
-    shutil.copy(source / "history.json", target / "history.json")
-    print(f"exported {source} -> {target}")
+    history = json.loads((source / "history.json").read_text())
+    (target / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    size = model.config.vision_config.image_size
+    layers = model.config.text_config.num_hidden_layers
+    start = PruneVidConfig(num_frames=frames, selected_layer=max(0, round(10 / 28 * layers)))
+    preset, tried = calibrate(Checkpoint(model.eval(), tokenizer, start, size), calibration_videos)
+    notes = {
+        "calibration": {"seed_start": CALIBRATION_SEED, "num_videos": calibration_videos, "tried": tried}
+    }
+    write_preset(target, preset, size, notes)
+    print(f"exported {source} -> {target}; preset {preset}")
 
 
 def parse() -> argparse.Namespace:
@@ -324,14 +337,18 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-videos", type=int, default=48)
     p.add_argument("--save-minutes", type=float, default=4.0)
-    p.add_argument("--export", default=None, help="copy OUT/best into this folder and exit")
+    p.add_argument(
+        "--export", default=None, help="copy OUT/best into this folder, calibrate its preset, exit"
+    )
+    p.add_argument("--calibration-videos", type=int, default=48)
     return p.parse_args()
 
 
 def main() -> None:
     args = parse()
     if args.export:
-        export(Path(args.out), Path(args.export))
+        torch.set_num_threads(args.threads)
+        export(Path(args.out), Path(args.export), args.frames, args.calibration_videos)
         return
     torch.set_num_threads(args.threads)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ def _answer(args: argparse.Namespace) -> None:
     from .pipeline import answer, load_model, preset
 
     loaded = load_model(args.model)
-    config = config_from_arguments(args, preset(args.model))
+    config = config_from_arguments(args, preset(args.model, loaded.num_layers))
     result = answer(loaded, args.video, args.question, config, max_new_tokens=args.max_new_tokens)
     trace = result.trace
     print(result.text)

@@ -11,6 +11,7 @@ reference implementation), unclustered sets keep grid (row-major) order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -51,7 +52,7 @@ def merge_tokens(
     With `config.stage1` off the tokens pass through unchanged and every frame is its own
     segment and budget set. `grid` defaults to a square grid.
     """
-    num_frames, num_tokens, channels = features.shape
+    num_tokens = features.shape[1]
     grid = grid or _square_grid(num_tokens)
     if grid[0] * grid[1] != num_tokens:
         raise ValueError(f"grid {grid} does not hold the {num_tokens} tokens per frame")
@@ -90,7 +91,7 @@ def temporal_segments(
     labels = dpc_knn(descriptors[None], num_clusters, config.k, draw)[0]
     contiguous = make_contiguous(labels.tolist())
     # Segment ids count the maximal runs of the relabelled sequence.
-    changes = torch.tensor([0] + [int(a != b) for a, b in zip(contiguous, contiguous[1:])])
+    changes = torch.tensor([0] + [int(a != b) for a, b in pairwise(contiguous)])
     return changes.cumsum(0).to(descriptors.device)
 
 
@@ -164,7 +165,7 @@ def merge_spatial(
 
 def _merge_segment(frames: torch.Tensor, config: PruneVidConfig, noise: _Noise) -> MergeResult:
     """Stage 1 inside one segment. frames: (W, N, C). Indices in the result are segment-local."""
-    width, num_tokens, channels = frames.shape
+    width, num_tokens, _ = frames.shape
     static = static_positions(frames, config.tau)  # (N,)
     static_idx, dynamic_idx = static.nonzero().squeeze(1), (~static).nonzero().squeeze(1)
     assignment = torch.empty(width, num_tokens, dtype=torch.long, device=frames.device)

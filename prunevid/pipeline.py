@@ -8,6 +8,7 @@ result.text, result.trace.num_after_stage2, result.timings["llm_prefill_s"]
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,10 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.text_config.num_hidden_layers
+
 
 @dataclass
 class Result:
@@ -63,9 +68,13 @@ class Result:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def preset(name: str) -> PruneVidConfig:
-    """The default settings for a model (the paper's for unknown models)."""
-    return PRESETS.get(name, PruneVidConfig())
+def preset(name: str, num_layers: int | None = None) -> PruneVidConfig:
+    """The default settings for a model: its preset, else the paper's, with `selected_layer`
+    scaled by depth (10 of LLaVA-OneVision-7B's 28 layers) when the model is too shallow for it."""
+    config = PRESETS.get(name, PruneVidConfig())
+    if num_layers is not None and config.selected_layer >= num_layers:
+        config = config.replace(selected_layer=max(0, num_layers * 10 // 28))
+    return config
 
 
 def load_model(
@@ -84,9 +93,15 @@ def load_model(
 
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
 
+    # Cached or local first; only then the network, and not at all when the Hub is unreachable
+    # (its client would retry for half a minute before failing).
+    offline = not os.path.isdir(name) and not _hub_reachable()
     try:
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(name, dtype=dtype).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            name, dtype=dtype, local_files_only=offline
+        )
+        model = model.to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
     except Exception as error:  # OSError, hub errors, bad configs: all mean "no usable checkpoint here"
         raise ModelLoadError(
             f"Could not load the model '{name}' ({type(error).__name__}): its weights are neither cached nor "
@@ -94,6 +109,17 @@ def load_model(
             "holding the checkpoint."
         ) from error
     return LoadedModel(name, model, tokenizer, _frame_processing(name, model.config))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def check_question(question: str) -> str:
@@ -128,7 +154,7 @@ def answer(
 
     `features` (from `encode_video` on the same frames) skips the vision tower. Greedy decoding.
     """
-    config = config or preset(loaded.name)
+    config = config or preset(loaded.name, loaded.num_layers)
     question = check_question(question)
     start = time.perf_counter()
     frames = _frames(video, config.num_frames)

@@ -70,7 +70,9 @@ def test_assignment_covers_every_token_once_and_merged_tokens_are_member_means()
 
 def test_merged_count_falls_with_cluster_ratio():
     video = moving_square_video()
-    counts = [merge_tokens(video, NO_NOISE.replace(cluster_ratio=r)).num_tokens for r in (1.0, 0.7, 0.5, 0.3, 0.1)]
+    counts = [
+        merge_tokens(video, NO_NOISE.replace(cluster_ratio=r)).num_tokens for r in (1.0, 0.7, 0.5, 0.3, 0.1)
+    ]
     assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
 
 

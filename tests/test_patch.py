@@ -41,7 +41,9 @@ def scene(seed: int, frames: int = 16) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def inputs(tokenizer):
-    return build_inputs(tokenizer, tiny_model(tokenizer=tokenizer).config, scene(0), "what colour is the object ?")
+    return build_inputs(
+        tokenizer, tiny_model(tokenizer=tokenizer).config, scene(0), "what colour is the object ?"
+    )
 
 
 def greedy(model, inputs, steps=5, **kwargs):
@@ -122,7 +124,13 @@ def slow_reference(model, inputs, config, new_tokens):
         start, end = int(where[0]), int(where[-1]) + 1
         embed = lm.embed_tokens
         prompt = torch.cat([embed(ids[:start]), merge.tokens, features[-1:], embed(ids[end:])])
-        keep = torch.cat([torch.ones(start, dtype=torch.bool), kept_merged, torch.ones(1 + len(ids) - end, dtype=torch.bool)])
+        keep = torch.cat(
+            [
+                torch.ones(start, dtype=torch.bool),
+                kept_merged,
+                torch.ones(1 + len(ids) - end, dtype=torch.bool),
+            ]
+        )
         n_prompt = len(prompt)
 
         logits = []
@@ -140,7 +148,9 @@ def slow_reference(model, inputs, config, new_tokens):
             rotary = lm.rotary_emb(hidden, positions)
             for i, layer in enumerate(lm.layers):
                 mask = (early if i <= config.selected_layer else late)[None, None]
-                hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
+                hidden = layer(
+                    hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions
+                )
             logits.append(model.lm_head(lm.norm(hidden))[0, -1])
     return logits
 
@@ -174,7 +184,9 @@ def test_positions_and_cache_after_pruning(model, inputs):
     kept_visual = video_start + np.flatnonzero(trace.kept.reshape(-1))
     expected = sorted([*range(video_start), *kept_visual.tolist(), *range(video_start + 16 * 49, n_prompt)])
     assert seen[0][0].tolist() == expected, "kept tokens keep their original positions"
-    assert [int(p) for p in seen[1:]] == [n_prompt, n_prompt + 1], "decoding continues from the unpruned length"
+    assert [int(p) for p in seen[1:]] == [n_prompt, n_prompt + 1], (
+        "decoding continues from the unpruned length"
+    )
     cache = result.past_key_values if hasattr(result, "past_key_values") else result.cache
     lengths = {layer.keys.shape[2] for layer in cache.layers}
     assert lengths == {len(expected) + 2}, "every layer's cache holds the kept prompt + generated tokens"
@@ -242,7 +254,9 @@ def test_streaming_and_max_new_tokens(model, tokenizer, inputs):
 
     def run():
         with torch.no_grad():
-            out["ids"] = model.generate(**inputs, max_new_tokens=7, min_new_tokens=7, do_sample=False, streamer=streamer)
+            out["ids"] = model.generate(
+                **inputs, max_new_tokens=7, min_new_tokens=7, do_sample=False, streamer=streamer
+            )
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -268,7 +282,9 @@ def test_defaults_keep_at_most_a_fifth_of_visual_tokens(model, inputs):
 
 
 def test_patch_errors(model):
-    with pytest.raises(ValueError, match=r"selected_layer must be in \[0, 3\] for this model \(4 decoder layers\), got 10"):
+    with pytest.raises(
+        ValueError, match=r"selected_layer must be in \[0, 3\] for this model \(4 decoder layers\), got 10"
+    ):
         prunevid.patch(model, PruneVidConfig())
     with pytest.raises(TypeError, match="PruneVid has no adapter for Linear"):
         prunevid.patch(torch.nn.Linear(2, 2))

@@ -45,7 +45,15 @@ def test_question_attention_grouped_query_matches_explicit_loop():
 
 def test_defaults_are_the_papers():
     c = PruneVidConfig()
-    assert (c.tau, c.temporal_segment_ratio, c.cluster_ratio, c.k, c.selected_layer, c.alpha, c.num_frames) == (
+    assert (
+        c.tau,
+        c.temporal_segment_ratio,
+        c.cluster_ratio,
+        c.k,
+        c.selected_layer,
+        c.alpha,
+        c.num_frames,
+    ) == (
         0.8,
         0.25,
         0.5,

@@ -23,7 +23,6 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from ..config import PruneVidConfig
 from ..select import question_attention, question_guided
 
-
 # (attention (H, nq, n) of the question rows over the n visual tokens, groups (n,), alpha)
 #   -> (scores (n,), kept (n,) bool)
 Rule = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]

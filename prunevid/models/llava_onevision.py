@@ -25,8 +25,8 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 
 from ..config import PruneVidConfig
 from ..merge import merge_tokens
-from ..trace import PruningTrace
 from ..select import question_guided
+from ..trace import PruningTrace
 from .decoder import DecodeState, Rule, VisualSpan, positions_from_mask, prefill
 
 # The chat format of the llava-hf LLaVA-OneVision checkpoints (their processor's template).

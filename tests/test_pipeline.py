@@ -1,0 +1,135 @@
+"""The pipeline (real loading code on a saved checkpoint) and the CLI, offline."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prunevid import PruneVidConfig
+from prunevid.cli import main
+from prunevid.pipeline import ModelLoadError, answer, encode_video, load_model, preset
+from prunevid.testing import tiny_model, tiny_tokenizer
+from prunevid.video import load_video
+
+ASSETS = Path(__file__).parents[1] / "assets"
+SHAPES = str(ASSETS / "shapes.mp4")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny model saved like a Hub checkpoint: config, safetensors, tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-checkpoint")
+    tiny_model(seed=3).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def test_loads_a_local_checkpoint_and_answers(checkpoint):
+    loaded = load_model(checkpoint)
+    assert loaded.processing.size == (112, 112), "frame size follows the vision config"
+    config = preset(checkpoint, loaded.num_layers)
+    assert config.selected_layer == 1, "the paper's layer 10 of 28 scaled to 4 layers"
+    first = answer(loaded, SHAPES, "what colour is the moving object ?", config, max_new_tokens=4)
+    second = answer(loaded, SHAPES, "what colour is the moving object ?", config, max_new_tokens=4)
+    assert first.text == second.text and first.num_new_tokens > 0
+    assert (first.trace.merged_index == second.trace.merged_index).all()
+    assert first.trace.num_visual_tokens == 16 * 49
+    assert first.trace.num_after_stage2 <= first.trace.num_after_stage1 <= first.trace.num_visual_tokens
+    assert all(v >= 0 for v in first.timings.values())
+
+
+def test_precomputed_features_give_the_same_answer(checkpoint):
+    loaded = load_model(checkpoint)
+    config = preset(checkpoint, loaded.num_layers)
+    frames = load_video(SHAPES, 16).frames
+    direct = answer(loaded, frames, "is the object moving left or right ?", config, max_new_tokens=5)
+    cached = answer(
+        loaded,
+        frames,
+        "is the object moving left or right ?",
+        config,
+        5,
+        features=encode_video(loaded, frames),
+    )
+    assert cached.text == direct.text and cached.timings["vision_s"] == 0.0
+
+
+def test_missing_model_is_one_sentence():
+    with pytest.raises(ModelLoadError) as error:
+        load_model("/nonexistent/prunevid-model")
+    message = str(error.value)
+    assert "Could not load the model '/nonexistent/prunevid-model'" in message
+    assert "\n" not in message and message.count(". ") == 0 and message.endswith(".")
+
+
+def test_bad_questions_and_frames(checkpoint):
+    loaded = load_model(checkpoint)
+    with pytest.raises(ValueError, match="question is empty"):
+        answer(loaded, SHAPES, "   ")
+    with pytest.raises(ValueError, match="question is too long"):
+        answer(loaded, SHAPES, "why " * 1000)
+    with pytest.raises(ValueError, match=r"frames must be a non-empty \(T, H, W, 3\) uint8 array"):
+        answer(loaded, np.zeros((0, 8, 8, 3), np.uint8), "what ?")
+
+
+def test_cli_answer_prints_answer_counts_and_timings(capsys, tmp_path):
+    trace_path = tmp_path / "trace.json"
+    code = main(
+        [
+            "answer",
+            SHAPES,
+            "what colour ?",
+            "--model",
+            "tiny",
+            "--max-new-tokens",
+            "3",
+            "--trace",
+            str(trace_path),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "visual tokens: 784 -> " in out and "llm_prefill_s" in out
+    assert trace_path.read_text().startswith('{"num_visual_tokens": 784')
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["answer", "missing.mp4", "q", "--model", "tiny"], "error: video file not found: missing.mp4"),
+        (["answer", SHAPES, "", "--model", "tiny"], "error: The question is empty"),
+        (
+            ["answer", SHAPES, "q", "--model", "tiny", "--alpha", "3"],
+            "error: alpha must be in (0, 1], got 3.0",
+        ),
+        (
+            ["answer", SHAPES, "q", "--model", "tiny", "--selected-layer", "9"],
+            "error: selected_layer must be in [0, 3] for this model (4 decoder layers), got 9",
+        ),
+        (
+            ["answer", SHAPES, "q", "--model", "/nonexistent/m"],
+            "error: Could not load the model '/nonexistent/m'",
+        ),
+    ],
+)
+def test_cli_errors_are_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_cli_stage_switches(capsys):
+    assert (
+        main(
+            ["answer", SHAPES, "q", "--model", "tiny", "--no-stage1", "--no-stage2", "--max-new-tokens", "1"]
+        )
+        == 0
+    )
+    assert "visual tokens: 784 -> 784 (stage 1) -> 784 (stage 2), 100.0% kept" in capsys.readouterr().out
+
+
+def test_config_roundtrip_through_trace(checkpoint):
+    loaded = load_model(checkpoint)
+    config = PruneVidConfig(selected_layer=2, alpha=0.25, tau=0.9)
+    result = answer(loaded, SHAPES, "how many objects ?", config, max_new_tokens=1)
+    assert PruneVidConfig.from_dict(result.trace.config) == config

@@ -1,0 +1,100 @@
+import argparse
+import json
+
+import pytest
+import torch
+
+from prunevid import accuracy
+from prunevid.accuracy import (
+    WEIGHTS,
+    Checkpoint,
+    Method,
+    encode_videos,
+    evaluate,
+    load_checkpoint,
+    summarise,
+    uniform_pool,
+    wilson,
+    write_preset,
+)
+from prunevid.config import PruneVidConfig
+from prunevid.synthetic import FAMILIES, make_sample
+from prunevid.testing import tiny_model, tiny_tokenizer
+
+# What the shipped checkpoint reaches on held-out seeds 0..63 (see docs/bench_accuracy.md).
+MIN_FULL_ACCURACY = 0.80
+MAX_PRUNEVID_DROP = 0.06
+
+
+def test_wilson_interval_contains_the_estimate():
+    low, high = wilson(80, 100)
+    assert low < 0.8 < high
+    assert low > 0.70 and high < 0.88
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_uniform_pool_reaches_the_requested_retention():
+    features = torch.randn(2, 8 * 36 + 1, 16)
+    pooled = uniform_pool(features, (6, 6), 0.25)
+    assert pooled.shape == (2, 72 + 1, 16)
+    assert torch.equal(pooled[:, -1], features[:, -1])
+    assert uniform_pool(features, (6, 6), 1.0).shape == features.shape
+    # temporal pooling of identical frames changes nothing
+    same = torch.randn(1, 1, 36, 16).expand(1, 8, 36, 16).reshape(1, -1, 16)
+    same = torch.cat([same, torch.zeros(1, 1, 16)], 1)
+    assert torch.allclose(uniform_pool(same, (6, 6), 1 / 8)[:, :-1], same[:, :36], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory):
+    """A random tiny model at 112 px, saved and loaded back the way the shipped one is."""
+    path = tmp_path_factory.mktemp("ckpt")
+    tokenizer = tiny_tokenizer()
+    tiny_model(0, tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    write_preset(path, PruneVidConfig(selected_layer=1, num_frames=8), 112)
+    return load_checkpoint(path)
+
+
+def test_every_method_runs_and_reports_its_retention(random_checkpoint: Checkpoint):
+    samples = [make_sample(s, 8, 112) for s in range(3)]
+    features = encode_videos(random_checkpoint, samples)
+    preset = random_checkpoint.preset
+    prunevid = evaluate(random_checkpoint, Method("prunevid", preset), samples, features)
+    assert 0 < prunevid["retention"] < 0.5
+    for method in accuracy.methods_at(preset, prunevid["retention"]):
+        result = evaluate(random_checkpoint, method, samples, features)
+        assert abs(result["retention"] - prunevid["retention"]) < 0.05, method.name
+        record = summarise(method.name, result)
+        assert set(record["per_family"]) == set(FAMILIES)
+        assert record["num_questions"] == 3 * len(FAMILIES)
+    full = evaluate(
+        random_checkpoint, Method("full", preset.replace(stage1=False, stage2=False)), samples, features
+    )
+    assert full["retention"] == 1.0
+
+
+def test_bench_refuses_training_seeds(tmp_path):
+    parser = argparse.ArgumentParser()
+    accuracy.add_arguments(parser)
+    args = parser.parse_args(["--seed-start", str(10**9 - 5), "--num-videos", "10"])
+    with pytest.raises(ValueError, match="training"):
+        accuracy.run(args)
+
+
+@pytest.mark.skipif(not (WEIGHTS / "model.safetensors").exists(), reason="no shipped tiny weights")
+def test_shipped_model_is_accurate_and_prunevid_keeps_it(tmp_path):
+    torch.set_num_threads(1)
+    checkpoint = load_checkpoint()
+    samples = [make_sample(s, checkpoint.preset.num_frames, checkpoint.frame_size) for s in range(64)]
+    features = encode_videos(checkpoint, samples)
+    preset = checkpoint.preset
+    full = summarise(
+        "full",
+        evaluate(checkpoint, Method("full", preset.replace(stage1=False, stage2=False)), samples, features),
+    )
+    pruned = summarise("prunevid", evaluate(checkpoint, Method("prunevid", preset), samples, features))
+    (tmp_path / "result.json").write_text(json.dumps([full, pruned]))
+    assert full["accuracy"] >= MIN_FULL_ACCURACY, full
+    assert pruned["accuracy"] >= full["accuracy"] - MAX_PRUNEVID_DROP, (full, pruned)
+    assert pruned["retention"] < 0.5

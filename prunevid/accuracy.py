@@ -6,6 +6,8 @@ question family and with 95% Wilson intervals:
 * full        — no pruning;
 * prunevid    — the checkpoint's preset (`prunevid.json`), stages 1 + 2;
 * stage1      — stage 1 only;  stage2 — stage 2 only (each frame its own budget set);
+* prunevid_defaults — the paper's settings (tau 0.8, cluster_ratio 0.5, alpha 0.4) with
+                `selected_layer` scaled by depth (10 of 28 layers);
 * fastv       — FastV-style stage-2 rule at PruneVid's measured retention (stage 1 off);
 * random      — random stage-2 rule at that retention (stage 1 off);
 * uniform     — uniform temporal/spatial average pooling of the visual tokens to that retention,
@@ -218,6 +220,12 @@ def methods_at(preset: PruneVidConfig, retention: float) -> list[Method]:
     ]
 
 
+def paper_defaults(checkpoint: Checkpoint) -> PruneVidConfig:
+    """The paper's settings, `selected_layer` scaled by depth (10 of 28 layers), the preset's frame count."""
+    layers = checkpoint.model.config.text_config.num_hidden_layers
+    return PruneVidConfig(num_frames=checkpoint.preset.num_frames, selected_layer=max(0, layers * 10 // 28))
+
+
 def compare(
     checkpoint: Checkpoint, samples: list[Sample], features: torch.Tensor, log: Callable
 ) -> list[dict]:
@@ -229,6 +237,7 @@ def compare(
         Method("prunevid", preset),
         Method("stage1", preset.replace(stage2=False)),
         Method("stage2", preset.replace(stage1=False)),
+        Method("prunevid_defaults", paper_defaults(checkpoint)),
     ]
     for method in first:
         records.append(summarise(method.name, evaluate(checkpoint, method, samples, features)))
@@ -397,14 +406,14 @@ def _seeds(args: argparse.Namespace) -> range:
 
 def _header() -> str:
     families = " ".join(f"{f[:6]:>6}" for f in FAMILIES)
-    return f"{'method':<9} {'kept':>6} {'acc':>6} {'95% interval':>14}  {families}"
+    return f"{'method':<17} {'kept':>6} {'acc':>6} {'95% interval':>14}  {families}"
 
 
 def _print_row(record: dict) -> None:
     low, high = record["interval95"]
     families = " ".join(f"{record['per_family'][f]:>6.3f}" for f in FAMILIES)
     print(
-        f"{record['name']:<9} {record['retention']:>6.3f} {record['accuracy']:>6.3f} "
+        f"{record['name']:<17} {record['retention']:>6.3f} {record['accuracy']:>6.3f} "
         f"[{low:.3f}, {high:.3f}]  {families}",
         flush=True,
     )

@@ -307,7 +307,7 @@ def export(run: Path, target: Path, frames: int, calibration_videos: int) -> Non
     (target / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     size = model.config.vision_config.image_size
     layers = model.config.text_config.num_hidden_layers
-    start = PruneVidConfig(num_frames=frames, selected_layer=max(0, round(10 / 28 * layers)))
+    start = PruneVidConfig(num_frames=frames, selected_layer=max(0, layers * 10 // 28))
     preset, tried = calibrate(Checkpoint(model.eval(), tokenizer, start, size), calibration_videos)
     notes = {
         "calibration": {"seed_start": CALIBRATION_SEED, "num_videos": calibration_videos, "tried": tried}

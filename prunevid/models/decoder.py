@@ -62,8 +62,9 @@ class Selection:
 class DecodeState:
     """Ties generate()'s logical bookkeeping to the physical cache after a pruned prefill.
 
-    prompt_mask: (B, P) physical mask of the prompt; next_position: (B,) RoPE position of the
-    first generated token (the logical prompt length: decoding continues from it).
+    prompt_mask: (B, P) physical mask of the prompt; next_position: (B,), or (R, B) for
+    M-RoPE rows, the position of the first generated token: decoding continues from the
+    unpruned prompt's positions.
     """
 
     cache: Cache
@@ -73,7 +74,7 @@ class DecodeState:
     def decode_inputs(
         self, attention_mask: torch.Tensor | None, num_new: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Physical attention mask (B, P + g + q) and positions (B, q) for a decode step of q tokens."""
+        """Physical attention mask (B, P + g + q) and positions (..., B, q) for a step of q new tokens."""
         prompt_len = self.prompt_mask.shape[1]
         generated = self.cache.get_seq_length() - prompt_len
         batch = self.prompt_mask.shape[0]
@@ -86,7 +87,7 @@ class DecodeState:
         else:
             tail = attention_mask[:, attention_mask.shape[1] - generated - num_new :].to(self.prompt_mask)
         steps = torch.arange(generated, generated + num_new, device=self.next_position.device)
-        return torch.cat([self.prompt_mask, tail], dim=1), self.next_position[:, None] + steps
+        return torch.cat([self.prompt_mask, tail], dim=1), self.next_position[..., None] + steps
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -106,7 +107,8 @@ def prefill(
 ) -> tuple[torch.Tensor, Selection]:
     """Prefill a stock decoder `lm` (e.g. Qwen2Model) on the logical prompt, with stage 2.
 
-    embeds: (B, L, C); mask: (B, L); position_ids: (B, L), or (3, B, L) for M-RoPE.
+    embeds: (B, L, C); mask: (B, L); position_ids: (B, L), or (3, B, L) for M-RoPE, or
+    (4, B, L) with the text positions first (Qwen-VL's generate()).
     Layers 0..selected_layer run on all L tokens; stage 2 then keeps the selected tokens,
     crops those layers' cache to them and runs the remaining layers on the P kept tokens.
     `rule` picks the kept visual tokens from the question rows' attention (baselines swap it).
@@ -115,8 +117,9 @@ def prefill(
     prune_at = config.selected_layer if config.stage2 and any(spans) else None
     layer_types = lm.config.layer_types
     hidden = embeds
-    masks = _layer_masks(lm, hidden, mask, position_ids, cache)
-    rotary = lm.rotary_emb(hidden, position_ids)
+    rope_positions, text_positions = _split_positions(position_ids)
+    masks = _layer_masks(lm, hidden, mask, text_positions, cache)
+    rotary = lm.rotary_emb(hidden, rope_positions)
     selection = _keep_all(mask, spans)
     for i, layer in enumerate(lm.layers):
         layer_input = hidden
@@ -124,7 +127,7 @@ def prefill(
             hidden,
             attention_mask=masks[layer_types[i]],
             position_embeddings=rotary,
-            position_ids=position_ids,
+            position_ids=text_positions,
             cache=cache,
             use_cache=cache is not None,
         )
@@ -132,11 +135,12 @@ def prefill(
             selection = select_tokens(layer, layer_input, mask, spans, config.alpha, rule)
             hidden = hidden.gather(1, selection.keep[:, :, None].expand(-1, -1, hidden.shape[2]))
             position_ids = position_ids.gather(-1, selection.keep.expand(*position_ids.shape[:-2], -1, -1))
+            rope_positions, text_positions = _split_positions(position_ids)
             if cache is not None:
                 crop_cache(cache, selection.keep, upto_layer=i)
             # Layers after the cut see only the kept tokens: their cache is still empty.
-            masks = _layer_masks(lm, hidden, selection.mask, position_ids, None)
-            rotary = lm.rotary_emb(hidden, position_ids)
+            masks = _layer_masks(lm, hidden, selection.mask, text_positions, None)
+            rotary = lm.rotary_emb(hidden, rope_positions)
     return lm.norm(hidden), selection
 
 
@@ -217,11 +221,20 @@ def _left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return keep, mask
 
 
+def _split_positions(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (what the rotary embedding takes, the 1-D text positions for masks and layers or None)."""
+    if positions.ndim == 2:
+        return positions, positions
+    if positions.shape[0] == 4:
+        return positions[1:], positions[0]
+    return positions, None
+
+
 def _layer_masks(
     lm: torch.nn.Module,
     hidden: torch.Tensor,
     mask: torch.Tensor,
-    position_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
     cache: Cache | None,
 ) -> dict[str, torch.Tensor | None]:
     """The stock mask builders, one mask per layer type (always given the 2-D mask)."""

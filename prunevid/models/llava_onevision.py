@@ -14,33 +14,20 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
-from transformers.cache_utils import DynamicCache
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModelOutputWithPast
 
 from ..config import PruneVidConfig
-from ..merge import merge_tokens
 from ..select import question_guided
-from ..trace import PruningTrace
-from .decoder import DecodeState, Rule, VisualSpan, positions_from_mask, prefill
+from .base import Runtime, VideoGrid, check_layer, restore_class, swap_class, video_prefill
+from .decoder import Rule
 
 # The chat format of the llava-hf LLaVA-OneVision checkpoints (their processor's template).
 PROMPT = "<|im_start|>user <video>\n{question}<|im_end|><|im_start|>assistant\n"
-
-
-@dataclass
-class Runtime:
-    """What a patched model carries: its settings, the decode state and the last traces."""
-
-    config: PruneVidConfig
-    rule: Rule = question_guided
-    state: DecodeState | None = None
-    traces: list[PruningTrace | None] | None = None
 
 
 class PruneVidLlavaOnevisionModel(LlavaOnevisionModel):
@@ -69,15 +56,38 @@ class PruneVidLlavaOnevisionModel(LlavaOnevisionModel):
         if has_video and (cache is None or cache.get_seq_length() == 0):
             if pixel_values is not None or encoded.get("image") is not None:
                 raise NotImplementedError("PruneVid handles prompts with a video and no image")
-            return self._prefill(
-                input_ids,
-                pixel_values_videos,
-                attention_mask,
-                cache,
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            video = encoded.get("video")
+            if video is None:
+                video = self.get_video_features(
+                    pixel_values_videos,
+                    vision_feature_layer=kwargs.get("vision_feature_layer"),
+                    vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                    return_dict=True,
+                )
+            features = video.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)  # (V, T*N + 1, C)
+            _, is_video = self.get_placeholder_mask(
+                input_ids, inputs_embeds, video_features=features.flatten(0, 1)
+            )
+            height, width = pooled_grid(self.config)
+            grids = [
+                VideoGrid(f[:-1].view(-1, height * width, f.shape[-1]), (height, width), f[-1:])
+                for f in features
+            ]
+            hidden, cache = video_prefill(
+                runtime,
+                self.language_model,
                 inputs_embeds,
+                attention_mask,
+                is_video[..., 0],
+                grids,
+                None,
+                cache,
                 use_cache,
-                encoded,
-                kwargs,
+            )
+            return LlavaOnevisionModelOutputWithPast(
+                last_hidden_state=hidden, cache=cache, video_outputs=video
             )
         state = runtime.state
         if state is not None and cache is not None and cache is state.cache:
@@ -96,121 +106,18 @@ class PruneVidLlavaOnevisionModel(LlavaOnevisionModel):
             **kwargs,
         )
 
-    def _prefill(
-        self, input_ids, pixel_values_videos, attention_mask, cache, inputs_embeds, use_cache, encoded, kwargs
-    ):
-        runtime = self._prunevid
-        config = runtime.config
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        video = encoded.get("video")
-        if video is None:
-            video = self.get_video_features(
-                pixel_values_videos,
-                vision_feature_layer=kwargs.get("vision_feature_layer"),
-                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
-                return_dict=True,
-            )
-        features = video.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)  # (V, T*N + 1, C)
-        _, is_video = self.get_placeholder_mask(
-            input_ids, inputs_embeds, video_features=features.flatten(0, 1)
-        )
-        is_video = is_video[..., 0]
-        if attention_mask is None:
-            attention_mask = torch.ones(
-                inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device
-            )
-
-        grid = pooled_grid(self.config)
-        rows, spans, merges, stage1_s = [], [], [], []
-        videos = iter(features)
-        for b in range(inputs_embeds.shape[0]):
-            real = attention_mask[b].bool()
-            where = is_video[b].nonzero().squeeze(1)
-            if where.numel() == 0:
-                rows.append(inputs_embeds[b, real])
-                spans.append(None)
-                merges.append(None)
-                continue
-            start, end = int(where[0]), int(where[-1]) + 1
-            tokens = next(videos)
-            if end - start != where.numel() or not real[start:end].all():
-                raise ValueError(
-                    "each prompt must hold at most one video, as one contiguous run of video tokens"
-                )
-            frames = tokens[:-1].view(-1, grid[0] * grid[1], tokens.shape[-1])  # (T, N, C)
-            tic = _clock(frames)
-            merge = merge_tokens(frames, config, grid)
-            stage1_s.append(_clock(frames) - tic)
-            before = inputs_embeds[b, :start][real[:start]]
-            after = inputs_embeds[b, end:][real[end:]]
-            rows.append(torch.cat([before, merge.tokens, tokens[-1:], after]))
-            spans.append(
-                VisualSpan(
-                    start=len(before), groups=merge.groups, question_start=len(before) + merge.num_tokens + 1
-                )
-            )
-            merges.append(merge)
-
-        embeds, mask, pads = _left_pad_rows(rows)
-        spans = [
-            None if s is None else VisualSpan(s.start + p, s.groups, s.question_start + p)
-            for s, p in zip(spans, pads)
-        ]
-        positions = positions_from_mask(mask)
-        if cache is None and use_cache is not False:
-            cache = DynamicCache(config=self.language_model.config)
-        tic = _clock(embeds)
-        hidden, selection = prefill(
-            self.language_model, embeds, mask, positions, cache, spans, config, runtime.rule
-        )
-        prefill_s = _clock(embeds) - tic
-
-        runtime.state = None if cache is None else DecodeState(cache, selection.mask, mask.sum(1))
-        seconds = iter(stage1_s)
-        runtime.traces = [
-            None
-            if merge is None
-            else PruningTrace.from_stages(
-                merge,
-                kept=selection.visual_kept[b].cpu().numpy(),
-                scores=None
-                if selection.visual_scores[b] is None
-                else selection.visual_scores[b].cpu().numpy(),
-                timings={
-                    "stage1_s": next(seconds),
-                    "stage2_s": selection.seconds,
-                    "llm_prefill_s": prefill_s,
-                },
-                config=config.to_dict(),
-            )
-            for b, merge in enumerate(merges)
-        ]
-        return LlavaOnevisionModelOutputWithPast(last_hidden_state=hidden, cache=cache, video_outputs=video)
-
 
 def patch(
     model: LlavaOnevisionForConditionalGeneration, config: PruneVidConfig, rule: Rule = question_guided
 ) -> None:
     """Swap the PruneVid forward onto `model.model` (in place); patching again updates the settings."""
-    inner = model.model
-    layers = model.config.text_config.num_hidden_layers
-    if config.selected_layer >= layers:
-        raise ValueError(
-            f"selected_layer must be in [0, {layers - 1}] for this model ({layers} decoder layers), "
-            f"got {config.selected_layer}"
-        )
-    if not isinstance(inner, PruneVidLlavaOnevisionModel):
-        inner._prunevid_stock_class = type(inner)
-        inner.__class__ = _subclass(type(inner))
-    inner._prunevid = Runtime(config, rule)
+    check_layer(config, model.config.text_config.num_hidden_layers)
+    swap_class(model.model, PruneVidLlavaOnevisionModel)
+    model.model._prunevid = Runtime(config, rule)
 
 
 def unpatch(model: LlavaOnevisionForConditionalGeneration) -> None:
-    inner = model.model
-    if isinstance(inner, PruneVidLlavaOnevisionModel):
-        inner.__class__ = inner._prunevid_stock_class
-        del inner._prunevid, inner._prunevid_stock_class
+    restore_class(model.model)
 
 
 def runtime(model: LlavaOnevisionForConditionalGeneration) -> Runtime | None:
@@ -296,27 +203,3 @@ def build_batch(
         "attention_mask": encoded["attention_mask"],
         "pixel_values_videos": pixels,
     }
-
-
-def _subclass(stock: type) -> type:
-    if issubclass(stock, PruneVidLlavaOnevisionModel):
-        return stock
-    if stock is LlavaOnevisionModel:
-        return PruneVidLlavaOnevisionModel
-    return type(f"PruneVid{stock.__name__}", (PruneVidLlavaOnevisionModel, stock), {})
-
-
-def _left_pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Stack (L_b, C) rows into (B, L, C) with left padding; returns embeds, mask, pads."""
-    width = max(len(r) for r in rows)
-    pads = [width - len(r) for r in rows]
-    embeds = torch.stack([torch.cat([r.new_zeros(p, r.shape[1]), r]) for r, p in zip(rows, pads)])
-    mask = torch.stack([torch.arange(width, device=embeds.device) >= p for p in pads]).long()
-    return embeds, mask, pads
-
-
-def _clock(x: torch.Tensor) -> float:
-    """Wall time, after the device has finished its queued work."""
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-    return time.perf_counter()

@@ -1,0 +1,185 @@
+"""What every family adapter shares: the runtime a patched model carries, the class swap, and
+the video prefill (stage 1 into a shorter prompt, then `decoder.prefill` with stage 2).
+
+An adapter only says where its video tokens are, how they form per-time-step grids, and which
+positions they have; see `llava_onevision.py` and `qwen2_vl.py`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from ..config import PruneVidConfig
+from ..merge import MergeResult, merge_tokens
+from ..select import question_guided
+from ..trace import PruningTrace
+from .decoder import DecodeState, Rule, VisualSpan, positions_from_mask, prefill
+
+
+@dataclass
+class Runtime:
+    """What a patched model carries: its settings, the decode state and the last traces."""
+
+    config: PruneVidConfig
+    rule: Rule = question_guided
+    state: DecodeState | None = None
+    traces: list[PruningTrace | None] | None = None
+
+
+@dataclass
+class VideoGrid:
+    """One video's tokens as the language model would receive them.
+
+    tokens: (T, N, C) per time step, N = H * W row-major; grid: (H, W);
+    suffix: (k, C) tokens the model appends after the video (LLaVA-OneVision's newline), kept.
+    """
+
+    tokens: torch.Tensor
+    grid: tuple[int, int]
+    suffix: torch.Tensor
+
+
+def swap_class(inner: torch.nn.Module, pruned: type) -> None:
+    """Make `inner` an instance of a subclass of its class that mixes in `pruned`'s forward."""
+    stock = type(inner)
+    if isinstance(inner, pruned):
+        return
+    inner._prunevid_stock_class = stock
+    inner.__class__ = (
+        pruned if pruned.__bases__ == (stock,) else type(f"PruneVid{stock.__name__}", (pruned, stock), {})
+    )
+
+
+def restore_class(inner: torch.nn.Module) -> None:
+    stock = getattr(inner, "_prunevid_stock_class", None)
+    if stock is not None:
+        inner.__class__ = stock
+        del inner._prunevid, inner._prunevid_stock_class
+
+
+def check_layer(config: PruneVidConfig, num_layers: int) -> None:
+    if config.selected_layer >= num_layers:
+        raise ValueError(
+            f"selected_layer must be in [0, {num_layers - 1}] for this model ({num_layers} decoder layers), "
+            f"got {config.selected_layer}"
+        )
+
+
+def video_prefill(
+    runtime: Runtime,
+    lm: torch.nn.Module,
+    embeds: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_video: torch.Tensor,
+    videos: list[VideoGrid],
+    positions: torch.Tensor | None,
+    cache,
+    use_cache: bool | None,
+) -> tuple[torch.Tensor, DynamicCache | None]:
+    """Prefill with PruneVid. embeds: (B, L, C) stock prompt embeddings; is_video: (B, L) its
+    video placeholders (at most one contiguous run per row, filled in order by `videos`).
+
+    positions: the stock positions (R, B, L) for M-RoPE models, kept for every token and given
+    to each merged token from its representative member (the first of its members in time,
+    then row-major order); None for 1-D RoPE, where the shorter prompt is numbered afresh
+    (ALGORITHM.md §4.5). Sets `runtime.state` and `runtime.traces`; returns the final hidden
+    states (B, P, C) of the kept tokens and the cache.
+    """
+    config = runtime.config
+    if mask is None:
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    rows, row_positions, spans, merges, stage1_s = [], [], [], [], []
+    pending = iter(videos)
+    for b in range(embeds.shape[0]):
+        real = mask[b].bool()
+        where = is_video[b].nonzero().squeeze(1)
+        pos = positions[:, b] if positions is not None else None  # (R, L)
+        if where.numel() == 0:
+            rows.append(embeds[b, real])
+            row_positions.append(None if pos is None else pos[:, real])
+            spans.append(None)
+            merges.append(None)
+            continue
+        start, end = int(where[0]), int(where[-1]) + 1
+        if end - start != where.numel() or not real[start:end].all():
+            raise ValueError("each prompt must hold at most one video, as one contiguous run of video tokens")
+        video = next(pending)
+        tic = _clock(embeds)
+        merge = merge_tokens(video.tokens, config, video.grid)
+        stage1_s.append(_clock(embeds) - tic)
+        before, after = real.clone(), real.clone()
+        before[start:], after[:end] = False, False
+        rows.append(
+            torch.cat([embeds[b, before], merge.tokens.to(embeds.dtype), video.suffix, embeds[b, after]])
+        )
+        if pos is not None:
+            video_pos = pos[:, start:end]
+            visual = video_pos[:, _representatives(merge)]
+            suffix = video_pos[:, video_pos.shape[1] - len(video.suffix) :]
+            row_positions.append(torch.cat([pos[:, before], visual, suffix, pos[:, after]], dim=1))
+        n_before = int(before.sum())
+        spans.append(VisualSpan(n_before, merge.groups, n_before + merge.num_tokens + len(video.suffix)))
+        merges.append(merge)
+
+    embeds, mask, pads = _left_pad_rows(rows)
+    spans = [
+        None if s is None else VisualSpan(s.start + p, s.groups, s.question_start + p)
+        for s, p in zip(spans, pads)
+    ]
+    if positions is None:
+        positions = positions_from_mask(mask)
+    else:
+        positions = torch.stack(
+            [torch.cat([p.new_zeros(p.shape[0], pad), p], dim=1) for p, pad in zip(row_positions, pads)], 1
+        )
+    if cache is None and use_cache is not False:
+        cache = DynamicCache(config=lm.config)
+    tic = _clock(embeds)
+    hidden, selection = prefill(lm, embeds, mask, positions, cache, spans, config, runtime.rule)
+    prefill_s = _clock(embeds) - tic
+
+    last = positions[..., -1]  # every row ends with a real token (left padding)
+    runtime.state = None if cache is None else DecodeState(cache, selection.mask, last + 1)
+    seconds = iter(stage1_s)
+    runtime.traces = [
+        None
+        if merge is None
+        else PruningTrace.from_stages(
+            merge,
+            kept=selection.visual_kept[b].cpu().numpy(),
+            scores=None
+            if selection.visual_scores[b] is None
+            else selection.visual_scores[b].float().cpu().numpy(),
+            timings={"stage1_s": next(seconds), "stage2_s": selection.seconds, "llm_prefill_s": prefill_s},
+            config=config.to_dict(),
+        )
+        for b, merge in enumerate(merges)
+    ]
+    return hidden, cache
+
+
+def _representatives(merge: MergeResult) -> torch.Tensor:
+    """For each merged token, the flat (t * N + n) index of its first member."""
+    flat = merge.assignment.flatten()
+    first = torch.full((merge.num_tokens,), flat.numel(), dtype=torch.long, device=flat.device)
+    return first.scatter_reduce(0, flat, torch.arange(flat.numel(), device=flat.device), "amin")
+
+
+def _left_pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Stack (L_b, C) rows into (B, L, C) with left padding; returns embeds, mask, pads."""
+    width = max(len(r) for r in rows)
+    pads = [width - len(r) for r in rows]
+    embeds = torch.stack([torch.cat([r.new_zeros(p, r.shape[1]), r]) for r, p in zip(rows, pads)])
+    mask = torch.stack([torch.arange(width, device=embeds.device) >= p for p in pads]).long()
+    return embeds, mask, pads
+
+
+def _clock(x: torch.Tensor) -> float:
+    """Wall time, after the device has finished its queued work."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter()

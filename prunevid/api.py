@@ -13,15 +13,20 @@ from .trace import PruningTrace
 
 
 def _adapter(model: torch.nn.Module) -> ModuleType:
-    from transformers import LlavaOnevisionForConditionalGeneration
+    """The family module that patches `model` (dispatch on the model's class)."""
+    import transformers
 
-    if isinstance(model, LlavaOnevisionForConditionalGeneration):
-        from .models import llava_onevision
+    from .models import llava_onevision, qwen2_vl
 
-        return llava_onevision
-    raise TypeError(
-        f"PruneVid has no adapter for {type(model).__name__}; supported: LlavaOnevisionForConditionalGeneration"
-    )
+    families = {
+        "LlavaOnevisionForConditionalGeneration": llava_onevision,
+        "Qwen2VLForConditionalGeneration": qwen2_vl,
+        "Qwen2_5_VLForConditionalGeneration": qwen2_vl,
+    }
+    for name, family in families.items():
+        if isinstance(model, getattr(transformers, name)):
+            return family
+    raise TypeError(f"PruneVid has no adapter for {type(model).__name__}; supported: {', '.join(families)}")
 
 
 def patch(

@@ -17,6 +17,8 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<video>", "<image>", "<unk>"]
+# Qwen-VL's vision tokens, appended after the words so that earlier token ids stay put.
+QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"]
 WORDS = [
     "user",
     "assistant",
@@ -136,7 +138,7 @@ WORDS = [
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer with the chat special tokens, built in memory (no download)."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + sorted(set(WORDS)))}
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + sorted(set(WORDS)) + QWEN_TOKENS)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(
@@ -144,7 +146,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:5],
+        additional_special_tokens=SPECIAL_TOKENS[1:5] + QWEN_TOKENS,
     )
     fast.padding_side = "left"
     return fast
@@ -191,6 +193,72 @@ def tiny_model(seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None, 
     tokenizer = tokenizer or tiny_tokenizer()
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(tiny_config(tokenizer, **text_overrides)).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def tiny_qwen_vl(
+    family: str = "qwen2_5_vl",
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    **text_overrides,
+):
+    """A randomly initialised tiny Qwen2.5-VL (or, with family="qwen2_vl", Qwen2-VL) in eval mode:
+    a 2-block vision tower (14 px patches, 2 x 2 merge, temporal patch 2) and a 4-layer
+    grouped-query text model with M-RoPE (sections 2 + 3 + 3 of the 8 rotary pairs)."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    if family == "qwen2_5_vl":
+        vision.update(out_hidden_size=64, window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    elif family == "qwen2_vl":
+        vision.update(embed_dim=32, mlp_ratio=2, hidden_size=64)
+        config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    else:
+        raise ValueError(f"family must be qwen2_vl or qwen2_5_vl, got {family!r}")
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    text.update(text_overrides)
+    ids = tokenizer.convert_tokens_to_ids
+    config = config_class(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

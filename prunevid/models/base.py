@@ -7,6 +7,7 @@ positions they have; see `llava_onevision.py` and `qwen2_vl.py`.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -49,9 +50,12 @@ def swap_class(inner: torch.nn.Module, pruned: type) -> None:
     if isinstance(inner, pruned):
         return
     inner._prunevid_stock_class = stock
-    inner.__class__ = (
-        pruned if pruned.__bases__ == (stock,) else type(f"PruneVid{stock.__name__}", (pruned, stock), {})
-    )
+    inner.__class__ = pruned if pruned.__bases__ == (stock,) else _mixed(pruned, stock)
+
+
+@functools.cache
+def _mixed(pruned: type, stock: type) -> type:
+    return type(f"PruneVid{stock.__name__}", (pruned, stock), {})
 
 
 def restore_class(inner: torch.nn.Module) -> None:

@@ -1,0 +1,228 @@
+"""PruneVid for Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
+`Qwen2_5_VLForConditionalGeneration`): 3-D M-RoPE positions.
+
+The vision merger emits, per video, a (t, h, w) grid of tokens (t = frames / 2, h and w = the
+patch grid / 2), row-major. Stage 1 runs on those per-time-step grids. Positions are never
+recomputed on the shortened prompt (`get_rope_index` assumes full grids): every kept text token
+keeps its stock (t, h, w) position, each merged token takes the position of its first member
+(earliest time step, then row-major), and decoding continues from the stock positions, i.e.
+the unpruned rope delta.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast
+
+from ..config import PruneVidConfig
+from ..select import question_guided
+from .base import Runtime, VideoGrid, check_layer, restore_class, swap_class, video_prefill
+from .decoder import Rule
+
+# Qwen2-VL / Qwen2.5-VL chat format for one video and a question.
+PROMPT = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    "<|vision_start|><|video_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+)
+VIDEO_MODALITY = 2  # mm_token_type_ids: text 0, image 1, video 2
+
+
+class PruneVidQwenVLModel(torch.nn.Module):
+    """Mixed into the stock inner `Qwen2VLModel` / `Qwen2_5_VLModel` by `patch`."""
+
+    _prunevid: Runtime
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        **kwargs,
+    ):
+        runtime = self._prunevid
+        encoded = mm_encoder_outputs or {}
+        has_video = pixel_values_videos is not None or encoded.get("video") is not None
+        if has_video and (cache is None or cache.get_seq_length() == 0):
+            if pixel_values is not None or encoded.get("image") is not None:
+                raise NotImplementedError("PruneVid handles prompts with a video and no image")
+            if position_ids is None:
+                if mm_token_type_ids is None:
+                    raise ValueError(
+                        "Qwen-VL needs mm_token_type_ids to place video tokens in 3-D positions "
+                        "(without them transformers silently falls back to 1-D positions)"
+                    )
+                position_ids = self.compute_3d_position_ids(
+                    input_ids=input_ids,
+                    image_grid_thw=None,
+                    video_grid_thw=video_grid_thw,
+                    inputs_embeds=self.get_input_embeddings()(input_ids),
+                    attention_mask=attention_mask,
+                    cache=None,
+                    mm_token_type_ids=mm_token_type_ids,
+                    **(
+                        {"second_per_grid_ts": kwargs["second_per_grid_ts"]}
+                        if "second_per_grid_ts" in kwargs
+                        else {}
+                    ),
+                )
+            if position_ids.ndim != 3:
+                raise ValueError(
+                    "Qwen-VL prefill needs 3-D (M-RoPE) position_ids of shape (3 or 4, batch, length)"
+                )
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            video = encoded.get("video")
+            if video is None:
+                video = self.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
+            features = [f.to(inputs_embeds.device, inputs_embeds.dtype) for f in video.pooler_output]
+            _, is_video = self.get_placeholder_mask(
+                input_ids, inputs_embeds, video_features=torch.cat(features)
+            )
+            is_video = is_video[..., 0]
+            # generate() consumes video_grid_thw when it encodes the video, so read each grid
+            # off the stock 3-D positions of its tokens instead.
+            spans = [position_ids[-3:, b, is_video[b]] for b in range(len(is_video)) if is_video[b].any()]
+            grids = [_video_grid(f, span) for f, span in zip(features, spans)]
+            hidden, cache = video_prefill(
+                runtime,
+                self.language_model,
+                inputs_embeds,
+                attention_mask,
+                is_video,
+                grids,
+                position_ids,
+                cache,
+                use_cache,
+            )
+            return MultimodalBaseModelOutputWithPast(
+                last_hidden_state=hidden, cache=cache, video_outputs=video
+            )
+        state = runtime.state
+        if state is not None and cache is not None and cache is state.cache:
+            num_new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            attention_mask, position_ids = state.decode_inputs(attention_mask, num_new)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            pixel_values=pixel_values,
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+
+
+def _video_grid(features: torch.Tensor, positions: torch.Tensor) -> VideoGrid:
+    """(t * h * w, C) merger output of one video, row-major, and its (3, t * h * w) stock (t, h, w)
+    positions -> per-time-step (h, w) grids."""
+    height = int(positions[1].max() - positions[1].min()) + 1
+    width = int(positions[2].max() - positions[2].min()) + 1
+    return VideoGrid(features.view(-1, height * width, features.shape[-1]), (height, width), features[:0])
+
+
+def patch(model: torch.nn.Module, config: PruneVidConfig, rule: Rule = question_guided) -> None:
+    check_layer(config, model.config.text_config.num_hidden_layers)
+    swap_class(model.model, PruneVidQwenVLModel)
+    model.model._prunevid = Runtime(config, rule)
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    restore_class(model.model)
+
+
+def runtime(model: torch.nn.Module) -> Runtime | None:
+    return getattr(model.model, "_prunevid", None)
+
+
+@dataclass(frozen=True)
+class VideoPatchify:
+    """The Qwen2-VL video processor's preprocessing, without torchvision.
+
+    Frames are resized (bicubic, antialiased, on uint8, rounded back) to the nearest size whose
+    sides are multiples of patch * merge (28) and whose area is within [min_pixels, max_pixels];
+    rescaled and normalised with the CLIP mean/std; padded in time to a multiple of the temporal
+    patch by repeating the last frame; cut into (temporal 2 x 14 x 14) patches ordered so that
+    each 2 x 2 block of patches (one merged token) is contiguous.
+    """
+
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 768 * 28 * 28
+    patch: int = 14
+    merge: int = 2
+    temporal_patch: int = 2
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    rescale: float = 1 / 255
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """Qwen2-VL's `smart_resize` rule."""
+        factor = self.patch * self.merge
+        if max(height, width) / min(height, width) > 200:
+            raise ValueError(
+                f"aspect ratio {max(height, width) / min(height, width):.0f} is above Qwen-VL's limit of 200"
+            )
+        h, w = round(height / factor) * factor, round(width / factor) * factor
+        if h * w > self.max_pixels:
+            beta = math.sqrt(height * width / self.max_pixels)
+            h = max(factor, math.floor(height / beta / factor) * factor)
+            w = max(factor, math.floor(width / beta / factor) * factor)
+        elif h * w < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (height * width))
+            h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+        return h, w
+
+    def __call__(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, H, W, 3) uint8 -> (pixel_values_videos (n_patches, 3 * 2 * 14 * 14), grid_thw (3,))."""
+        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+        size = self.target_size(*video.shape[-2:])
+        if tuple(video.shape[-2:]) != size:
+            video = torch.nn.functional.interpolate(video, size=size, mode="bicubic", antialias=True)
+            video = video.round().clamp(0, 255)
+        mean = torch.tensor(self.mean)[:, None, None]
+        std = torch.tensor(self.std)[:, None, None]
+        video = (video * self.rescale - mean) / std
+        if pad := -len(video) % self.temporal_patch:
+            video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
+        tp, p, m = self.temporal_patch, self.patch, self.merge
+        t, h, w = len(video) // tp, size[0] // p, size[1] // p
+        patches = video.view(t, tp, 3, h // m, m, p, w // m, m, p)
+        patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, h/m, w/m, m, m, C, tp, p, p)
+        return patches.reshape(t * h * w, 3 * tp * p * p), torch.tensor([t, h, w])
+
+
+def build_inputs(
+    tokenizer, config, frames: np.ndarray, question: str, patchify: VideoPatchify | None = None
+) -> dict[str, torch.Tensor]:
+    """Inputs for one video and question: input_ids, attention_mask, mm_token_type_ids,
+    pixel_values_videos, video_grid_thw."""
+    pixels, thw = (patchify or VideoPatchify())(frames)
+    merge = config.vision_config.spatial_merge_size
+    video_token = tokenizer.convert_ids_to_tokens(config.video_token_id)
+    count = int(thw.prod()) // merge**2
+    prompt = PROMPT.format(question=question).replace("<|video_pad|>", video_token * count)
+    encoded = tokenizer([prompt], return_tensors="pt")
+    ids = encoded["input_ids"]
+    return {
+        "input_ids": ids,
+        "attention_mask": encoded["attention_mask"],
+        "mm_token_type_ids": (ids == config.video_token_id).int() * VIDEO_MODALITY,
+        "pixel_values_videos": pixels,
+        "video_grid_thw": thw[None],
+    }

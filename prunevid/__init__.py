@@ -6,9 +6,9 @@ out = model.generate(**inputs, max_new_tokens=64)
 trace = prunevid.last_trace(model)
 """
 
+from .api import last_trace, last_traces, patch, unpatch
 from .config import PruneVidConfig
 from .merge import MergeResult, merge_tokens
-from .api import last_trace, last_traces, patch, unpatch
 from .trace import PruningTrace
 
 __all__ = [

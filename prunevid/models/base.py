@@ -11,6 +11,7 @@ import functools
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
@@ -164,6 +165,25 @@ def video_prefill(
         for b, merge in enumerate(merges)
     ]
     return hidden, cache
+
+
+def resize_uint8(frames: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, h, w) uint8, bicubic with antialias.
+
+    Resizing the uint8 tensor itself uses torch's fixed-point two-pass kernel, which rounds
+    between the passes: what torchvision does on the CPU, so the pixels match the processors'.
+    """
+    video = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.uint8)).permute(0, 3, 1, 2)
+    if tuple(video.shape[-2:]) == tuple(size):
+        return video
+    return torch.nn.functional.interpolate(video, size=size, mode="bicubic", antialias=True)
+
+
+def normalize(video: torch.Tensor, mean, std, rescale: float) -> torch.Tensor:
+    """(x * rescale - mean) / std in the processors' fused form, (x - mean / rescale) / (std / rescale)."""
+    mean = torch.tensor(mean, dtype=torch.float32)[:, None, None] * (1.0 / rescale)
+    std = torch.tensor(std, dtype=torch.float32)[:, None, None] * (1.0 / rescale)
+    return (video.float() - mean) / std
 
 
 def _representatives(merge: MergeResult) -> torch.Tensor:

@@ -23,7 +23,16 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 
 from ..config import PruneVidConfig
 from ..select import question_guided
-from .base import Runtime, VideoGrid, check_layer, restore_class, swap_class, video_prefill
+from .base import (
+    Runtime,
+    VideoGrid,
+    check_layer,
+    normalize,
+    resize_uint8,
+    restore_class,
+    swap_class,
+    video_prefill,
+)
 from .decoder import Rule
 
 # The chat format of the llava-hf LLaVA-OneVision checkpoints (their processor's template).
@@ -160,18 +169,9 @@ class FrameProcessing:
         )
 
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
-        """(T, H, W, 3) uint8 RGB -> (T, 3, h, w) float32 pixel values.
-
-        Same steps as transformers' torchvision-based video processor: resize the uint8 frames
-        (bicubic, antialias, rounded back to uint8), then (x * rescale - mean) / std.
-        """
-        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-        if tuple(video.shape[-2:]) != self.size:
-            video = torch.nn.functional.interpolate(video, size=self.size, mode="bicubic", antialias=True)
-            video = video.round().clamp(0, 255)
-        mean = torch.tensor(self.mean)[:, None, None]
-        std = torch.tensor(self.std)[:, None, None]
-        return (video * self.rescale - mean) / std
+        """(T, H, W, 3) uint8 RGB -> (T, 3, h, w) float32 pixel values, equal to transformers'
+        torchvision-based video processor (checked: docs/processing_check.md)."""
+        return normalize(resize_uint8(frames, self.size), self.mean, self.std, self.rescale)
 
 
 def build_inputs(

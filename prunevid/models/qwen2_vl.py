@@ -20,7 +20,16 @@ from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast
 
 from ..config import PruneVidConfig
 from ..select import question_guided
-from .base import Runtime, VideoGrid, check_layer, restore_class, swap_class, video_prefill
+from .base import (
+    Runtime,
+    VideoGrid,
+    check_layer,
+    normalize,
+    resize_uint8,
+    restore_class,
+    swap_class,
+    video_prefill,
+)
 from .decoder import Rule
 
 # Qwen2-VL / Qwen2.5-VL chat format for one video and a question.
@@ -155,7 +164,7 @@ def runtime(model: torch.nn.Module) -> Runtime | None:
 class VideoPatchify:
     """The Qwen2-VL video processor's preprocessing, without torchvision.
 
-    Frames are resized (bicubic, antialiased, on uint8, rounded back) to the nearest size whose
+    Frames are resized (bicubic, antialiased, on uint8, as the processors do) to the nearest size whose
     sides are multiples of patch * merge (28) and whose area is within [min_pixels, max_pixels];
     rescaled and normalised with the CLIP mean/std; padded in time to a multiple of the temporal
     patch by repeating the last frame; cut into (temporal 2 x 14 x 14) patches ordered so that
@@ -190,14 +199,8 @@ class VideoPatchify:
 
     def __call__(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, H, W, 3) uint8 -> (pixel_values_videos (n_patches, 3 * 2 * 14 * 14), grid_thw (3,))."""
-        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-        size = self.target_size(*video.shape[-2:])
-        if tuple(video.shape[-2:]) != size:
-            video = torch.nn.functional.interpolate(video, size=size, mode="bicubic", antialias=True)
-            video = video.round().clamp(0, 255)
-        mean = torch.tensor(self.mean)[:, None, None]
-        std = torch.tensor(self.std)[:, None, None]
-        video = (video * self.rescale - mean) / std
+        size = self.target_size(*frames.shape[1:3])
+        video = normalize(resize_uint8(frames, size), self.mean, self.std, self.rescale)
         if pad := -len(video) % self.temporal_patch:
             video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
         tp, p, m = self.temporal_patch, self.patch, self.merge

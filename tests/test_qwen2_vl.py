@@ -181,8 +181,12 @@ def test_missing_token_types_is_a_clear_error(model, tokenizer):
 
 def test_patchify_layout_and_sizes():
     patchify = VideoPatchify()
-    assert patchify.target_size(240, 320) == (252, 336), "nearest multiples of 28 within the pixel range"
-    assert patchify.target_size(2000, 2000) == (672, 672), "capped at 768 * 28 * 28 pixels"
+    # 240 x 320 rounds to 252 x 308 = 77,616 px < 128 * 28 * 28 = 100,352: scale by
+    # sqrt(100352 / 76800) = 1.1431 and round up: ceil(9.80) * 28 = 280, ceil(13.06) * 28 = 392.
+    assert patchify.target_size(240, 320) == (280, 392)
+    # 2000 x 2000 is above 768 * 28 * 28 = 602,112 px: beta = 2.5775, floor(27.71) * 28 = 756.
+    assert patchify.target_size(2000, 2000) == (756, 756)
+    assert patchify.target_size(560, 840) == (560, 840), "multiples of 28 inside the range stay"
     assert patchify.target_size(28, 28) == (336, 336), "raised to at least 128 * 28 * 28 pixels"
     with pytest.raises(ValueError, match="aspect ratio"):
         patchify.target_size(10, 3000)

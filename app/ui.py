@@ -1,0 +1,419 @@
+"""The Gradio page: components and event wiring only (the work is in `engine` and `visualizations`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from prunevid.config import PruneVidConfig
+from prunevid.pipeline import TINY_MODEL, ModelLoadError, check_question, preset
+from prunevid.video import VideoError
+from visualizations import (
+    Layers,
+    budget_figure,
+    contact_sheet,
+    figure_to_image,
+    overlay_frame,
+    overlay_frames,
+    save_animation,
+    timeline_figure,
+)
+
+from . import engine
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = next((p for p in (ROOT / "assets", Path.cwd() / "assets") if p.is_dir()), ROOT / "assets")
+KNOBS = [f.name for f in dataclasses.fields(PruneVidConfig) if f.name not in ("stage1", "stage2")]
+KNOB_HELP = {
+    "tau": "static threshold: cosine similarity above which a position is static in a segment [-1, 1]",
+    "temporal_segment_ratio": "temporal segments = frames x ratio (0, 1]",
+    "cluster_ratio": "spatial clusters = tokens x ratio (0, 1]",
+    "k": "DPC-KNN neighbours (>= 1)",
+    "spatial_merge_threshold": "sets of at most this many tokens are not clustered (>= 0)",
+    "dpc_noise": "seeded tie-break noise on DPC densities [0, 1]",
+    "seed": "seed of that noise (>= 0)",
+    "selected_layer": "decoder layer M that scores visual tokens (< the model's layers)",
+    "alpha": "fraction of visual tokens stage 2 keeps (0, 1]",
+    "num_frames": f"frames sampled from the video (1 to {engine.MAX_FRAMES})",
+}
+INTEGER_KNOBS = {"k", "spatial_merge_threshold", "seed", "selected_layer", "num_frames"}
+LAYER_CHOICES = [
+    ("Merged clusters (mean colour)", "clusters"),
+    ("Stage-2 attention heatmap", "heatmap"),
+    ("Static tokens (cyan hatching)", "static"),
+    ("Pruned by stage 2 (darkened)", "pruned"),
+    ("Cluster outlines", "outlines"),
+]
+DEFAULT_LAYERS = ["clusters", "static", "pruned", "outlines"]
+LEGEND = (
+    "Each sampled frame as the model saw it: every stage-1 merged token is filled with its mean colour "
+    "and outlined in white, static tokens (merged over time) are hatched in cyan, tokens dropped by "
+    "stage 2 are darkened; the heatmap shows the stage-2 attention from the question."
+)
+INTRO = (
+    "# PruneVid: fewer visual tokens, same answer\n"
+    "Ask a question about a video. Stage 1 merges tokens that repeat over time and space before "
+    "the language model; stage 2 keeps only the tokens the question attends to. "
+    "Below: the answer, the speedup, and what happened to every token."
+)
+CSS = """
+#prunevid-banner .warning {padding: 8px 12px; border-radius: 6px; background: #fff4d6; color: #5b4200;}
+#prunevid-banner .note {padding: 8px 12px; border-radius: 6px; background: #e8f1fb; color: #123b63;}
+"""
+
+
+def inline_html(text: str) -> str:
+    """Escape text for an HTML block, turning `code` spans into <code> (Markdown is off inside HTML)."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text, quote=False))
+
+
+def banner_markdown(model: str, failure: str | None = None) -> str:
+    """The status banner: why a fallback happened (one sentence) and what the tiny model is."""
+    parts = []
+    if failure:
+        parts.append(f'<div class="warning">⚠️ {inline_html(failure)}</div>')
+    if model == TINY_MODEL and engine.tiny_note():
+        parts.append(f'<div class="note">ℹ️ {engine.tiny_note()}</div>')
+    return "\n\n".join(parts)
+
+
+def examples() -> list[list[str]]:
+    """[video path, question] pairs from assets/examples.json (empty when the assets are absent)."""
+    listing = ASSETS / "examples.json"
+    if not listing.is_file():
+        return []
+    rows = json.loads(listing.read_text())
+    return [
+        [str(ASSETS / row["video"]), row["question"]] for row in rows if (ASSETS / row["video"]).is_file()
+    ]
+
+
+def knob_values(config: PruneVidConfig) -> list[Any]:
+    """[stage1, stage2, *knobs] of a config, in the order of the UI's inputs."""
+    return [config.stage1, config.stage2, *(getattr(config, name) for name in KNOBS)]
+
+
+def readable(error: BaseException) -> str:
+    """One line for the page: the message, with temporary upload folders cut down to the file name."""
+    text = str(error).strip().replace("`", "") or type(error).__name__
+    for word in text.split():
+        path = word.strip("'\".,:;()")
+        if os.sep in path and (path.startswith(tempfile.gettempdir()) or "/gradio/" in path):
+            text = text.replace(path, os.path.basename(path))
+    if isinstance(error, VideoError):
+        text = f"This file cannot be used as a video: {text}."
+    return text.rstrip(".") + "."
+
+
+def fail(error: BaseException) -> gr.Error:
+    return gr.Error(html.escape(readable(error), quote=False), duration=None, print_exception=False)
+
+
+@dataclasses.dataclass
+class Shown:
+    """What the pictures are drawn from (kept per browser session so layer toggles redraw fast)."""
+
+    frames: np.ndarray  # (T, h, w, 3) display-size frames
+    trace: Any
+    captions: list[str]
+
+
+def layers_from(names: list[str]) -> Layers:
+    return Layers(**{field.name: field.name in names for field in dataclasses.fields(Layers)})
+
+
+def draw_gallery(shown: Shown, layer_names: list[str]) -> list[tuple[np.ndarray, str]]:
+    images = overlay_frames(shown.frames, shown.trace, layers_from(layer_names))
+    return list(zip(images, shown.captions))
+
+
+def side_by_side(frame: np.ndarray, overlay: np.ndarray, gap: int = 6) -> np.ndarray:
+    height = frame.shape[0]
+    spacer = np.full((height, gap, 3), 255, dtype=np.uint8)
+    return np.concatenate([frame, spacer, overlay], axis=1)
+
+
+class App:
+    """The page's long-lived state: loaded models, the feature cache, the startup model."""
+
+    def __init__(self, model: str | None = None, registry: engine.ModelRegistry | None = None):
+        self.registry = registry or engine.ModelRegistry()
+        self.cache = engine.FeatureCache()
+        wanted = model or engine.startup_model()
+        self.failure: str | None = None
+        try:
+            self.registry.get(wanted)
+            self.model = wanted
+        except ModelLoadError as error:
+            log.warning("%s", error)
+            self.failure = str(error)
+            self.model = TINY_MODEL
+            self.registry.get(TINY_MODEL)
+        self.choices = list(engine.MODEL_CHOICES)
+        if self.model not in self.choices:
+            self.choices.insert(0, self.model)
+        if wanted not in self.choices:
+            self.choices.insert(0, wanted)
+
+    def preset(self, model: str) -> PruneVidConfig:
+        """The model's preset, with selected_layer scaled to its depth where needed."""
+        return preset(model, self.registry.get(model).num_layers)
+
+    # ---- events -------------------------------------------------------------------------
+
+    def on_answer(
+        self,
+        video: str | None,
+        question: str,
+        compare: bool,
+        model: str,
+        stage1: bool,
+        stage2: bool,
+        knobs: dict[str, Any],
+        max_new_tokens: float | None,
+        layer_names: list[str],
+        progress: Any = None,
+    ) -> tuple:
+        """The answer event: validate, run (pruned, maybe unpruned), draw. Errors become one message."""
+        report = (lambda f, text: progress(f, desc=text)) if progress is not None else (lambda f, text: None)
+        try:
+            if not video:
+                raise ValueError("No video: upload one or pick an example.")
+            check_question(question)
+            config = engine.make_config(stage1, stage2, **knobs)
+            new_tokens = engine.check_new_tokens(max_new_tokens)
+            loaded = self.registry.get(model)
+            outcome = engine.run_question(
+                loaded, self.cache, video, question, config, bool(compare), new_tokens, report
+            )
+        except (ValueError, ModelLoadError) as error:  # VideoError is a ValueError
+            raise fail(error) from None
+        except Exception as error:  # keep serving; say what broke in one line
+            log.exception("answer failed")
+            raise fail(RuntimeError(f"Something went wrong ({type(error).__name__}: {error})")) from None
+
+        report(0.9, "Drawing the pruning pictures")
+        return self.render(outcome, layer_names)
+
+    def render(self, outcome: engine.Outcome, layer_names: list[str]) -> tuple:
+        trace, video = outcome.trace, outcome.video
+        frames = engine.display_frames(video.frames)
+        captions = [
+            f"#{t} · {video.timestamps[t]:.1f}s · seg {int(trace.segment[t])}"
+            for t in range(trace.num_frames)
+        ]
+        shown = Shown(frames, trace, captions)
+        gallery = draw_gallery(shown, layer_names)
+        folder = Path(tempfile.mkdtemp(prefix="prunevid_"))
+        trace_path = folder / "prunevid_trace.json"
+        trace.to_json(str(trace_path))
+        sheet_path = folder / "prunevid_contact_sheet.png"
+        images = np.stack([image for image, _ in gallery])
+        from PIL import Image
+
+        Image.fromarray(contact_sheet(images, captions=captions)).save(sheet_path)
+        movie_path = save_animation(folder / "prunevid_overlay.mp4", images, fps=2.0)
+        stats = outcome.stats()
+        baseline = outcome.baseline.text if outcome.baseline is not None else ""
+        return (
+            outcome.result.text,
+            baseline,
+            engine.speed_markdown(outcome),
+            stats,
+            gallery,
+            gr.Slider(minimum=0, maximum=max(trace.num_frames - 1, 1), value=0, step=1, interactive=True),
+            side_by_side(frames[0], images[0]),
+            figure_to_image(timeline_figure(trace, video.timestamps)),
+            figure_to_image(budget_figure(trace)),
+            str(trace_path),
+            [str(sheet_path), movie_path],
+            shown,
+        )
+
+    def on_layers(self, shown: Shown | None, layer_names: list[str], index: float):
+        if shown is None:
+            return gr.skip(), gr.skip()
+        gallery = draw_gallery(shown, layer_names)
+        t = int(min(max(index or 0, 0), len(gallery) - 1))
+        return gallery, side_by_side(shown.frames[t], gallery[t][0])
+
+    def on_frame(self, shown: Shown | None, layer_names: list[str], index: float):
+        if shown is None:
+            return gr.skip()
+        t = int(min(max(index or 0, 0), shown.trace.num_frames - 1))
+        image = overlay_frame(shown.frames[t], shown.trace, t, layers_from(layer_names))
+        return side_by_side(shown.frames[t], image)
+
+    def on_model(self, model: str, active: str):
+        """A model picked in the dropdown: load it and show its preset, or say why not (one sentence)."""
+        try:
+            self.registry.get(model)
+        except ModelLoadError:
+            instead = "the offline tiny demo model" if active == TINY_MODEL else f"`{active}`"
+            message = engine.unavailable_message(model, instead)
+            return [active, banner_markdown(active, message), active, *[gr.skip()] * (2 + len(KNOBS))]
+        return [model, banner_markdown(model), model, *knob_values(self.preset(model))]
+
+    # ---- layout -------------------------------------------------------------------------
+
+    def build(self) -> gr.Blocks:
+        config = self.preset(self.model)
+        with gr.Blocks(title="PruneVid", delete_cache=(3600, 3600)) as demo:
+            gr.Markdown(INTRO)
+            banner = gr.Markdown(banner_markdown(self.model, self.failure), elem_id="prunevid-banner")
+            active = gr.State(self.model)
+            shown = gr.State(None)
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=4, min_width=320):
+                    video = gr.Video(label="Video", sources=["upload"], height=300)
+                    question = gr.Textbox(
+                        label="Question",
+                        lines=2,
+                        placeholder="What happens in the video?",
+                        elem_id="prunevid-question",
+                    )
+                    compare = gr.Checkbox(
+                        label="Compare with unpruned (runs the full model too)", value=False
+                    )
+                    button = gr.Button("Answer", variant="primary", elem_id="answer-button")
+                    rows = examples()
+                    if rows:
+                        gr.Examples(rows, inputs=[video, question], label="Examples", cache_examples=False)
+                    with gr.Accordion("Advanced settings", open=False):
+                        model = gr.Dropdown(
+                            [(engine.MODEL_LABELS.get(name, name), name) for name in self.choices],
+                            value=self.model,
+                            label="Model (each brings its own preset below)",
+                        )
+                        with gr.Row():
+                            stage1 = gr.Checkbox(label="Stage 1: merge tokens", value=config.stage1)
+                            stage2 = gr.Checkbox(label="Stage 2: prune by question", value=config.stage2)
+                        knobs = []
+                        for name in KNOBS:
+                            knobs.append(
+                                gr.Number(
+                                    value=getattr(config, name),
+                                    label=name,
+                                    info=KNOB_HELP[name],
+                                    precision=0 if name in INTEGER_KNOBS else None,
+                                )
+                            )
+                        max_new_tokens = gr.Number(
+                            value=64, label="max_new_tokens", info="answer length limit", precision=0
+                        )
+                with gr.Column(scale=6, min_width=420):
+                    with gr.Row():
+                        answer_box = gr.Textbox(
+                            label="Answer (PruneVid)", lines=3, interactive=False, elem_id="answer-pruned"
+                        )
+                        baseline_box = gr.Textbox(
+                            label="Answer (unpruned model, when compared)", lines=3, interactive=False
+                        )
+                    speed = gr.Markdown(
+                        "The speed panel appears here after an answer.", label="speed", elem_id="speed-panel"
+                    )
+                    layers = gr.CheckboxGroup(
+                        LAYER_CHOICES, value=DEFAULT_LAYERS, label="Layers drawn on the frames"
+                    )
+                    gallery = gr.Gallery(
+                        label="Tokens per sampled frame",
+                        columns=4,
+                        object_fit="contain",
+                        height=760,
+                        format="png",
+                        elem_id="overlay-gallery",
+                    )
+                    gr.Markdown(LEGEND)
+                    frame = gr.Slider(0, 1, value=0, step=1, label="Frame", interactive=False)
+                    frame_view = gr.Image(label="Frame: original | pruning", interactive=False, format="png")
+                    timeline = gr.Image(label="Temporal segments", interactive=False, format="png")
+                    budget = gr.Image(label="Token budget", interactive=False, format="png")
+                    with gr.Accordion("Downloads and raw numbers", open=False):
+                        trace_file = gr.File(label="Pruning trace (JSON)")
+                        extra_files = gr.File(label="Contact sheet and overlay video", file_count="multiple")
+                        stats = gr.JSON(label="Numbers")
+
+            settings = [model, stage1, stage2, *knobs, max_new_tokens, layers]
+
+            def answer_event(
+                video,
+                question,
+                compare,
+                model,
+                stage1,
+                stage2,
+                tau,
+                temporal_segment_ratio,
+                cluster_ratio,
+                k,
+                spatial_merge_threshold,
+                dpc_noise,
+                seed,
+                selected_layer,
+                alpha,
+                num_frames,
+                max_new_tokens,
+                layers,
+                progress=gr.Progress(),  # noqa: B008 (how Gradio asks for a progress tracker)
+            ):
+                knobs = dict(locals())
+                config = {name: knobs[name] for name in KNOBS}
+                return self.on_answer(
+                    video, question, compare, model, stage1, stage2, config, max_new_tokens, layers, progress
+                )
+
+            outputs = [
+                answer_box,
+                baseline_box,
+                speed,
+                stats,
+                gallery,
+                frame,
+                frame_view,
+                timeline,
+                budget,
+                trace_file,
+                extra_files,
+                shown,
+            ]
+            inputs = [video, question, compare, *settings]
+            # One model run at a time, whichever way it was asked for (patch() settings are per model).
+            button.click(answer_event, inputs, outputs, api_name="answer", concurrency_id="model")
+            question.submit(answer_event, inputs, outputs, api_name=False, concurrency_id="model")
+            layers.change(self.on_layers, [shown, layers, frame], [gallery, frame_view], api_name=False)
+            frame.change(self.on_frame, [shown, layers, frame], [frame_view], api_name=False)
+            model.input(
+                self.on_model,
+                [model, active],
+                [active, banner, model, stage1, stage2, *knobs],
+                api_name=False,
+                concurrency_id="model",
+            )
+        demo.queue(default_concurrency_limit=1)
+        return demo
+
+
+def build_demo(model: str | None = None) -> gr.Blocks:
+    """The whole page. `model` overrides $PRUNEVID_MODEL / the library default."""
+    return App(model).build()
+
+
+def launch(
+    server_name: str | None = None, server_port: int | None = None, share: bool = False, **kwargs: Any
+) -> gr.Blocks:
+    """Build the page and serve it (blocks unless prevent_thread_lock=True)."""
+    demo = build_demo()
+    demo.launch(server_name=server_name, server_port=server_port, share=share, css=CSS, **kwargs)
+    return demo

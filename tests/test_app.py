@@ -1,0 +1,233 @@
+"""The Gradio app end to end: `python app.py` on 127.0.0.1 with the offline tiny model, called the
+way other tools call it (gradio_client, api_name="/answer", video and question first)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets"
+QUICK = {"max_new_tokens": 4}  # the tiny model's answers are noise: keep them short
+
+# Outputs of the answer endpoint, in order.
+ANSWER, UNPRUNED, SPEED, STATS, GALLERY, SLIDER, FRAME, TIMELINE, BUDGET, TRACE, FILES = range(11)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(log_path: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """Run `python app.py` from the repo root; returns the process and its URL once it answers."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "PRUNEVID_MODEL": "tiny",
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        **env,
+    }
+    log = open(log_path, "w")  # noqa: SIM115 (closed with the process)
+    process = subprocess.Popen(
+        [sys.executable, "app.py"], cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"app.py did not answer within 180 s:\n{log_path.read_text()}")
+
+
+def stop_app(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("app") / "server.log"
+    process, url = start_app(log)
+    yield url
+    stop_app(process)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server, verbose=False)
+
+
+def ask(client: Client, video: str | Path, question: str, **settings):
+    return client.predict(handle_file(str(video)), question, **{**QUICK, **settings}, api_name="/answer")
+
+
+def speed_counts(markdown: str) -> tuple[int, int, int]:
+    match = re.search(r"\*\*(\d+)\*\* → stage 1: \*\*(\d+)\*\*.*?stage 2: \*\*(\d+)\*\*", markdown)
+    assert match, markdown
+    return tuple(int(group) for group in match.groups())
+
+
+def test_answer_endpoint_matches_trace(client):
+    from PIL import Image
+
+    from prunevid.video import load_video
+
+    out = ask(client, ASSETS / "shapes.mp4", "What colour is the object moving to the right?")
+    assert isinstance(out[ANSWER], str) and out[ANSWER].strip()
+    assert out[UNPRUNED] == ""  # not compared
+
+    trace = json.loads(Path(out[TRACE]).read_text())
+    stats = out[STATS]
+    counts = (trace["num_visual_tokens"], trace["num_after_stage1"], trace["num_after_stage2"])
+    assert counts == (stats["num_visual_tokens"], stats["num_after_stage1"], stats["num_after_stage2"])
+    assert speed_counts(out[SPEED]) == counts
+    assert counts[0] == 16 * 7 * 7 and counts[0] >= counts[1] >= counts[2] > 0
+    assert len(trace["tokens"]["merged_index"]) == counts[0]
+    assert len(set(trace["tokens"]["merged_index"])) == counts[1]
+    assert "FLOPs" in out[SPEED] and 0 < stats["flops_ratio"] < 1
+
+    height, width = load_video(ASSETS / "shapes.mp4").frames.shape[1:3]
+    gallery = out[GALLERY]
+    assert len(gallery) == trace["num_frames"] == 16
+    for item in gallery:
+        with Image.open(item["image"]) as image:
+            assert image.size == (width, height)
+    with Image.open(out[FRAME]) as image:  # original | overlay side by side
+        assert image.size[1] == height and image.size[0] > 2 * width
+    for chart in (out[TIMELINE], out[BUDGET]):
+        with Image.open(chart) as image:
+            assert image.size[0] > 300
+    names = sorted(Path(p).name for p in out[FILES])
+    assert names == ["prunevid_contact_sheet.png", "prunevid_overlay.mp4"]
+
+
+def test_follow_up_question_uses_the_cache(client):
+    video = ASSETS / "small_object.mp4"
+    first = ask(client, video, "What colour is the small moving object?", num_frames=6)
+    assert first[STATS]["cache_used"] is False and "cache used" not in first[SPEED]
+    assert first[STATS]["timings"]["vision_s"] > 0
+    second = ask(client, video, "Where is it?", num_frames=6)
+    assert second[STATS]["cache_used"] is True and "cache used" in second[SPEED]
+    assert second[STATS]["timings"]["vision_s"] == 0
+    assert second[STATS]["num_frames"] == len(second[GALLERY]) == 6
+
+
+def test_compare_with_unpruned(client):
+    out = ask(client, ASSETS / "scene_cut.mp4", "Does the scene change?", compare=True)
+    assert out[UNPRUNED].strip()
+    stats = out[STATS]
+    assert stats["prefill_speedup"] >= stats["prefill_speedup_with_stage1"] > 0
+    ratio = stats["unpruned_timings"]["llm_prefill_s"] / stats["timings"]["llm_prefill_s"]
+    assert stats["prefill_speedup"] == pytest.approx(ratio)
+    assert "measured speedup" in out[SPEED]
+
+
+def _text_file(folder: Path) -> Path:
+    path = folder / "notes.mp4"
+    path.write_text("This is a text file with a video's name.\n")
+    return path
+
+
+def _empty_file(folder: Path) -> Path:
+    path = folder / "empty.mp4"
+    path.write_bytes(b"")
+    return path
+
+
+def _truncated_mp4(folder: Path) -> Path:
+    path = folder / "truncated.mp4"
+    data = (ASSETS / "shapes.mp4").read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    return path
+
+
+BAD_INPUTS = {
+    "text file named .mp4": (_text_file, "Why?", {}, "cannot be used as a video"),
+    "empty question": (None, "   ", {}, "question is empty"),
+    "0-byte file": (_empty_file, "Why?", {}, "empty"),
+    "corrupt mp4": (_truncated_mp4, "Why?", {}, "corrupt"),
+    "alpha out of range": (None, "Why?", {"alpha": 5}, "alpha must be in"),
+    "layer beyond the model": (None, "Why?", {"selected_layer": 10}, "selected_layer must be below"),
+    "absurd frame count": (None, "Why?", {"num_frames": 100000}, "num_frames must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_readable_message_and_server_keeps_serving(client, tmp_path, case):
+    make, question, settings, expected = BAD_INPUTS[case]
+    video = make(tmp_path) if make else ASSETS / "shapes.mp4"
+    with pytest.raises(AppError) as caught:
+        ask(client, video, question, **settings)
+    message = str(caught.value)
+    assert expected in message
+    assert "Traceback" not in message and "\n" not in message.strip() and len(message) < 400
+    assert str(tmp_path) not in message  # upload folders are cut down to the file name
+    good = ask(client, ASSETS / "shapes.mp4", "Is it still working?")
+    assert good[ANSWER].strip()
+
+
+def test_unavailable_model_gives_one_sentence(client):
+    from app.engine import LARGE_MODEL, cached_on_disk
+
+    if cached_on_disk(LARGE_MODEL):
+        pytest.skip(f"{LARGE_MODEL} is cached on this machine")
+    with pytest.raises(AppError) as caught:
+        ask(client, ASSETS / "shapes.mp4", "Why?", model=LARGE_MODEL)
+    message = str(caught.value)
+    assert LARGE_MODEL in message and "PRUNEVID_MODEL" in message and message.count(". ") == 0
+
+
+def test_startup_falls_back_to_tiny_with_a_banner(monkeypatch):
+    from app.engine import cached_on_disk, unavailable_message
+    from app.ui import KNOBS, App, banner_markdown, inline_html
+    from prunevid.pipeline import DEFAULT_MODEL, TINY_MODEL, preset
+
+    if cached_on_disk(DEFAULT_MODEL):
+        pytest.skip(f"{DEFAULT_MODEL} is cached on this machine")
+    monkeypatch.delenv("PRUNEVID_MODEL", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    app = App()
+    assert app.model == TINY_MODEL and app.failure == unavailable_message(DEFAULT_MODEL)
+    banner = banner_markdown(app.model, app.failure)
+    assert DEFAULT_MODEL in banner and "meaningless" in banner
+    # picking an unavailable model later: same sentence, the dropdown goes back, knobs untouched
+    active, banner, dropdown, *_ = app.on_model(DEFAULT_MODEL, TINY_MODEL)
+    assert active == dropdown == TINY_MODEL and inline_html(unavailable_message(DEFAULT_MODEL)) in banner
+    # picking the tiny model loads its preset into the knobs
+    active, banner, dropdown, stage1, stage2, *knobs = app.on_model(TINY_MODEL, TINY_MODEL)
+    assert active == dropdown == TINY_MODEL and DEFAULT_MODEL not in banner
+    assert (stage1, stage2) == (preset(TINY_MODEL).stage1, preset(TINY_MODEL).stage2)
+    assert dict(zip(KNOBS, knobs)) == {name: getattr(preset(TINY_MODEL), name) for name in KNOBS}
+
+    monkeypatch.setenv("PRUNEVID_MODEL", "tiny")
+    direct = App()
+    assert direct.model == TINY_MODEL and direct.failure is None

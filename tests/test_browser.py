@@ -1,0 +1,94 @@
+"""The page in a real browser: Debian's Chromium driven by Playwright (no browser download).
+
+Loads the page served by `python app.py` (offline tiny model), shows that a bad request gives one
+readable message, picks an example, answers it, waits for the answer and the overlay gallery, and
+saves a screenshot (also to $PRUNEVID_SCREENSHOT when set, e.g. docs/app.png).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from test_app import ASSETS, start_app, stop_app
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium)"
+)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    process, url = start_app(tmp_path_factory.mktemp("browser") / "server.log")
+    yield url
+    stop_app(process)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+def test_answer_an_example_in_the_browser(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    page.goto(server)
+    button = page.locator("#answer-button")
+    button.wait_for(timeout=60_000)
+    assert page.get_by_text("its answers are meaningless").is_visible()  # tiny-model notice
+
+    # a bad request (no video yet) shows one readable message and the page keeps working
+    page.locator("#prunevid-question textarea").fill("What is this?")
+    button.click()
+    message = page.get_by_text("No video: upload one or pick an example.")
+    message.first.wait_for(timeout=30_000)
+    assert message.count() == 1
+    page.locator(".toast-close").first.click()
+    message.first.wait_for(state="hidden", timeout=10_000)
+
+    example = json.loads((ASSETS / "examples.json").read_text())[0]
+    page.get_by_text(example["question"]).first.click()
+    page.wait_for_function(
+        "q => document.querySelector('#prunevid-question textarea').value === q", arg=example["question"]
+    )
+    page.get_by_text("Compare with unpruned").click()  # the full model's answer and the measured speedup too
+    button.click()
+    page.wait_for_function(
+        "() => document.querySelector('#answer-pruned textarea')?.value.trim().length > 0", timeout=120_000
+    )
+    images = page.locator("#overlay-gallery img")
+    images.first.wait_for(timeout=60_000)
+    page.wait_for_function("() => document.querySelectorAll('#overlay-gallery img').length >= 16")
+    page.wait_for_timeout(1500)  # let the images and charts finish painting
+
+    screenshot = tmp_path / "app.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    if os.environ.get("PRUNEVID_SCREENSHOT"):  # e.g. docs/app.png: a 256-colour copy, a third of the size
+        from PIL import Image
+
+        target = Path(os.environ["PRUNEVID_SCREENSHOT"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(screenshot) as image:
+            compact = image.convert("RGB").quantize(256, Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+            compact.save(target, optimize=True)
+
+    answer = page.locator("#answer-pruned textarea").input_value()
+    assert answer.strip()
+    assert images.count() == 16  # num_frames of the tiny model's preset
+    speed = page.locator("#speed-panel").inner_text()
+    assert "Visual tokens" in speed and "stage 2" in speed and "measured speedup" in speed
+    page.close()

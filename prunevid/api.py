@@ -12,7 +12,7 @@ from .select import question_guided
 from .trace import PruningTrace
 
 
-def _adapter(model: torch.nn.Module) -> ModuleType:
+def family_of(model: torch.nn.Module) -> ModuleType:
     """The family module that patches `model` (dispatch on the model's class)."""
     import transformers
 
@@ -37,18 +37,18 @@ def patch(
     `rule` swaps stage 2's selection rule (default: PruneVid's; see `prunevid.baselines`).
     Patching a patched model replaces its settings. `unpatch` restores the stock model.
     """
-    _adapter(model).patch(model, config or PruneVidConfig(), rule or question_guided)
+    family_of(model).patch(model, config or PruneVidConfig(), rule or question_guided)
     return model
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
-    _adapter(model).unpatch(model)
+    family_of(model).unpatch(model)
     return model
 
 
 def last_traces(model: torch.nn.Module) -> list[PruningTrace | None]:
     """The traces of the last prefill with a video, one per batch row (None for rows without video)."""
-    runtime = _adapter(model).runtime(model)
+    runtime = family_of(model).runtime(model)
     if runtime is None:
         raise RuntimeError("this model is not patched: call prunevid.patch(model) first")
     if runtime.traces is None:

@@ -15,24 +15,36 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .api import last_trace, patch
+from .api import family_of, last_trace, patch
 from .config import PruneVidConfig
-from .models.llava_onevision import PROMPT, FrameProcessing
 from .trace import PruningTrace
 from .video import Video, load_video
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 TINY_MODEL = "tiny"
+MODELS = [
+    DEFAULT_MODEL,
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+    "Qwen/Qwen2.5-VL-3B-Instruct",
+    "Qwen/Qwen2.5-VL-7B-Instruct",
+]
 MAX_QUESTION_CHARS = 2000
 
 # Per-model defaults: thresholds such as tau depend on how alike a model's visual tokens are.
 PRESETS: dict[str, PruneVidConfig] = {
     "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": PruneVidConfig(),
     "llava-hf/llava-onevision-qwen2-7b-ov-hf": PruneVidConfig(),
-    TINY_MODEL: PruneVidConfig(selected_layer=1),
+    # Random towers make all tokens alike (cosine ~0.95), so tau must sit higher than the paper's.
+    TINY_MODEL: PruneVidConfig(selected_layer=1, tau=0.98),
+    "tiny-qwen": PruneVidConfig(selected_layer=1, tau=0.98),
 }
+
+
+def _tiny_models() -> dict[str, Any]:
+    from . import testing
+
+    return {TINY_MODEL: testing.tiny_model, "tiny-qwen": testing.tiny_qwen_vl}
 
 
 class ModelLoadError(RuntimeError):
@@ -44,7 +56,7 @@ class LoadedModel:
     name: str
     model: torch.nn.Module
     tokenizer: Any
-    processing: FrameProcessing
+    processing: Any  # the family's frame preprocessing (FrameProcessing, VideoPatchify)
 
     @property
     def device(self) -> torch.device:
@@ -84,22 +96,20 @@ def load_model(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if name == TINY_MODEL:
-        from .testing import tiny_model, tiny_tokenizer
+    if name in PRESETS and name.startswith(TINY_MODEL):
+        from .testing import tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
-        model = tiny_model(tokenizer=tokenizer).to(device)
-        return LoadedModel(name, model, tokenizer, FrameProcessing(size=(112, 112)))
+        model = _tiny_models()[name](tokenizer=tokenizer).to(device)
+        return LoadedModel(name, model, tokenizer, _processing(name, model))
 
-    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     # Cached or local first; only then the network, and not at all when the Hub is unreachable
     # (its client would retry for half a minute before failing).
     offline = not os.path.isdir(name) and not _hub_reachable()
     try:
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            name, dtype=dtype, local_files_only=offline
-        )
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, local_files_only=offline)
         model = model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
     except Exception as error:  # OSError, hub errors, bad configs: all mean "no usable checkpoint here"
@@ -108,7 +118,8 @@ def load_model(
             "downloadable here, so download them where there is network or pass --model a local folder "
             "holding the checkpoint."
         ) from error
-    return LoadedModel(name, model, tokenizer, _frame_processing(name, model.config))
+    family_of(model)  # an unsupported architecture fails here, with the supported list
+    return LoadedModel(name, model, tokenizer, _processing(name, model))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -134,10 +145,10 @@ def check_question(question: str) -> str:
 
 
 @torch.no_grad()
-def encode_video(loaded: LoadedModel, frames: np.ndarray) -> torch.Tensor:
-    """The vision tower's pooled features of one video, (1, T*N + 1, C): what apps cache."""
-    pixels = loaded.processing(frames)[None].to(loaded.device, loaded.model.dtype)
-    return loaded.model.model.get_video_features(pixels, return_dict=True).pooler_output
+def encode_video(loaded: LoadedModel, frames: np.ndarray) -> Any:
+    """The vision tower's output for one video: what apps cache to skip it on the next question."""
+    inputs = _inputs(loaded, frames, "")
+    return family_of(loaded.model).video_features(loaded.model, inputs)
 
 
 @torch.no_grad()
@@ -147,7 +158,7 @@ def answer(
     question: str,
     config: PruneVidConfig | None = None,
     max_new_tokens: int = 64,
-    features: torch.Tensor | None = None,
+    features: Any = None,
     streamer: Any = None,
 ) -> Result:
     """Answer `question` about `video` (a path, a loaded Video or (T, H, W, 3) uint8 frames).
@@ -160,20 +171,21 @@ def answer(
     frames = _frames(video, config.num_frames)
     timings = {"video_s": time.perf_counter() - start}
 
+    inputs = _inputs(loaded, frames, question)
+    tic = time.perf_counter()
     if features is None:
-        tic = time.perf_counter()
-        features = encode_video(loaded, frames)
+        features = family_of(loaded.model).video_features(loaded.model, inputs)
         timings["vision_s"] = time.perf_counter() - tic
     else:
         timings["vision_s"] = 0.0
+    del inputs["pixel_values_videos"]
 
-    inputs = _with_video_tokens(loaded, question, features)
     patch(loaded.model, config)
     clock = _FirstTokenClock(streamer)
     tic = time.perf_counter()
     out = loaded.model.generate(
-        **{k: v.to(loaded.device) for k, v in inputs.items()},
-        mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=features)},
+        **inputs,
+        mm_encoder_outputs={"video": features},
         max_new_tokens=max_new_tokens,
         do_sample=False,
         streamer=clock,
@@ -188,13 +200,12 @@ def answer(
     return Result(text, trace, timings, int(new_tokens.numel()), config)
 
 
-def _with_video_tokens(loaded: LoadedModel, question: str, features: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Prompt ids with as many video placeholders as `features` has rows (no pixels needed)."""
-    tokenizer = loaded.tokenizer
-    video_token = tokenizer.convert_ids_to_tokens(loaded.model.config.video_token_id)
-    prompt = PROMPT.format(question=question).replace("<video>", video_token * features.shape[1])
-    encoded = tokenizer([prompt], return_tensors="pt")
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+def _inputs(loaded: LoadedModel, frames: np.ndarray, question: str) -> dict[str, torch.Tensor]:
+    """The model's inputs for one video and question, on its device (pixels in its dtype)."""
+    family = family_of(loaded.model)
+    inputs = family.build_inputs(loaded.tokenizer, loaded.model.config, frames, question, loaded.processing)
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(loaded.model.dtype)
+    return {k: v.to(loaded.device) for k, v in inputs.items()}
 
 
 def _frames(video: str | os.PathLike | np.ndarray | Video, num_frames: int) -> np.ndarray:
@@ -207,18 +218,19 @@ def _frames(video: str | os.PathLike | np.ndarray | Video, num_frames: int) -> n
     return load_video(video, num_frames).frames
 
 
-def _frame_processing(name: str, config) -> FrameProcessing:
-    """The checkpoint's own video preprocessing settings, where it ships them."""
+def _processing(name: str, model) -> Any:
+    """The family's frame preprocessing, with the checkpoint's own settings where it ships them."""
     from huggingface_hub import hf_hub_download
 
+    settings = family_of(model).Preprocessing
     for filename in ("video_preprocessor_config.json", "preprocessor_config.json"):
         local = os.path.join(name, filename)
         try:
-            path = local if os.path.isfile(local) else hf_hub_download(name, filename)
-        except Exception:  # not in this checkpoint (or offline): try the next, then the defaults
+            path = local if os.path.isfile(local) else hf_hub_download(name, filename, local_files_only=True)
+        except Exception:  # not in this checkpoint (or not cached): try the next, then the defaults
             continue
-        return FrameProcessing.from_json(path)
-    return FrameProcessing(size=(config.vision_config.image_size,) * 2)
+        return settings.from_json(path)
+    return settings.for_config(model.config)
 
 
 class _FirstTokenClock:

@@ -20,7 +20,9 @@ class PruningTrace:
     merged_index: (T, H, W) index of the stage-1 token it went into (0 .. num_after_stage1 - 1).
     kept: (T, H, W) whether that merged token survived stage 2.
     score: (T, H, W) stage-2 relevance of that merged token (NaN when stage 2 is off).
-    timings: seconds per stage, e.g. {"stage1_s", "stage2_s", "llm_prefill_s"}.
+    timings: seconds per stage: "stage1_s", "stage2_s" (scoring and selection) and
+        "llm_prefill_s" (the decoder prefill, stage 2 included, stage 1 not).
+    stage1_reused: stage 1's result was reused from an earlier call on the same features.
     """
 
     segment: np.ndarray
@@ -30,6 +32,7 @@ class PruningTrace:
     score: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    stage1_reused: bool = False
 
     @property
     def num_frames(self) -> int:
@@ -59,6 +62,7 @@ class PruningTrace:
         scores: np.ndarray | None = None,
         timings: dict[str, float] | None = None,
         config: dict[str, Any] | None = None,
+        stage1_reused: bool = False,
     ) -> PruningTrace:
         """Combine stage 1's result with stage 2's per-merged-token kept mask and scores (M,)."""
         shape = (merge.assignment.shape[0], *merge.grid)
@@ -74,6 +78,7 @@ class PruningTrace:
             score=scores.astype(np.float32)[index],
             timings=dict(timings or {}),
             config=dict(config or {}),
+            stage1_reused=stage1_reused,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -84,6 +89,7 @@ class PruningTrace:
             "num_after_stage2": self.num_after_stage2,
             "retention": self.num_after_stage2 / self.num_visual_tokens,
             "num_segments": int(self.segment.max()) + 1,
+            "stage1_reused": self.stage1_reused,
             "timings": dict(self.timings),
         }
 
@@ -129,6 +135,7 @@ class PruningTrace:
             score=score.reshape(shape),
             timings=dict(data.get("timings", {})),
             config=dict(data.get("config", {})),
+            stage1_reused=bool(data.get("stage1_reused", False)),
         )
 
     @classmethod

@@ -38,20 +38,31 @@ def test_loads_a_local_checkpoint_and_answers(checkpoint):
     assert all(v >= 0 for v in first.timings.values())
 
 
-def test_precomputed_features_give_the_same_answer(checkpoint):
+def test_precomputed_features_give_the_same_answer_and_reuse_stage1(checkpoint):
     loaded = load_model(checkpoint)
     config = preset(checkpoint, loaded.num_layers)
     frames = load_video(SHAPES, 16).frames
-    direct = answer(loaded, frames, "is the object moving left or right ?", config, max_new_tokens=5)
-    cached = answer(
-        loaded,
-        frames,
-        "is the object moving left or right ?",
-        config,
-        5,
-        features=encode_video(loaded, frames),
-    )
-    assert cached.text == direct.text and cached.timings["vision_s"] == 0.0
+    question = "is the object moving left or right ?"
+    direct = answer(loaded, frames, question, config, max_new_tokens=5)
+    features = encode_video(loaded, frames)
+    first = answer(loaded, frames, question, config, 5, features=features)
+    again = answer(loaded, frames, "what colour is it ?", config, 5, features=features)
+    assert first.text == direct.text and first.timings["vision_s"] == 0.0
+    assert not direct.trace.stage1_reused and not first.trace.stage1_reused
+    assert again.trace.stage1_reused, "a follow-up question on the same features skips stage 1"
+    assert (again.trace.merged_index == first.trace.merged_index).all()
+    other = answer(loaded, frames, question, config.replace(tau=0.99), 5, features=features)
+    assert not other.trace.stage1_reused, "new stage-1 settings recompute it"
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen"])
+def test_each_family_answers_through_the_pipeline(name):
+    loaded = load_model(name)
+    result = answer(loaded, SHAPES, "what colour is the object ?", max_new_tokens=3)
+    trace = result.trace
+    assert 1 <= result.num_new_tokens <= 3
+    assert trace.num_after_stage2 < trace.num_after_stage1 <= trace.num_visual_tokens
+    assert trace.config == preset(name).to_dict()
 
 
 def test_missing_model_is_one_sentence():

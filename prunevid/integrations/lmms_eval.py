@@ -4,15 +4,16 @@
     accelerate launch -m lmms_eval --model prunevid \
         --model_args pretrained=llava-hf/llava-onevision-qwen2-7b-ov-hf,alpha=0.4 --tasks mvbench
 
-`--model_args` take the checkpoint (`pretrained`: Hub id, local folder or "tiny"), every
-`PruneVidConfig` knob (stage1, stage2, tau, ..., num_frames; defaults: the model's preset) and
-`prune=false` for the full-model baseline (the stock model, unpatched). Data parallel: every
-process holds the whole model and answers its share of the documents (lmms-eval splits them).
+`--model_args` take the checkpoint (`pretrained`: Hub id, local folder or "tiny"; any family
+`prunevid.patch` supports), every `PruneVidConfig` knob (stage1, stage2, tau, ..., num_frames;
+defaults: the model's preset) and `prune=false` for the full-model baseline (the stock model,
+unpatched). Data parallel: every process holds the whole model and answers its share of the
+documents (lmms-eval splits them).
 
-Each request is one video (sampled to `num_frames`) and its prompt in the library's chat format
-(`prunevid.models.llava_onevision.PROMPT`); the samples file gets, per request, the token counts
-of each stage, the timings from the pruning trace and the process rank under
-`token_counts[i]["prunevid"]`.
+Each request is one video (sampled to `num_frames`) and the task's text as the question, in the
+model family's prompt, exactly as `prunevid.pipeline.answer` builds it; the samples file gets,
+per request, the token counts of each stage, the timings from the pruning trace and the
+process rank under `token_counts[i]["prunevid"]`.
 
 Multiple-choice (`loglikelihood`) scoring prefills the prompt alone, so that stage 2 is guided by
 the question only (as when generating), then scores the continuation on the pruned cache: the
@@ -29,27 +30,25 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..api import last_trace, patch, unpatch
+from ..api import family_of, last_trace, patch, unpatch
 from ..config import PruneVidConfig
-from ..models.llava_onevision import PROMPT
 from ..pipeline import DEFAULT_MODEL, LoadedModel, encode_video, load_model, preset
 from ..video import load_video
 
 KNOBS = frozenset(f.name for f in dataclasses.fields(PruneVidConfig))
-VIDEO = "<video>"
-ASSISTANT = "<|im_start|>assistant\n"
+VIDEO, IMAGE = "<video>", "<image>"
 MAX_ROUNDS = 64
 
-# (round index, the answers so far, the task's round info)
-#   -> (prompt, video or None to keep the last one, terminal, the answers so far, round info)
-NextRound = Callable[[int, list[str], Any], tuple[str | None, str | None, bool, list[str], Any]]
+# (round index, the answers so far, the task's round info, the last round's video)
+#   -> (prompt, video, terminal, the answers so far, round info)
+NextRound = Callable[[int, list[str], Any, str], tuple[str | None, str | None, bool, list[str], Any]]
 
 
 @dataclasses.dataclass
@@ -75,7 +74,7 @@ class PruneVid(lmms):
         dtype: str = "auto",
         batch_size: int | str = 1,
         max_new_tokens: int = 256,
-        video_cache: int = 8,
+        video_cache: int = 2,
         max_batch_size: int | None = None,
         **knobs: Any,
     ) -> None:
@@ -89,7 +88,7 @@ class PruneVid(lmms):
         self.max_new_tokens = int(max_new_tokens)
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
-        self._videos: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._videos: OrderedDict[tuple[str, int], tuple[np.ndarray, Any]] = OrderedDict()
         self._video_cache = int(video_cache)
         if self.prune:
             patch(self.model, self.config)
@@ -131,7 +130,7 @@ class PruneVid(lmms):
         self, context: str, gen_kwargs: dict, doc_to_visual: Callable, doc_id: int, task: str, split: str
     ) -> GenerationResult:
         doc = self.task_dict[task][split][doc_id]
-        return self.respond(user_prompt(context), one_video(doc_to_visual(doc)), gen_kwargs)
+        return self.respond(question_text(context), one_video(doc_to_visual(doc)), gen_kwargs)
 
     def _loglikelihood_request(
         self,
@@ -145,7 +144,7 @@ class PruneVid(lmms):
         doc = self.task_dict[task][split][doc_id]
         if callable(continuation):
             continuation = continuation(doc)
-        return self.score(user_prompt(context), str(continuation), one_video(doc_to_visual(doc)))
+        return self.score(question_text(context), str(continuation), one_video(doc_to_visual(doc)))
 
     def _multi_round_request(
         self,
@@ -159,126 +158,129 @@ class PruneVid(lmms):
     ) -> GenerationResult:
         doc = self.task_dict[task][split][doc_id]
 
-        def next_round(index: int, answers: list[str], info: Any):
+        def next_round(index: int, answers: list[str], info: Any, video: str):
             visuals, text, terminal, answers, info = doc_to_text(
                 doc, previous_output=answers, round_idx=index, previous_round_info=info
             )
-            video = one_video(visuals) if visuals else None
-            return None if terminal else user_prompt(text), video, terminal, answers, info
+            video = one_video(visuals) if visuals else video
+            return None if terminal else question_text(text), video, terminal, answers, info
 
-        first = user_prompt(context), one_video(doc_to_visual(doc))
+        first = question_text(context), one_video(doc_to_visual(doc))
         return self.rounds(first, next_round, gen_kwargs)
 
     # ---- the model ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def respond(self, prompt: str, video: str, gen_kwargs: dict) -> GenerationResult:
-        """Generate the answer to `prompt` (holding one VIDEO placeholder) about `video`."""
+    def respond(self, question: str, video: str, gen_kwargs: dict) -> GenerationResult:
+        """Generate the answer to `question` about `video` (the family's prompt around it)."""
         settings = generation_settings(gen_kwargs, self.max_new_tokens)
-        features, vision_s = self.video_features(video)
-        ids = self.prompt_ids(prompt, features)
+        inputs, features, vision_s = self.inputs(question, video)
         tic = time.perf_counter()
-        out = self.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            mm_encoder_outputs=_encoded(features),
-            **settings,
-        )
+        out = self.model.generate(**inputs, mm_encoder_outputs={"video": features}, **settings)
         generate_s = time.perf_counter() - tic
-        new = out[0, ids.shape[1] :]
+        prompt_len = inputs["input_ids"].shape[1]
+        new = out[0, prompt_len:]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         text = cut_at(text, gen_kwargs.get("until")).strip()
-        log = self.trace_log(features, vision_s=vision_s, generate_s=generate_s)
-        counts = PruneVidTokenCounts(input_tokens=ids.shape[1], output_tokens=int(new.numel()), prunevid=log)
+        log = self.trace_log(inputs, vision_s=vision_s, generate_s=generate_s)
+        counts = PruneVidTokenCounts(input_tokens=prompt_len, output_tokens=int(new.numel()), prunevid=log)
         return GenerationResult(text=text, token_counts=counts)
 
     @torch.no_grad()
-    def score(self, prompt: str, continuation: str, video: str) -> GenerationResult:
-        """(negative log-likelihood of `continuation` after `prompt`, whether greedy decoding
+    def score(self, question: str, continuation: str, video: str) -> GenerationResult:
+        """(negative log-likelihood of `continuation` as the answer, whether greedy decoding
         would produce it), wrapped with the trace. The prompt alone is prefilled (and pruned);
         the continuation then runs on that cache."""
-        features, vision_s = self.video_features(video)
-        ids = self.prompt_ids(prompt, features)
+        inputs, features, vision_s = self.inputs(question, video)
         target = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
         if target.shape[1] == 0:
             raise ValueError(f"the continuation {continuation!r} has no tokens to score")
+        target = target.to(self.device)
         tic = time.perf_counter()
-        logits = self.continuation_logits(ids, target.to(self.device), features)
+        logits = self.continuation_logits(inputs, features, target)
         score_s = time.perf_counter() - tic
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        target = target[0].to(logits.device)
-        total = float(logprobs.gather(1, target[:, None]).sum())
-        greedy = bool((logits.argmax(-1) == target).all())
-        log = self.trace_log(features, vision_s=vision_s, score_s=score_s, continuation_tokens=len(target))
-        counts = PruneVidTokenCounts(input_tokens=ids.shape[1] + len(target), prunevid=log)
+        total = float(logprobs.gather(1, target[0, :, None]).sum())
+        greedy = bool((logits.argmax(-1) == target[0]).all())
+        log = self.trace_log(inputs, vision_s=vision_s, score_s=score_s, continuation_tokens=target.shape[1])
+        counts = PruneVidTokenCounts(
+            input_tokens=inputs["input_ids"].shape[1] + target.shape[1], prunevid=log
+        )
         return GenerationResult(text=(-total, greedy), token_counts=counts)
 
-    def continuation_logits(
-        self, ids: torch.Tensor, target: torch.Tensor, features: torch.Tensor
-    ) -> torch.Tensor:
-        """(n, V) logits predicting the n continuation tokens `target` (1, n) after the prompt `ids`."""
-        first = self.model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            mm_encoder_outputs=_encoded(features),
-            use_cache=True,
-            logits_to_keep=1,
-        )
+    def continuation_logits(self, inputs: dict, features: Any, target: torch.Tensor) -> torch.Tensor:
+        """(n, V) logits predicting the n tokens `target` (1, n) after the prompt `inputs`."""
+        first = self.model(**inputs, mm_encoder_outputs={"video": features}, use_cache=True, logits_to_keep=1)
         logits = [first.logits[0, -1:]]
         if target.shape[1] > 1:
             rest = target[:, :-1]
-            mask = torch.ones(1, ids.shape[1] + rest.shape[1], dtype=ids.dtype, device=ids.device)
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(rest)], dim=1)
             logits.append(self.model(input_ids=rest, attention_mask=mask, cache=first.cache).logits[0])
         return torch.cat(logits)
 
     def rounds(self, first: tuple[str, str], next_round: NextRound, gen_kwargs: dict) -> GenerationResult:
-        """Answer round after round (each prompt on its own, as the task phrases it) until the
-        task says stop; a round without a video is about the previous round's video."""
-        (prompt, video), answers, info, logs = first, [], None, []
+        """Answer round after round (each question on its own, as the task phrases it) until
+        the task says stop; a round without a video is about the previous round's video."""
+        (question, video), answers, info, logs = first, [], None, []
         for index in range(MAX_ROUNDS + 1):
             if index > 0:
-                prompt, new_video, terminal, answers, info = next_round(index, answers, info)
+                question, video, terminal, answers, info = next_round(index, answers, info, video)
                 answers = list(answers or [])
                 if terminal:
                     counts = PruneVidTokenCounts(prunevid={"rounds": logs})
                     return GenerationResult(text=answers, token_counts=counts)
-                video = new_video or video
-            result = self.respond(prompt, video, gen_kwargs)
+            result = self.respond(question, video, gen_kwargs)
             answers.append(result.text)
             logs.append(result.token_counts.to_dict())
         raise RuntimeError(f"the task asked for more than {MAX_ROUNDS} rounds")
 
-    def video_features(self, video: str) -> tuple[torch.Tensor, float]:
-        """The vision tower's pooled tokens of `video` (1, T*N + 1, C), and the seconds spent
-        (0 when they come from the small cache: multiple-choice options share their video)."""
+    def inputs(self, question: str, video: str) -> tuple[dict[str, torch.Tensor], Any, float]:
+        """The model inputs for `question` about `video` (built by the model family, as
+        `prunevid.pipeline.answer` does; no pixels), the video's vision-tower output and the
+        seconds spent on it (0 when cached: multiple-choice options share their video)."""
+        frames, features, vision_s = self.video(video)
+        family = family_of(self.model)
+        inputs = family.build_inputs(
+            self.tokenizer, self.model.config, frames, question, self.loaded.processing
+        )
+        del inputs["pixel_values_videos"]
+        return {k: v.to(self.device) for k, v in inputs.items()}, features, vision_s
+
+    def video(self, video: str) -> tuple[np.ndarray, Any, float]:
+        """The sampled frames of `video`, the vision tower's output on them, and the seconds spent
+        (0 when they come from the small cache of the last videos)."""
         key = (os.fspath(video), self.config.num_frames)
         if key in self._videos:
             self._videos.move_to_end(key)
-            return self._videos[key], 0.0
+            return (*self._videos[key], 0.0)
         tic = time.perf_counter()
-        features = encode_video(self.loaded, load_video(video, self.config.num_frames).frames)
-        self._videos[key] = features
+        frames = load_video(video, self.config.num_frames).frames
+        features = encode_video(self.loaded, frames)
+        self._videos[key] = frames, features
         while len(self._videos) > self._video_cache:
             self._videos.popitem(last=False)
-        return features, time.perf_counter() - tic
+        return frames, features, time.perf_counter() - tic
 
-    def prompt_ids(self, prompt: str, features: torch.Tensor) -> torch.Tensor:
-        """Token ids of `prompt` with its VIDEO placeholder expanded to one token per feature row."""
-        video_token = self.tokenizer.convert_ids_to_tokens(self.model.config.video_token_id)
-        text = prompt.replace(VIDEO, video_token * features.shape[1])
-        return self.tokenizer([text], return_tensors="pt")["input_ids"].to(self.device)
-
-    def trace_log(self, features: torch.Tensor, **extra: Any) -> dict[str, Any]:
-        """Visual token counts after each stage, their timings and `extra`, for the samples file."""
+    def trace_log(self, inputs: dict[str, torch.Tensor], **extra: Any) -> dict[str, Any]:
+        """Visual token counts after each stage, their timings and `extra`, for the samples file.
+        Unpruned, every count is the prompt's video placeholder tokens."""
+        placeholders = int((inputs["input_ids"] == self.model.config.video_token_id).sum())
         if self.prune:
             trace = last_trace(self.model)
             counts = (trace.num_visual_tokens, trace.num_after_stage1, trace.num_after_stage2)
             timings = dict(trace.timings)
         else:
-            counts, timings = (features.shape[1] - 1,) * 3, {}
+            counts, timings = (placeholders,) * 3, {}
         log = dict(zip(("visual_tokens", "after_stage1", "after_stage2"), counts))
         log["retention"] = counts[2] / counts[0]
-        return {"prune": self.prune, "rank": self.rank, **log, **timings, **extra}
+        return {
+            "prune": self.prune,
+            "rank": self.rank,
+            "video_placeholders": placeholders,
+            **log,
+            **timings,
+            **extra,
+        }
 
     def _progress(self, requests: list[Instance]) -> Iterable[Instance]:
         return tqdm(requests, disable=self.rank != 0, desc="PruneVid")
@@ -293,61 +295,56 @@ class PruneVidChat(PruneVid):
         self, context: str, doc_to_messages: Callable, gen_kwargs: dict, doc_id: int, task: str, split: str
     ) -> GenerationResult:
         doc = self.task_dict[task][split][doc_id]
-        return self.respond(*chat_prompt(doc_to_messages(doc)), gen_kwargs)
+        return self.respond(*chat_question(doc_to_messages(doc)), gen_kwargs)
 
     def _multi_round_request(
         self, context: str, doc_to_messages: Callable, gen_kwargs: dict, doc_id: int, task: str, split: str
     ) -> GenerationResult:
         doc = self.task_dict[task][split][doc_id]
 
-        def next_round(index: int, answers: list[str], info: Any):
+        def next_round(index: int, answers: list[str], info: Any, video: str):
             messages, terminal, answers, info = doc_to_messages(
                 doc, round_idx=index, previous_output=answers, previous_round_info=info
             )
             if terminal:
                 return None, None, True, answers, info
-            prompt, video = chat_prompt(messages, require_video=False)
-            return prompt, video, False, answers, info
+            return *chat_question(messages, fallback_video=video), False, answers, info
 
-        return self.rounds(chat_prompt(doc_to_messages(doc)), next_round, gen_kwargs)
+        return self.rounds(chat_question(doc_to_messages(doc)), next_round, gen_kwargs)
 
 
 # ---- prompts and settings (pure functions) ---------------------------------------------------
 
 
-def user_prompt(text: str) -> str:
-    """The library's one-turn prompt around a task's text (which may place VIDEO itself)."""
-    if VIDEO in text:
-        return PROMPT.replace(f"{VIDEO}\n", "").format(question=text)
-    return PROMPT.format(question=text)
+def question_text(text: str) -> str:
+    """A task's text as the question: the model family's prompt places the video itself, so
+    placeholders the task may have written are dropped."""
+    return text.replace(VIDEO, "").replace(IMAGE, "").strip()
 
 
-def chat_prompt(messages: list[dict], require_video: bool = True) -> tuple[str, str | None]:
-    """(prompt, video path) from lmms-eval chat messages: the same format as `user_prompt` for
-    one user turn ([video, text] -> PROMPT exactly), extended turn by turn for longer chats."""
+def chat_question(messages: list[dict], fallback_video: str | None = None) -> tuple[str, str]:
+    """(question, video path) from lmms-eval chat messages: one user turn holding one video
+    (or none, then it is about `fallback_video`) and text."""
     from lmms_eval.protocol import ChatMessages
 
-    turns, videos = [], []
-    for message in ChatMessages(messages=messages).messages:
-        parts = []
-        for content in message.content:
-            if content.type == "text":
-                parts.append(content.text)
-            elif content.type == "video":
-                videos.append(_video_path(content.url))
-                parts.append(VIDEO)
-            else:
-                raise ValueError(f"PruneVid's lmms-eval model takes video and text, not {content.type}")
-        turns.append(_turn(message.role, "\n".join(parts)))
-    if len(videos) > 1 or (require_video and not videos):
+    turns = ChatMessages(messages=messages).messages
+    if [turn.role for turn in turns] != ["user"]:
+        raise ValueError(
+            "PruneVid's lmms-eval model answers a single user turn (no system or assistant turns)"
+        )
+    texts, videos = [], []
+    for content in turns[0].content:
+        if content.type == "text":
+            texts.append(content.text)
+        elif content.type == "video":
+            videos.append(_video_path(content.url))
+        else:
+            raise ValueError(f"PruneVid's lmms-eval model takes video and text, not {content.type}")
+    if not videos and fallback_video is not None:
+        videos.append(fallback_video)
+    if len(videos) != 1:
         raise ValueError(f"PruneVid's lmms-eval model needs exactly one video per prompt, got {len(videos)}")
-    return "".join(turns) + ASSISTANT, videos[0] if videos else None
-
-
-def _turn(role: str, body: str) -> str:
-    if role == "assistant":
-        return f"{ASSISTANT}{body}<|im_end|>"
-    return f"<|im_start|>{role} {body}<|im_end|>"
+    return question_text("\n".join(texts)), videos[0]
 
 
 def one_video(visuals: Any) -> str:
@@ -421,7 +418,3 @@ def _dtype(name: str | torch.dtype) -> str | torch.dtype:
     if not isinstance(value, torch.dtype):
         raise ValueError(f"dtype must be auto or a torch dtype name such as bfloat16, got {name!r}")
     return value
-
-
-def _encoded(features: torch.Tensor) -> dict[str, BaseModelOutputWithPooling]:
-    return {"video": BaseModelOutputWithPooling(pooler_output=features)}

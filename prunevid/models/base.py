@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,15 +22,44 @@ from ..select import question_guided
 from ..trace import PruningTrace
 from .decoder import DecodeState, Rule, VisualSpan, positions_from_mask, prefill
 
+STAGE1_FIELDS = (
+    "stage1",
+    "tau",
+    "temporal_segment_ratio",
+    "cluster_ratio",
+    "k",
+    "spatial_merge_threshold",
+    "dpc_noise",
+    "seed",
+)
+
 
 @dataclass
 class Runtime:
-    """What a patched model carries: its settings, the decode state and the last traces."""
+    """What a patched model carries: its settings, the decode state, the last traces and a few
+    recent stage-1 results (stage 1 does not depend on the question)."""
 
     config: PruneVidConfig
     rule: Rule = question_guided
     state: DecodeState | None = None
     traces: list[PruningTrace | None] | None = None
+    stage1_cache: OrderedDict = field(default_factory=OrderedDict)
+    stage1_cache_size: int = 4
+
+    def merge(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[MergeResult, bool]:
+        """Stage 1 on (T, N, C) tokens, reused when the same feature tensor comes back (an app
+        asking a follow-up question passes its cached features). Returns (result, reused)."""
+        settings = tuple(getattr(self.config, name) for name in STAGE1_FIELDS)
+        # The entry holds `tokens`, so its memory cannot be reused by another tensor meanwhile.
+        key = (tokens.data_ptr(), tuple(tokens.shape), tokens.dtype, grid, settings)
+        if key in self.stage1_cache:
+            self.stage1_cache.move_to_end(key)
+            return self.stage1_cache[key][1], True
+        merge = merge_tokens(tokens, self.config, grid)
+        self.stage1_cache[key] = (tokens, merge)
+        while len(self.stage1_cache) > self.stage1_cache_size:
+            self.stage1_cache.popitem(last=False)
+        return merge, False
 
 
 @dataclass
@@ -45,13 +75,23 @@ class VideoGrid:
     suffix: torch.Tensor
 
 
-def swap_class(inner: torch.nn.Module, pruned: type) -> None:
-    """Make `inner` an instance of a subclass of its class that mixes in `pruned`'s forward."""
-    stock = type(inner)
+def patch_inner(
+    inner: torch.nn.Module, pruned: type, config: PruneVidConfig, rule: Rule, num_layers: int
+) -> None:
+    """Make `inner` an instance of a subclass of its class that mixes in `pruned`'s forward and
+    give it a runtime; patching again only changes the settings (cached stage-1 results stay)."""
+    if config.selected_layer >= num_layers:
+        raise ValueError(
+            f"selected_layer must be in [0, {num_layers - 1}] for this model ({num_layers} decoder layers), "
+            f"got {config.selected_layer}"
+        )
     if isinstance(inner, pruned):
+        inner._prunevid.config, inner._prunevid.rule = config, rule
         return
+    stock = type(inner)
     inner._prunevid_stock_class = stock
     inner.__class__ = pruned if pruned.__bases__ == (stock,) else _mixed(pruned, stock)
+    inner._prunevid = Runtime(config, rule)
 
 
 @functools.cache
@@ -64,14 +104,6 @@ def restore_class(inner: torch.nn.Module) -> None:
     if stock is not None:
         inner.__class__ = stock
         del inner._prunevid, inner._prunevid_stock_class
-
-
-def check_layer(config: PruneVidConfig, num_layers: int) -> None:
-    if config.selected_layer >= num_layers:
-        raise ValueError(
-            f"selected_layer must be in [0, {num_layers - 1}] for this model ({num_layers} decoder layers), "
-            f"got {config.selected_layer}"
-        )
 
 
 def video_prefill(
@@ -114,8 +146,8 @@ def video_prefill(
             raise ValueError("each prompt must hold at most one video, as one contiguous run of video tokens")
         video = next(pending)
         tic = _clock(embeds)
-        merge = merge_tokens(video.tokens, config, video.grid)
-        stage1_s.append(_clock(embeds) - tic)
+        merge, reused = runtime.merge(video.tokens, video.grid)
+        stage1_s.append((_clock(embeds) - tic, reused))
         before, after = real.clone(), real.clone()
         before[start:], after[:end] = False, False
         rows.append(
@@ -149,21 +181,24 @@ def video_prefill(
 
     last = positions[..., -1]  # every row ends with a real token (left padding)
     runtime.state = None if cache is None else DecodeState(cache, selection.mask, last + 1)
-    seconds = iter(stage1_s)
-    runtime.traces = [
-        None
-        if merge is None
-        else PruningTrace.from_stages(
-            merge,
-            kept=selection.visual_kept[b].cpu().numpy(),
-            scores=None
-            if selection.visual_scores[b] is None
-            else selection.visual_scores[b].float().cpu().numpy(),
-            timings={"stage1_s": next(seconds), "stage2_s": selection.seconds, "llm_prefill_s": prefill_s},
-            config=config.to_dict(),
+    stage1 = iter(stage1_s)
+    runtime.traces = []
+    for b, merge in enumerate(merges):
+        if merge is None:
+            runtime.traces.append(None)
+            continue
+        seconds, reused = next(stage1)
+        scores = selection.visual_scores[b]
+        runtime.traces.append(
+            PruningTrace.from_stages(
+                merge,
+                kept=selection.visual_kept[b].cpu().numpy(),
+                scores=None if scores is None else scores.float().cpu().numpy(),
+                timings={"stage1_s": seconds, "stage2_s": selection.seconds, "llm_prefill_s": prefill_s},
+                config=config.to_dict(),
+                stage1_reused=reused,
+            )
         )
-        for b, merge in enumerate(merges)
-    ]
     return hidden, cache
 
 

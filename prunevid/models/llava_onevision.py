@@ -26,11 +26,10 @@ from ..select import question_guided
 from .base import (
     Runtime,
     VideoGrid,
-    check_layer,
     normalize,
+    patch_inner,
     resize_uint8,
     restore_class,
-    swap_class,
     video_prefill,
 )
 from .decoder import Rule
@@ -116,13 +115,11 @@ class PruneVidLlavaOnevisionModel(LlavaOnevisionModel):
         )
 
 
-def patch(
-    model: LlavaOnevisionForConditionalGeneration, config: PruneVidConfig, rule: Rule = question_guided
-) -> None:
+def patch(model: torch.nn.Module, config: PruneVidConfig, rule: Rule = question_guided) -> None:
     """Swap the PruneVid forward onto `model.model` (in place); patching again updates the settings."""
-    check_layer(config, model.config.text_config.num_hidden_layers)
-    swap_class(model.model, PruneVidLlavaOnevisionModel)
-    model.model._prunevid = Runtime(config, rule)
+    patch_inner(
+        model.model, PruneVidLlavaOnevisionModel, config, rule, model.config.text_config.num_hidden_layers
+    )
 
 
 def unpatch(model: LlavaOnevisionForConditionalGeneration) -> None:
@@ -168,6 +165,11 @@ class FrameProcessing:
             rescale=data.get("rescale_factor", cls.rescale),
         )
 
+    @classmethod
+    def for_config(cls, config) -> FrameProcessing:
+        """Defaults for a model config: frames resized to the vision tower's input size."""
+        return cls(size=(config.vision_config.image_size,) * 2)
+
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
         """(T, H, W, 3) uint8 RGB -> (T, 3, h, w) float32 pixel values, equal to transformers'
         torchvision-based video processor (checked: docs/processing_check.md)."""
@@ -189,7 +191,7 @@ def build_batch(
     processing: FrameProcessing | None = None,
 ) -> dict[str, torch.Tensor]:
     """A left-padded batch of (video, question) prompts; all videos need the same frame count and size."""
-    processing = processing or FrameProcessing(size=(config.vision_config.image_size,) * 2)
+    processing = processing or FrameProcessing.for_config(config)
     video_token = tokenizer.convert_ids_to_tokens(config.video_token_id)
     prompts = [
         PROMPT.format(question=q).replace("<video>", video_token * tokens_per_video(config, len(v)))
@@ -203,3 +205,11 @@ def build_batch(
         "attention_mask": encoded["attention_mask"],
         "pixel_values_videos": pixels,
     }
+
+
+Preprocessing = FrameProcessing
+
+
+def video_features(model: LlavaOnevisionForConditionalGeneration, inputs: dict[str, torch.Tensor]):
+    """The vision tower's output for `inputs` (what `generate(mm_encoder_outputs={"video": ...})` takes)."""
+    return model.model.get_video_features(inputs["pixel_values_videos"], return_dict=True)

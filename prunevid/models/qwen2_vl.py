@@ -11,6 +11,7 @@ the unpruned rope delta.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -23,11 +24,10 @@ from ..select import question_guided
 from .base import (
     Runtime,
     VideoGrid,
-    check_layer,
     normalize,
+    patch_inner,
     resize_uint8,
     restore_class,
-    swap_class,
     video_prefill,
 )
 from .decoder import Rule
@@ -147,9 +147,8 @@ def _video_grid(features: torch.Tensor, positions: torch.Tensor) -> VideoGrid:
 
 
 def patch(model: torch.nn.Module, config: PruneVidConfig, rule: Rule = question_guided) -> None:
-    check_layer(config, model.config.text_config.num_hidden_layers)
-    swap_class(model.model, PruneVidQwenVLModel)
-    model.model._prunevid = Runtime(config, rule)
+    """Swap the PruneVid forward onto `model.model` (in place); patching again updates the settings."""
+    patch_inner(model.model, PruneVidQwenVLModel, config, rule, model.config.text_config.num_hidden_layers)
 
 
 def unpatch(model: torch.nn.Module) -> None:
@@ -179,6 +178,32 @@ class VideoPatchify:
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     rescale: float = 1 / 255
+
+    @classmethod
+    def for_config(cls, config) -> VideoPatchify:
+        vision = config.vision_config
+        return cls(
+            patch=vision.patch_size,
+            merge=vision.spatial_merge_size,
+            temporal_patch=vision.temporal_patch_size,
+        )
+
+    @classmethod
+    def from_json(cls, path: str) -> VideoPatchify:
+        """Read a checkpoint's (video_)preprocessor_config.json."""
+        with open(path) as f:
+            data = json.load(f)
+        size = data.get("size") or {}
+        return cls(
+            min_pixels=data.get("min_pixels", size.get("shortest_edge", cls.min_pixels)),
+            max_pixels=data.get("max_pixels", size.get("longest_edge", cls.max_pixels)),
+            patch=data.get("patch_size", cls.patch),
+            merge=data.get("merge_size", cls.merge),
+            temporal_patch=data.get("temporal_patch_size", cls.temporal_patch),
+            mean=tuple(data.get("image_mean", cls.mean)),
+            std=tuple(data.get("image_std", cls.std)),
+            rescale=data.get("rescale_factor", cls.rescale),
+        )
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """Qwen2-VL's `smart_resize` rule."""
@@ -215,7 +240,7 @@ def build_inputs(
 ) -> dict[str, torch.Tensor]:
     """Inputs for one video and question: input_ids, attention_mask, mm_token_type_ids,
     pixel_values_videos, video_grid_thw."""
-    pixels, thw = (patchify or VideoPatchify())(frames)
+    pixels, thw = (patchify or VideoPatchify.for_config(config))(frames)
     merge = config.vision_config.spatial_merge_size
     video_token = tokenizer.convert_ids_to_tokens(config.video_token_id)
     count = int(thw.prod()) // merge**2
@@ -229,3 +254,13 @@ def build_inputs(
         "pixel_values_videos": pixels,
         "video_grid_thw": thw[None],
     }
+
+
+Preprocessing = VideoPatchify
+
+
+def video_features(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+    """The vision tower's output for `inputs` (what `generate(mm_encoder_outputs={"video": ...})` takes)."""
+    return model.model.get_video_features(
+        inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True
+    )

@@ -21,9 +21,9 @@ import torch
 
 from prunevid.config import PruneVidConfig
 from prunevid.flops import DecoderShape, prefill_flops
-from prunevid.models.llava_onevision import PROMPT, pooled_grid
 from prunevid.pipeline import (
     DEFAULT_MODEL,
+    MODELS,
     TINY_MODEL,
     LoadedModel,
     ModelLoadError,
@@ -37,11 +37,13 @@ from prunevid.pipeline import (
 from prunevid.trace import PruningTrace
 from prunevid.video import Video, load_video
 
-LARGE_MODEL = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
-MODEL_CHOICES = [DEFAULT_MODEL, LARGE_MODEL, TINY_MODEL]
+LARGE_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+MODEL_CHOICES = [*MODELS, TINY_MODEL]
 MODEL_LABELS = {
-    DEFAULT_MODEL: "LLaVA-OneVision 0.5B (llava-hf/llava-onevision-qwen2-0.5b-ov-hf)",
-    LARGE_MODEL: "LLaVA-OneVision 7B (llava-hf/llava-onevision-qwen2-7b-ov-hf)",
+    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": "LLaVA-OneVision 0.5B (llava-hf/llava-onevision-qwen2-0.5b-ov-hf)",
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": "LLaVA-OneVision 7B (llava-hf/llava-onevision-qwen2-7b-ov-hf)",
+    "Qwen/Qwen2.5-VL-3B-Instruct": "Qwen2.5-VL 3B (Qwen/Qwen2.5-VL-3B-Instruct)",
+    "Qwen/Qwen2.5-VL-7B-Instruct": "Qwen2.5-VL 7B (Qwen/Qwen2.5-VL-7B-Instruct)",
     TINY_MODEL: "tiny: offline demo model (random weights)",
 }
 # The offline model is an untrained random one for now; the page says so while this holds.
@@ -118,15 +120,12 @@ class ModelRegistry:
 
 
 def warm_up(loaded: LoadedModel, num_frames: int = 2) -> None:
-    """One short pruned and one unpruned prefill on made-up features (no vision tower), so that the
-    first question's measured prefill times and speedup are not first-call overheads."""
-    config = loaded.model.config
-    grid = pooled_grid(config)
-    features = torch.zeros(1, num_frames * grid[0] * grid[1] + 1, config.text_config.hidden_size)
-    features = features.to(loaded.device, loaded.model.dtype)
-    frames = np.zeros((num_frames, 8, 8, 3), dtype=np.uint8)
+    """One short pruned and one unpruned answer on two blank frames, so that the first question's
+    measured prefill times and speedup are not first-call overheads."""
+    frames = np.zeros((num_frames, 64, 64, 3), dtype=np.uint8)
     settings = preset(loaded.name, loaded.num_layers).replace(num_frames=num_frames)
     try:
+        features = encode_video(loaded, frames)
         for stages in (True, False):
             answer(loaded, frames, "warm up", settings.replace(stage1=stages, stage2=stages), 1, features)
     except Exception as error:  # a warm-up must never stop the page from starting
@@ -206,23 +205,16 @@ def check_layer(loaded: LoadedModel, config: PruneVidConfig) -> None:
         )
 
 
-def text_token_count(loaded: LoadedModel, question: str) -> int:
-    """Prompt tokens other than the video placeholders (for the FLOPs ratio)."""
-    prompt = PROMPT.format(question=question).replace("<video>", "")
-    return len(loaded.tokenizer(prompt)["input_ids"])
-
-
-def flops_ratio(loaded: LoadedModel, trace: PruningTrace, config: PruneVidConfig, num_text: int) -> float:
+def flops_ratio(loaded: LoadedModel, trace: PruningTrace, config: PruneVidConfig, num_prompt: int) -> float:
     """Prefill FLOPs with PruneVid / without: stage-1 length up to the selected layer, stage-2 after.
 
-    The video's trailing newline token is counted with the visual tokens (the model keeps it).
+    num_prompt is the unpruned prompt (text and video tokens); only visual tokens are pruned.
     """
     shape = DecoderShape.from_config(loaded.model.config)
-    extra = num_text + 1
-    stock = prefill_flops(shape, trace.num_visual_tokens + extra)
-    after = trace.num_after_stage2 + extra if config.stage2 else None
-    pruned = prefill_flops(shape, trace.num_after_stage1 + extra, after, config.selected_layer)
-    return pruned / stock
+    text = num_prompt - trace.num_visual_tokens
+    after = trace.num_after_stage2 + text if config.stage2 else None
+    pruned = prefill_flops(shape, trace.num_after_stage1 + text, after, config.selected_layer)
+    return pruned / prefill_flops(shape, num_prompt)
 
 
 class _TokenProgress:
@@ -338,8 +330,8 @@ def run_question(
         streamer = _TokenProgress(progress, 0.65, 0.25, max_new_tokens, "Language model (unpruned)")
         baseline = answer(loaded, encoded.video, question, stock, max_new_tokens, encoded.features, streamer)
 
-    num_text = text_token_count(loaded, question)
-    ratio = flops_ratio(loaded, result.trace, config, num_text)
+    num_text = result.num_prompt_tokens - result.trace.num_visual_tokens
+    ratio = flops_ratio(loaded, result.trace, config, result.num_prompt_tokens)
     return Outcome(loaded.name, question, encoded.video, result, baseline, cache_used, num_text, ratio)
 
 

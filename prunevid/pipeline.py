@@ -69,14 +69,16 @@ class LoadedModel:
 
 @dataclass
 class Result:
-    """One answer. timings (seconds): video_s, vision_s, stage1_s, stage2_s, llm_prefill_s,
-    ttft_s (from the start of generate to the first token), generate_s, total_s."""
+    """One answer. timings (seconds): video_s, vision_s, stage1_s, stage2_s, llm_prefill_s
+    (the decoder prefill with stage 2, without stage 1), ttft_s (from the start of generate to
+    the first token), generate_s, total_s."""
 
     text: str
     trace: PruningTrace
     timings: dict[str, float]
     num_new_tokens: int
     config: PruneVidConfig
+    num_prompt_tokens: int = 0  # the unpruned prompt: text and video placeholders
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -197,7 +199,7 @@ def answer(
     timings["total_s"] = time.perf_counter() - start
     new_tokens = out[0, inputs["input_ids"].shape[1] :]
     text = loaded.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-    return Result(text, trace, timings, int(new_tokens.numel()), config)
+    return Result(text, trace, timings, int(new_tokens.numel()), config, inputs["input_ids"].shape[1])
 
 
 def _inputs(loaded: LoadedModel, frames: np.ndarray, question: str) -> dict[str, torch.Tensor]:

@@ -111,20 +111,37 @@ class Trainer:
         self.model.generation_config.eos_token_id = self.tokenizer.eos_token_id
         hidden = self.model.config.text_config.hidden_size
         self.aux = torch.nn.Linear(hidden, sum(AUX_CLASSES.values()))
-        params = list(self.model.parameters()) + list(self.aux.parameters())
+        self.grid = pooled_grid(self.model.config)
+        self.aux_position = torch.nn.Linear(hidden, sum(self.grid))
+        params = [*self.model.parameters(), *self.aux.parameters()]
+        if args.aux_position:
+            params += list(self.aux_position.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
         if (last / "trainer.pt").exists():
             state = torch.load(last / "trainer.pt", weights_only=False)
             self.aux.load_state_dict(state["aux"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if "aux_position" in state:
+                self.aux_position.load_state_dict(state["aux_position"])
+            self._load_optimizer(state["optimizer"])
             self.step, self.history, self.best = state["step"], state["history"], state["best"]
-        self.grid = pooled_grid(self.model.config)
         size = self.model.config.vision_config.image_size
         self.size = size
         self.processing = FrameProcessing(size=(size, size))
         self.ids = {
             w: self.tokenizer.convert_tokens_to_ids(w) for w in ("<|im_start|>", "<|im_end|>", "<video>")
         }
+
+    def _load_optimizer(self, state: dict) -> None:
+        """Optimiser state of a resumed run; a run resumed with --aux-position adds a fresh group."""
+        saved = len(state["param_groups"][0]["params"])
+        current = len(self.optimizer.param_groups[0]["params"])
+        if saved == current:
+            self.optimizer.load_state_dict(state)
+            return
+        extra = self.optimizer.param_groups[0]["params"][saved:]
+        self.optimizer.param_groups[0]["params"] = self.optimizer.param_groups[0]["params"][:saved]
+        self.optimizer.load_state_dict(state)
+        self.optimizer.param_groups[0]["params"] += extra
 
     # ---- data -------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -194,8 +211,23 @@ class Trainer:
             torch.nn.functional.cross_entropy(lg.flatten(0, 1), batch[f"aux_{k}"].flatten())
             for lg, k in zip(aux_logits, AUX_CLASSES)
         )
+        if self.args.aux_position:
+            aux = aux + self.position_loss(video[:, :-1])
         total = lm + self.args.aux_weight * aux
         return total, {"lm": lm.item(), "aux": aux.item()}
+
+    def position_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each pooled token predicts its own row and column: keeps spatial position in the
+        features, which the direction family needs (1-D RoPE alone hides the 2-D layout)."""
+        rows, cols = self.grid
+        per_frame = torch.arange(rows * cols)
+        index = per_frame.repeat(tokens.shape[1] // (rows * cols))
+        row_logits, col_logits = self.aux_position(tokens).split([rows, cols], -1)
+        row_target = (index // cols).expand(tokens.shape[0], -1).flatten()
+        col_target = (index % cols).expand(tokens.shape[0], -1).flatten()
+        return torch.nn.functional.cross_entropy(
+            row_logits.flatten(0, 1), row_target
+        ) + torch.nn.functional.cross_entropy(col_logits.flatten(0, 1), col_target)
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -229,6 +261,7 @@ class Trainer:
         self.tokenizer.save_pretrained(tmp)
         state = {
             "aux": self.aux.state_dict(),
+            "aux_position": self.aux_position.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "history": self.history,
@@ -327,6 +360,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--decay-from", type=int, default=None, help="step where a cosine decay starts")
     p.add_argument("--decay-steps", type=int, default=1000)
     p.add_argument("--aux-weight", type=float, default=0.5)
+    p.add_argument("--aux-position", action="store_true", help="also predict each token's grid row/column")
     p.add_argument("--size", type=int, default=96, help="frame size (new runs only)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--layers", type=int, default=4, help="Qwen2 layers (new runs only)")

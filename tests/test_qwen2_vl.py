@@ -212,3 +212,15 @@ def test_patchify_layout_and_sizes():
     assert values == expected
     by_time = pixels.view(32, 3, 2, 14 * 14)
     assert torch.equal(by_time[16:, :, 0], by_time[16:, :, 1]), "the padded frame repeats the last one"
+
+
+def test_frame_timing_spaces_temporal_positions(tokenizer):
+    model = tiny_qwen_vl("qwen2_5_vl", tokenizer=tokenizer, initializer_range=0.1)
+    inputs = build_inputs(tokenizer, model.config, scene(0), "what colour ?", SMALL, seconds_per_frame=2.0)
+    assert inputs["second_per_grid_ts"].tolist() == [4.0], "temporal patch of 2 frames, 2 s apart"
+    default = build_inputs(tokenizer, model.config, scene(0), "what colour ?", SMALL)
+    spaced, plain = stock_positions(model, inputs), stock_positions(model, default)
+    assert spaced[0].max() > plain[0].max(), "slower sampling spreads the temporal positions"
+    stock = greedy(model, inputs, steps=4)
+    prunevid.patch(model, PruneVidConfig(stage1=False, stage2=False, selected_layer=1))
+    assert torch.equal(greedy(model, inputs, steps=4).sequences, stock.sequences)

@@ -236,24 +236,35 @@ class VideoPatchify:
 
 
 def build_inputs(
-    tokenizer, config, frames: np.ndarray, question: str, patchify: VideoPatchify | None = None
+    tokenizer,
+    config,
+    frames: np.ndarray,
+    question: str,
+    patchify: VideoPatchify | None = None,
+    seconds_per_frame: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Inputs for one video and question: input_ids, attention_mask, mm_token_type_ids,
-    pixel_values_videos, video_grid_thw."""
-    pixels, thw = (patchify or VideoPatchify.for_config(config))(frames)
+    pixel_values_videos, video_grid_thw, and for Qwen2.5-VL given `seconds_per_frame` (the time
+    between sampled frames) second_per_grid_ts, which spaces the temporal positions as its
+    processor does. Without it the model assumes one second per temporal patch."""
+    patchify = patchify or VideoPatchify.for_config(config)
+    pixels, thw = patchify(frames)
     merge = config.vision_config.spatial_merge_size
     video_token = tokenizer.convert_ids_to_tokens(config.video_token_id)
     count = int(thw.prod()) // merge**2
     prompt = PROMPT.format(question=question).replace("<|video_pad|>", video_token * count)
     encoded = tokenizer([prompt], return_tensors="pt")
     ids = encoded["input_ids"]
-    return {
+    inputs = {
         "input_ids": ids,
         "attention_mask": encoded["attention_mask"],
-        "mm_token_type_ids": (ids == config.video_token_id).int() * VIDEO_MODALITY,
+        "mm_token_type_ids": (ids == config.video_token_id).long() * VIDEO_MODALITY,
         "pixel_values_videos": pixels,
         "video_grid_thw": thw[None],
     }
+    if seconds_per_frame is not None and config.model_type == "qwen2_5_vl":
+        inputs["second_per_grid_ts"] = torch.tensor([patchify.temporal_patch * seconds_per_frame])
+    return inputs
 
 
 Preprocessing = VideoPatchify

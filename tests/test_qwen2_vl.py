@@ -50,8 +50,9 @@ def greedy(model, inputs, steps=5):
 
 def stock_positions(model, inputs):
     """get_rope_index on the unpruned prompt: (3, L)."""
+    timing = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}
     positions, _ = model.model.get_rope_index(
-        inputs["input_ids"], inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"]
+        inputs["input_ids"], inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"], **timing
     )
     return positions[:, 0]
 

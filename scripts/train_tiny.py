@@ -275,16 +275,19 @@ class Trainer:
     def learning_rate(self) -> float:
         args = self.args
         warm = min(1.0, (self.step + 1) / args.warmup)
-        if args.decay_from is None or self.step < args.decay_from:
-            return args.lr * warm
-        span = max(1, args.decay_steps)
-        progress = min(1.0, (self.step - args.decay_from) / span)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        if args.decay_minutes:
+            left = (self.deadline - time.time()) / 60
+            progress = min(1.0, max(0.0, 1 - left / args.decay_minutes))
+        elif args.decay_from is not None:
+            progress = min(1.0, max(0.0, (self.step - args.decay_from) / max(1, args.decay_steps)))
+        else:
+            progress = 0.0
+        return args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def train(self) -> None:
         args = self.args
         self.model.train()
-        deadline = time.time() + 60 * args.minutes
+        self.deadline = deadline = time.time() + 60 * args.minutes
         last_save = time.time()
         tic = time.time()
         while time.time() < deadline and self.step < args.max_steps:
@@ -359,6 +362,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--decay-from", type=int, default=None, help="step where a cosine decay starts")
     p.add_argument("--decay-steps", type=int, default=1000)
+    p.add_argument("--decay-minutes", type=float, default=None, help="cosine decay over the last M minutes")
     p.add_argument("--aux-weight", type=float, default=0.5)
     p.add_argument("--aux-position", action="store_true", help="also predict each token's grid row/column")
     p.add_argument("--size", type=int, default=96, help="frame size (new runs only)")

@@ -209,8 +209,17 @@ class PruneVid(lmms):
         return GenerationResult(text=(-total, greedy), token_counts=counts)
 
     def continuation_logits(self, inputs: dict, features: Any, target: torch.Tensor) -> torch.Tensor:
-        """(n, V) logits predicting the n tokens `target` (1, n) after the prompt `inputs`."""
-        first = self.model(**inputs, mm_encoder_outputs={"video": features}, use_cache=True, logits_to_keep=1)
+        """(n, V) logits predicting the n tokens `target` (1, n) after the prompt `inputs`.
+
+        Pruned: the prompt is prefilled alone (stage 2 sees only the question), then the
+        continuation runs on its cache. Stock model: one forward over prompt + continuation."""
+        encoded = {"video": features}
+        if not self.prune:
+            length = inputs["input_ids"].shape[1]
+            whole = {key: _extend(key, value, target, length) for key, value in inputs.items()}
+            logits = self.model(**whole, mm_encoder_outputs=encoded, use_cache=False).logits[0]
+            return logits[-target.shape[1] - 1 : -1]
+        first = self.model(**inputs, mm_encoder_outputs=encoded, use_cache=True, logits_to_keep=1)
         logits = [first.logits[0, -1:]]
         if target.shape[1] > 1:
             rest = target[:, :-1]
@@ -418,3 +427,15 @@ def _dtype(name: str | torch.dtype) -> str | torch.dtype:
     if not isinstance(value, torch.dtype):
         raise ValueError(f"dtype must be auto or a torch dtype name such as bfloat16, got {name!r}")
     return value
+
+
+def _extend(key: str, value: torch.Tensor, target: torch.Tensor, length: int) -> torch.Tensor:
+    """A per-token model input (1, `length`) continued over the text tokens `target` (1, n): the
+    ids themselves, 1 in the attention mask, 0 (text) in any other per-token input; other
+    inputs (e.g. video grids) unchanged."""
+    if key == "input_ids":
+        return torch.cat([value, target], dim=1)
+    if value.shape != (1, length):
+        return value
+    fill = torch.ones_like(target) if key == "attention_mask" else torch.zeros_like(target)
+    return torch.cat([value, fill.to(value.dtype)], dim=1)

@@ -277,7 +277,7 @@ CALIBRATION_SEED = TRAIN_SEED_START + 500_000_000  # training range, far past an
 def calibrate(
     checkpoint: Checkpoint,
     num_videos: int = 48,
-    taus: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95),
+    taus: tuple[float, ...] = (0.7, 0.8, 0.9),
     cluster_ratios: tuple[float, ...] = (0.25, 0.5),
     max_retention: float = 0.2,
     log: Callable = print,

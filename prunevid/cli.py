@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(run=_demo)
 
     from . import bench
+    from .eval_tasks import add_command
 
     bench.add_commands(commands.add_parser("bench", help="speed and accuracy benchmarks"))
+    add_command(commands)
 
     args = parser.parse_args(argv)
     if getattr(args, "model", "") is None:

@@ -149,7 +149,7 @@ def check_question(question: str) -> str:
 @torch.no_grad()
 def encode_video(loaded: LoadedModel, frames: np.ndarray) -> Any:
     """The vision tower's output for one video: what apps cache to skip it on the next question."""
-    inputs = _inputs(loaded, frames, "")
+    inputs = model_inputs(loaded, frames, "")
     return family_of(loaded.model).video_features(loaded.model, inputs)
 
 
@@ -173,7 +173,7 @@ def answer(
     frames = _frames(video, config.num_frames)
     timings = {"video_s": time.perf_counter() - start}
 
-    inputs = _inputs(loaded, frames, question)
+    inputs = model_inputs(loaded, frames, question)
     tic = time.perf_counter()
     if features is None:
         features = family_of(loaded.model).video_features(loaded.model, inputs)
@@ -202,7 +202,7 @@ def answer(
     return Result(text, trace, timings, int(new_tokens.numel()), config, inputs["input_ids"].shape[1])
 
 
-def _inputs(loaded: LoadedModel, frames: np.ndarray, question: str) -> dict[str, torch.Tensor]:
+def model_inputs(loaded: LoadedModel, frames: np.ndarray, question: str) -> dict[str, torch.Tensor]:
     """The model's inputs for one video and question, on its device (pixels in its dtype)."""
     family = family_of(loaded.model)
     inputs = family.build_inputs(loaded.tokenizer, loaded.model.config, frames, question, loaded.processing)

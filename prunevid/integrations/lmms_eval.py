@@ -37,9 +37,9 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from ..api import family_of, last_trace, patch, unpatch
+from ..api import last_trace, patch, unpatch
 from ..config import PruneVidConfig
-from ..pipeline import DEFAULT_MODEL, LoadedModel, encode_video, load_model, preset
+from ..pipeline import DEFAULT_MODEL, LoadedModel, encode_video, load_model, model_inputs, preset
 from ..video import load_video
 
 KNOBS = frozenset(f.name for f in dataclasses.fields(PruneVidConfig))
@@ -248,12 +248,9 @@ class PruneVid(lmms):
         `prunevid.pipeline.answer` does; no pixels), the video's vision-tower output and the
         seconds spent on it (0 when cached: multiple-choice options share their video)."""
         frames, features, vision_s = self.video(video)
-        family = family_of(self.model)
-        inputs = family.build_inputs(
-            self.tokenizer, self.model.config, frames, question, self.loaded.processing
-        )
+        inputs = model_inputs(self.loaded, frames, question)
         del inputs["pixel_values_videos"]
-        return {k: v.to(self.device) for k, v in inputs.items()}, features, vision_s
+        return inputs, features, vision_s
 
     def video(self, video: str) -> tuple[np.ndarray, Any, float]:
         """The sampled frames of `video`, the vision tower's output on them, and the seconds spent

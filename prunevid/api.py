@@ -22,6 +22,7 @@ def family_of(model: torch.nn.Module) -> ModuleType:
         "LlavaOnevisionForConditionalGeneration": llava_onevision,
         "Qwen2VLForConditionalGeneration": qwen2_vl,
         "Qwen2_5_VLForConditionalGeneration": qwen2_vl,
+        "Qwen3VLForConditionalGeneration": qwen2_vl,
     }
     for name, family in families.items():
         if isinstance(model, getattr(transformers, name)):

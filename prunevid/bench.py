@@ -912,6 +912,9 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, help="write the table and settings here")
     p.add_argument("--sweep", action="store_true", help="also sweep alpha x cluster_ratio")
+    p.add_argument(
+        "--sweep-repeats", type=int, default=None, help="timed rounds of the sweep (default: --repeats)"
+    )
     p.add_argument("--sweep-alphas", default=None, help=f"default {FULL['sweep_alphas']}")
     p.add_argument("--sweep-cluster-ratios", default=None, help=f"default {FULL['sweep_cluster_ratios']}")
     p.add_argument("--sweep-csv", default="bench_sweep.csv")
@@ -1036,7 +1039,8 @@ def run_sweep(
     """Prefill only (one new token) over the alpha x cluster_ratio grid, stock interleaved."""
     points = sweep_methods(setup.base, _floats(args.sweep_alphas), _floats(args.sweep_cluster_ratios))
     methods = [Method("stock"), *points]
-    samples = measure(setup.model, methods, setup.prompt, args.repeats, 1, setup.warmup, "sweep")
+    repeats = args.sweep_repeats or args.repeats
+    samples = measure(setup.model, methods, setup.prompt, repeats, 1, setup.warmup, "sweep")
     rows = summarize(methods, samples, setup.prompt, shape, None)
     return [sweep_record(r, m) for r, m in zip(rows, methods)], rows
 

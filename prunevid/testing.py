@@ -204,9 +204,10 @@ def tiny_qwen_vl(
     tokenizer: PreTrainedTokenizerFast | None = None,
     **text_overrides,
 ):
-    """A randomly initialised tiny Qwen2.5-VL (or, with family="qwen2_vl", Qwen2-VL) in eval mode:
-    a 2-block vision tower (14 px patches, 2 x 2 merge, temporal patch 2) and a 4-layer
-    grouped-query text model with M-RoPE (sections 2 + 3 + 3 of the 8 rotary pairs)."""
+    """A randomly initialised tiny Qwen2.5-VL (or family "qwen2_vl" / "qwen3_vl") in eval mode:
+    a 2-block vision tower (14 px patches, 16 for Qwen3-VL with deepstack features from both
+    blocks, 2 x 2 merge, temporal patch 2) and a 4-layer grouped-query text model with M-RoPE
+    (sections 2 + 3 + 3 of the 8 rotary pairs)."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -224,14 +225,21 @@ def tiny_qwen_vl(
         spatial_merge_size=2,
         temporal_patch_size=2,
     )
-    if family == "qwen2_5_vl":
+    if family == "qwen3_vl":
+        vision.update(
+            patch_size=16, out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[0, 1]
+        )
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        config_class, model_class = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    elif family == "qwen2_5_vl":
         vision.update(out_hidden_size=64, window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
         config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     elif family == "qwen2_vl":
         vision.update(embed_dim=32, mlp_ratio=2, hidden_size=64)
         config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
     else:
-        raise ValueError(f"family must be qwen2_vl or qwen2_5_vl, got {family!r}")
+        raise ValueError(f"family must be qwen2_vl, qwen2_5_vl or qwen3_vl, got {family!r}")
     text = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,

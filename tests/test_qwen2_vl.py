@@ -1,4 +1,5 @@
-"""Qwen2-VL / Qwen2.5-VL (3-D M-RoPE) against the stock models and a slow masked reference."""
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (3-D M-RoPE; Qwen3-VL with per-frame timestamp runs and
+deepstack features) against the stock models and a slow masked reference."""
 
 import numpy as np
 import pytest
@@ -9,9 +10,16 @@ from prunevid import PruneVidConfig, merge_tokens
 from prunevid.models.qwen2_vl import VideoPatchify, build_inputs
 from prunevid.testing import tiny_qwen_vl, tiny_tokenizer
 
-SMALL = VideoPatchify(
-    min_pixels=112 * 112, max_pixels=112 * 112
-)  # 112 px frames: 8 x 8 patches, 4 x 4 tokens
+# Frames sized to 8 x 8 patches, 4 x 4 tokens per time step: 112 px for 14 px patches, 128 for 16.
+SMALL = VideoPatchify(min_pixels=112 * 112, max_pixels=112 * 112)
+SMALL_QWEN3 = VideoPatchify(
+    min_pixels=16 * 128 * 128,
+    max_pixels=16 * 128 * 128,
+    patch=16,
+    mean=(0.5,) * 3,
+    std=(0.5,) * 3,
+    video_budget=True,
+)
 
 
 @pytest.fixture(scope="module")
@@ -19,21 +27,25 @@ def tokenizer():
     return tiny_tokenizer()
 
 
-@pytest.fixture(params=["qwen2_5_vl", "qwen2_vl"])
+@pytest.fixture(params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def model(request, tokenizer):
     return tiny_qwen_vl(request.param, seed=0, tokenizer=tokenizer, initializer_range=0.1)
 
 
-def scene(seed: int, frames: int = 16) -> np.ndarray:
+def scene(seed: int, frames: int = 16, size: int = 112) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    video = np.repeat(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)[None], frames, axis=0)
+    video = np.repeat(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)[None], frames, axis=0)
     for t in range(frames):
         video[t, 30:58, 4 + 5 * t : 32 + 5 * t] = (255, 0, 0)
     return video
 
 
 def inputs_for(model, tokenizer, seed=0):
-    return build_inputs(tokenizer, model.config, scene(seed), "what colour is the object ?", SMALL)
+    qwen3 = model.config.model_type == "qwen3_vl"
+    frames = scene(seed, size=128 if qwen3 else 112)
+    return build_inputs(
+        tokenizer, model.config, frames, "what colour is the object ?", SMALL_QWEN3 if qwen3 else SMALL
+    )
 
 
 def greedy(model, inputs, steps=5):
@@ -75,32 +87,52 @@ def test_stages_off_equal_stock_and_unpatch_restores(model, tokenizer):
 def slow_reference(model, inputs, config, new_tokens):
     """Full recomputation without a cache: the stage-1 prompt with every token, 3-D positions
     from get_rope_index on the unpruned prompt (merged tokens: their first member's), pruned
-    tokens masked out as keys after `selected_layer` and for every generated token."""
+    tokens masked out as keys after `selected_layer` and for every generated token. Qwen3-VL:
+    each merged token sits in the frame run of its first member, and the deepstack features,
+    averaged over each merged token's members, are added after their layers."""
     inner, lm = model.model, model.model.language_model
     ids = inputs["input_ids"][0]
     positions = stock_positions(model, inputs)
-    video = (ids == model.config.video_token_id).nonzero().squeeze(1)
-    start, end = int(video[0]), int(video[-1]) + 1
+    is_video = ids == model.config.video_token_id
     t, h, w = (int(v) for v in inputs["video_grid_thw"][0])
     grid = (h // 2, w // 2)
+    per_frame = grid[0] * grid[1]
     with torch.no_grad():
-        features = inner.get_video_features(
-            inputs["pixel_values_videos"], inputs["video_grid_thw"]
-        ).pooler_output[0]
-        merge = merge_tokens(features.view(t, grid[0] * grid[1], -1), config, grid)
-        first_member = [int((merge.assignment.flatten() == m).nonzero()[0]) for m in range(merge.num_tokens)]
+        encoded = inner.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        features = encoded.pooler_output[0]
+        merge = merge_tokens(features.view(t, per_frame, -1), config, grid)
+        assignment = merge.assignment.flatten()
+        first_member = [int((assignment == m).nonzero()[0]) for m in range(merge.num_tokens)]
+        members = torch.nn.functional.one_hot(assignment, merge.num_tokens).T.float()  # (M, T * N)
+        deepstack = [layer[0] for layer in getattr(encoded, "deepstack_features", None) or []]
+        deepstack = [members @ x / members.sum(1, keepdim=True) for x in deepstack]
         trace = prunevid.last_trace(model)
         kept = torch.zeros(merge.num_tokens, dtype=torch.bool)
         kept[torch.from_numpy(trace.merged_index[trace.kept])] = True
 
+        # Walk the prompt: text stays, each run of video placeholders takes its merged tokens.
+        runs = torch.diff(torch.nn.functional.pad(is_video.long(), (1, 1))).nonzero().squeeze(1).view(-1, 2)
+        run_of = [0 if len(runs) == 1 else first_member[m] // per_frame for m in range(merge.num_tokens)]
+        video_positions = positions[:, is_video]
         embed = lm.embed_tokens
-        prompt = torch.cat([embed(ids[:start]), merge.tokens, embed(ids[end:])])
-        prompt_positions = torch.cat(
-            [positions[:, :start], positions[:, start:end][:, first_member], positions[:, end:]], dim=1
-        )
-        keep = torch.cat(
-            [torch.ones(start, dtype=torch.bool), kept, torch.ones(len(ids) - end, dtype=torch.bool)]
-        )
+        pieces, piece_positions, keep, visual_slots, visual_order, cursor = [], [], [], [], [], 0
+        for r, (start, end) in enumerate(runs.tolist()):
+            mine = [m for m in range(merge.num_tokens) if run_of[m] == r]
+            pieces += [embed(ids[cursor:start]), merge.tokens[mine]]
+            piece_positions += [
+                positions[:, cursor:start],
+                video_positions[:, [first_member[m] for m in mine]],
+            ]
+            keep += [True] * (start - cursor) + [bool(kept[m]) for m in mine]
+            offset = sum(len(p) for p in pieces) - len(mine)
+            visual_slots += list(range(offset, offset + len(mine)))
+            visual_order += mine
+            cursor = end
+        pieces.append(embed(ids[cursor:]))
+        piece_positions.append(positions[:, cursor:])
+        keep = torch.tensor(keep + [True] * (len(ids) - cursor))
+        prompt, prompt_positions = torch.cat(pieces), torch.cat(piece_positions, dim=1)
+
         logits = []
         for step in range(len(new_tokens)):
             hidden = torch.cat([prompt, embed(new_tokens[:step])])[None]
@@ -115,6 +147,8 @@ def slow_reference(model, inputs, config, new_tokens):
             for i, layer in enumerate(lm.layers):
                 mask = (early if i <= config.selected_layer else late)[None, None]
                 hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary)
+                if i < len(deepstack):
+                    hidden[0, visual_slots] += deepstack[i][visual_order]
             logits.append(model.lm_head(lm.norm(hidden))[0, -1])
     return logits
 

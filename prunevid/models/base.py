@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from ..config import PruneVidConfig
@@ -73,6 +74,7 @@ class VideoGrid:
     tokens: torch.Tensor
     grid: tuple[int, int]
     suffix: torch.Tensor
+    extras: list[torch.Tensor] = field(default_factory=list)  # (T * N, C) features merged alike (deepstack)
 
 
 def patch_inner(
@@ -129,54 +131,45 @@ def video_prefill(
     config = runtime.config
     if mask is None:
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-    rows, row_positions, spans, merges, stage1_s = [], [], [], [], []
+    rows, spans, merges, stage1_s = [], [], [], []
     pending = iter(videos)
     for b in range(embeds.shape[0]):
         real = mask[b].bool()
-        where = is_video[b].nonzero().squeeze(1)
         pos = positions[:, b] if positions is not None else None  # (R, L)
-        if where.numel() == 0:
-            rows.append(embeds[b, real])
-            row_positions.append(None if pos is None else pos[:, real])
+        if not is_video[b].any():
+            rows.append(_Row(embeds[b, real], None if pos is None else pos[:, real], []))
             spans.append(None)
             merges.append(None)
             continue
-        start, end = int(where[0]), int(where[-1]) + 1
-        if end - start != where.numel() or not real[start:end].all():
-            raise ValueError("each prompt must hold at most one video, as one contiguous run of video tokens")
         video = next(pending)
         tic = _clock(embeds)
         merge, reused = runtime.merge(video.tokens, video.grid)
         stage1_s.append((_clock(embeds) - tic, reused))
-        before, after = real.clone(), real.clone()
-        before[start:], after[:end] = False, False
-        rows.append(
-            torch.cat([embeds[b, before], merge.tokens.to(embeds.dtype), video.suffix, embeds[b, after]])
-        )
-        if pos is not None:
-            video_pos = pos[:, start:end]
-            visual = video_pos[:, _representatives(merge)]
-            suffix = video_pos[:, video_pos.shape[1] - len(video.suffix) :]
-            row_positions.append(torch.cat([pos[:, before], visual, suffix, pos[:, after]], dim=1))
-        n_before = int(before.sum())
-        spans.append(VisualSpan(n_before, merge.groups, n_before + merge.num_tokens + len(video.suffix)))
+        row, span = _splice(embeds[b], real, is_video[b], pos, video, merge)
+        rows.append(row)
+        spans.append(span)
         merges.append(merge)
 
-    embeds, mask, pads = _left_pad_rows(rows)
-    spans = [
-        None if s is None else VisualSpan(s.start + p, s.groups, s.question_start + p)
-        for s, p in zip(spans, pads)
-    ]
+    embeds, mask, pads = _left_pad_rows([r.embeds for r in rows])
+    spans = [None if s is None else s.shifted(p) for s, p in zip(spans, pads)]
     if positions is None:
         positions = positions_from_mask(mask)
     else:
-        positions = torch.stack(
-            [torch.cat([p.new_zeros(p.shape[0], pad), p], dim=1) for p, pad in zip(row_positions, pads)], 1
+        positions = torch.stack([F.pad(r.positions, (pad, 0)) for r, pad in zip(rows, pads)], 1)
+    num_extras = max(len(r.extras) for r in rows)
+    residuals = [
+        torch.stack(
+            [
+                F.pad(r.extras[i] if r.extras else torch.zeros_like(r.embeds), (0, 0, pad, 0))
+                for r, pad in zip(rows, pads)
+            ]
         )
+        for i in range(num_extras)
+    ] or None
     if cache is None and use_cache is not False:
         cache = DynamicCache(config=lm.config)
     tic = _clock(embeds)
-    hidden, selection = prefill(lm, embeds, mask, positions, cache, spans, config, runtime.rule)
+    hidden, selection = prefill(lm, embeds, mask, positions, cache, spans, config, runtime.rule, residuals)
     prefill_s = _clock(embeds) - tic
 
     last = positions[..., -1]  # every row ends with a real token (left padding)
@@ -219,6 +212,116 @@ def normalize(video: torch.Tensor, mean, std, rescale: float) -> torch.Tensor:
     mean = torch.tensor(mean, dtype=torch.float32)[:, None, None] * (1.0 / rescale)
     std = torch.tensor(std, dtype=torch.float32)[:, None, None] * (1.0 / rescale)
     return (video.float() - mean) / std
+
+
+@dataclass
+class _Row:
+    """One sample's logical prompt: embeds (L, C), positions (R, L) or None, extras [(L, C)]."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor | None
+    extras: list[torch.Tensor]
+
+
+def _splice(
+    embeds: torch.Tensor,
+    real: torch.Tensor,
+    is_video: torch.Tensor,
+    positions: torch.Tensor | None,
+    video: VideoGrid,
+    merge: MergeResult,
+) -> tuple[_Row, VisualSpan]:
+    """Replace one sample's video placeholders by stage 1's merged tokens.
+
+    embeds: (L, C), real / is_video: (L,), positions: (R, L) or None. The placeholders form one
+    run, or one run per time step (models that put text, e.g. timestamps, between frames); then
+    each merged token goes into the run of its first member's time step. The video's suffix
+    tokens (the last placeholders of its last run) stay. Text keeps its place and positions;
+    merged tokens take their first member's positions.
+    """
+    runs = runs_of(is_video)
+    num_frames = video.tokens.shape[0]
+    first = _representatives(merge)  # (M,) flat t * N + n of each merged token's first member
+    if len(runs) == 1:
+        run_of = torch.zeros_like(first)
+    elif len(runs) == num_frames:
+        run_of = first // video.tokens.shape[1]
+    else:
+        raise ValueError("a video's placeholders must form one run, or one run per frame")
+    if not real[is_video].all():
+        raise ValueError("video placeholders cannot be padding")
+    video_positions = None if positions is None else positions[:, is_video]  # (R, T * N + k)
+    extras = [merged_means(x, merge) for x in video.extras]
+
+    pieces, piece_positions, piece_extras, visual = [], [], [], []
+    cursor, length = 0, 0
+    for r, (start, end) in enumerate(runs):
+        text = torch.zeros_like(real)
+        text[cursor:start] = real[cursor:start]
+        members = (run_of == r).nonzero().squeeze(1)
+        members_suffix = len(video.suffix) if r == len(runs) - 1 else 0
+        count_text = int(text.sum())
+        visual.append(torch.arange(length + count_text, length + count_text + len(members)))
+        pieces += [
+            embeds[text],
+            merge.tokens[members].to(embeds.dtype),
+            video.suffix if members_suffix else embeds[:0],
+        ]
+        if positions is not None:
+            tail = (
+                video_positions[:, video_positions.shape[1] - members_suffix :]
+                if members_suffix
+                else positions[:, :0]
+            )
+            piece_positions += [positions[:, text], video_positions[:, first[members]], tail]
+        piece_extras.append((count_text, members, members_suffix))
+        length += count_text + len(members) + members_suffix
+        cursor = end
+    after = torch.zeros_like(real)
+    after[cursor:] = real[cursor:]
+    pieces.append(embeds[after])
+    if positions is not None:
+        piece_positions.append(positions[:, after])
+    row_extras = [_extra_row(x, piece_extras, int(after.sum()), embeds) for x in extras]
+    # Stage 1 emits tokens in time order of their first member, so the runs take consecutive
+    # merged tokens and the visual tokens stay in merged-token order (as the trace assumes).
+    assert bool((run_of.diff() >= 0).all()), "stage-1 output must be in time order"
+    span = VisualSpan(torch.cat(visual).to(embeds.device), merge.groups, length)
+    row = _Row(
+        torch.cat(pieces), None if positions is None else torch.cat(piece_positions, dim=1), row_extras
+    )
+    return row, span
+
+
+def _extra_row(
+    merged: torch.Tensor, layout: list[tuple[int, torch.Tensor, int]], tail: int, like: torch.Tensor
+) -> torch.Tensor:
+    """A (L, C) row that holds `merged` (M, C) at the visual tokens and zeros elsewhere."""
+    parts = []
+    for count_text, members, count_suffix in layout:
+        parts += [
+            like.new_zeros(count_text, like.shape[1]),
+            merged[members].to(like.dtype),
+            like.new_zeros(count_suffix, like.shape[1]),
+        ]
+    parts.append(like.new_zeros(tail, like.shape[1]))
+    return torch.cat(parts)
+
+
+def merged_means(features: torch.Tensor, merge: MergeResult) -> torch.Tensor:
+    """(T * N, C) per-original-token features -> (M, C) the plain mean over each merged token's
+    members: what stage 1 does to the tokens themselves (a merged token is its members' mean)."""
+    index = merge.assignment.flatten().to(features.device)
+    sums = features.new_zeros(merge.num_tokens, features.shape[1], dtype=torch.float32)
+    sums.index_add_(0, index, features.float())
+    counts = torch.bincount(index, minlength=merge.num_tokens).clamp(min=1)
+    return (sums / counts[:, None]).to(features.dtype)
+
+
+def runs_of(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each maximal run of True in a (L,) bool tensor."""
+    edges = torch.diff(F.pad(flags.long(), (1, 1))).nonzero().squeeze(1).tolist()
+    return list(zip(edges[::2], edges[1::2]))
 
 
 def _representatives(merge: MergeResult) -> torch.Tensor:

@@ -30,19 +30,19 @@ Rule = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.T
 
 @dataclass
 class VisualSpan:
-    """Where one sample's visual tokens sit in the logical prompt (indices into its row).
+    """Where one sample's visual tokens sit in the logical prompt.
 
-    start: first visual token; groups: (n,) stage-2 budget set of each of the n visual tokens;
-    question_start: first token after the video (its newline included), i.e. the query rows.
+    index: (n,) their positions in the row, increasing (one run, or one run per time step when
+    the model puts text between frames); groups: (n,) stage-2 budget set of each;
+    question_start: first token after the video, i.e. the first query row.
     """
 
-    start: int
+    index: torch.Tensor
     groups: torch.Tensor
     question_start: int
 
-    @property
-    def end(self) -> int:
-        return self.start + len(self.groups)
+    def shifted(self, offset: int) -> VisualSpan:
+        return VisualSpan(self.index + offset, self.groups, self.question_start + offset)
 
 
 @dataclass
@@ -104,6 +104,7 @@ def prefill(
     spans: list[VisualSpan | None],
     config: PruneVidConfig,
     rule: Rule = question_guided,
+    residuals: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Selection]:
     """Prefill a stock decoder `lm` (e.g. Qwen2Model) on the logical prompt, with stage 2.
 
@@ -112,10 +113,12 @@ def prefill(
     Layers 0..selected_layer run on all L tokens; stage 2 then keeps the selected tokens,
     crops those layers' cache to them and runs the remaining layers on the P kept tokens.
     `rule` picks the kept visual tokens from the question rows' attention (baselines swap it).
+    `residuals[i]` (B, L, C) is added to the output of layer i (Qwen3-VL's deepstack features,
+    zero outside the visual tokens).
     Returns the final-normed hidden states (B, P, C) and the selection.
     """
     prune_at = config.selected_layer if config.stage2 and any(spans) else None
-    layer_types = lm.config.layer_types
+    layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"] * len(lm.layers)
     hidden = embeds
     rope_positions, text_positions = _split_positions(position_ids)
     masks = _layer_masks(lm, hidden, mask, text_positions, cache)
@@ -131,9 +134,13 @@ def prefill(
             cache=cache,
             use_cache=cache is not None,
         )
+        if residuals is not None and i < len(residuals):
+            hidden = hidden + residuals[i]
         if i == prune_at:
             selection = select_tokens(layer, layer_input, mask, spans, config.alpha, rule)
-            hidden = hidden.gather(1, selection.keep[:, :, None].expand(-1, -1, hidden.shape[2]))
+            index = selection.keep[:, :, None].expand(-1, -1, hidden.shape[2])
+            hidden = hidden.gather(1, index)
+            residuals = None if residuals is None else [r.gather(1, index) for r in residuals]
             position_ids = position_ids.gather(-1, selection.keep.expand(*position_ids.shape[:-2], -1, -1))
             rope_positions, text_positions = _split_positions(position_ids)
             if cache is not None:
@@ -174,7 +181,7 @@ def select_tokens(
             question = real[-1:]
         queries = _heads(attn, "q", normed[b, question])
         keys = _heads(attn, "k", normed[b, real])
-        visual = (real >= span.start) & (real < span.end)
+        visual = torch.isin(real, span.index.to(real.device))
         score, kept = rule(
             question_attention(queries, keys)[:, :, visual], span.groups.to(keys.device), alpha
         )
@@ -246,6 +253,6 @@ def _layer_masks(
         "position_ids": position_ids,
     }
     masks = {"full_attention": create_causal_mask(**kwargs)}
-    if "sliding_attention" in lm.config.layer_types:
+    if "sliding_attention" in (getattr(lm.config, "layer_types", None) or ()):
         masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
     return masks

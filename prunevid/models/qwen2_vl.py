@@ -28,11 +28,12 @@ from .base import (
     patch_inner,
     resize_uint8,
     restore_class,
+    runs_of,
     video_prefill,
 )
 from .decoder import Rule
 
-# Qwen2-VL / Qwen2.5-VL chat format for one video and a question.
+# Qwen-VL chat format for one video and a question (Qwen3-VL: the video part is one run per frame).
 PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     "<|vision_start|><|video_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -41,7 +42,7 @@ VIDEO_MODALITY = 2  # mm_token_type_ids: text 0, image 1, video 2
 
 
 class PruneVidQwenVLModel(torch.nn.Module):
-    """Mixed into the stock inner `Qwen2VLModel` / `Qwen2_5_VLModel` by `patch`."""
+    """Mixed into the stock inner `Qwen2VLModel` / `Qwen2_5_VLModel` / `Qwen3VLModel` by `patch`."""
 
     _prunevid: Runtime
 
@@ -101,9 +102,15 @@ class PruneVidQwenVLModel(torch.nn.Module):
             )
             is_video = is_video[..., 0]
             # generate() consumes video_grid_thw when it encodes the video, so read each grid
-            # off the stock 3-D positions of its tokens instead.
-            spans = [position_ids[-3:, b, is_video[b]] for b in range(len(is_video)) if is_video[b].any()]
-            grids = [_video_grid(f, span) for f, span in zip(features, spans)]
+            # off the stock 3-D positions of its first frame's tokens instead.
+            deepstack = getattr(video, "deepstack_features", None) or []  # Qwen3-VL: per layer, per video
+            rows = [b for b in range(len(is_video)) if is_video[b].any()]
+            grids = []
+            for v, (f, b) in enumerate(zip(features, rows)):
+                start, end = runs_of(is_video[b])[0]
+                grids.append(
+                    _video_grid(f, position_ids[-3:, b, start:end], [layer[v] for layer in deepstack])
+                )
             hidden, cache = video_prefill(
                 runtime,
                 self.language_model,
@@ -138,12 +145,13 @@ class PruneVidQwenVLModel(torch.nn.Module):
         )
 
 
-def _video_grid(features: torch.Tensor, positions: torch.Tensor) -> VideoGrid:
-    """(t * h * w, C) merger output of one video, row-major, and its (3, t * h * w) stock (t, h, w)
-    positions -> per-time-step (h, w) grids."""
-    height = int(positions[1].max() - positions[1].min()) + 1
-    width = int(positions[2].max() - positions[2].min()) + 1
-    return VideoGrid(features.view(-1, height * width, features.shape[-1]), (height, width), features[:0])
+def _video_grid(features: torch.Tensor, first_frame: torch.Tensor, extras: list[torch.Tensor]) -> VideoGrid:
+    """(t * h * w, C) merger output of one video, row-major, and the (3, n) stock (t, h, w)
+    positions of its first frame's tokens -> per-time-step (h, w) grids."""
+    height = int(first_frame[1].max() - first_frame[1].min()) + 1
+    width = int(first_frame[2].max() - first_frame[2].min()) + 1
+    tokens = features.view(-1, height * width, features.shape[-1])
+    return VideoGrid(tokens, (height, width), features[:0], [x.to(features) for x in extras])
 
 
 def patch(model: torch.nn.Module, config: PruneVidConfig, rule: Rule = question_guided) -> None:
@@ -178,15 +186,26 @@ class VideoPatchify:
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     rescale: float = 1 / 255
+    video_budget: bool = False
 
     @classmethod
     def for_config(cls, config) -> VideoPatchify:
         vision = config.vision_config
-        return cls(
+        sizes = dict(
             patch=vision.patch_size,
             merge=vision.spatial_merge_size,
             temporal_patch=vision.temporal_patch_size,
         )
+        if config.model_type == "qwen3_vl":  # its video processor's defaults
+            return cls(
+                min_pixels=128 * 32 * 32,
+                max_pixels=768 * 32 * 32,
+                mean=(0.5,) * 3,
+                std=(0.5,) * 3,
+                video_budget=True,
+                **sizes,
+            )
+        return cls(**sizes)
 
     @classmethod
     def from_json(cls, path: str) -> VideoPatchify:
@@ -205,26 +224,32 @@ class VideoPatchify:
             rescale=data.get("rescale_factor", cls.rescale),
         )
 
-    def target_size(self, height: int, width: int) -> tuple[int, int]:
-        """Qwen2-VL's `smart_resize` rule."""
+    def target_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
+        """Qwen-VL's `smart_resize` rule: per frame (Qwen2-VL, Qwen2.5-VL) or, with
+        `video_budget`, over the whole clip's rounded frame count (Qwen3-VL)."""
         factor = self.patch * self.merge
+        if self.video_budget and min(height, width) < factor:
+            scale = max(factor / height, factor / width)
+            height, width = int(height * scale), int(width * scale)
         if max(height, width) / min(height, width) > 200:
             raise ValueError(
                 f"aspect ratio {max(height, width) / min(height, width):.0f} is above Qwen-VL's limit of 200"
             )
+        frames = round(num_frames / self.temporal_patch) * self.temporal_patch if self.video_budget else 1
+        area = height * width * (num_frames if self.video_budget else 1)
         h, w = round(height / factor) * factor, round(width / factor) * factor
-        if h * w > self.max_pixels:
-            beta = math.sqrt(height * width / self.max_pixels)
+        if frames * h * w > self.max_pixels:
+            beta = math.sqrt(area / self.max_pixels)
             h = max(factor, math.floor(height / beta / factor) * factor)
             w = max(factor, math.floor(width / beta / factor) * factor)
-        elif h * w < self.min_pixels:
-            beta = math.sqrt(self.min_pixels / (height * width))
+        elif frames * h * w < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / area)
             h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
         return h, w
 
     def __call__(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, H, W, 3) uint8 -> (pixel_values_videos (n_patches, 3 * 2 * 14 * 14), grid_thw (3,))."""
-        size = self.target_size(*frames.shape[1:3])
+        size = self.target_size(*frames.shape[1:3], len(frames))
         video = normalize(resize_uint8(frames, size), self.mean, self.std, self.rescale)
         if pad := -len(video) % self.temporal_patch:
             video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
@@ -246,13 +271,26 @@ def build_inputs(
     """Inputs for one video and question: input_ids, attention_mask, mm_token_type_ids,
     pixel_values_videos, video_grid_thw, and for Qwen2.5-VL given `seconds_per_frame` (the time
     between sampled frames) second_per_grid_ts, which spaces the temporal positions as its
-    processor does. Without it the model assumes one second per temporal patch."""
+    processor does (Qwen3-VL: the timestamps written before each frame). Without it the model
+    assumes one second per temporal patch."""
     patchify = patchify or VideoPatchify.for_config(config)
     pixels, thw = patchify(frames)
     merge = config.vision_config.spatial_merge_size
     video_token = tokenizer.convert_ids_to_tokens(config.video_token_id)
-    count = int(thw.prod()) // merge**2
-    prompt = PROMPT.format(question=question).replace("<|video_pad|>", video_token * count)
+    prompt = PROMPT.format(question=question)
+    if config.model_type == "qwen3_vl":
+        # One run per temporal patch, each after its timestamp (its frames' mean time), as
+        # Qwen3-VL's processor lays the video out.
+        seconds = seconds_per_frame or 1.0
+        per_step = int(thw[1:].prod()) // merge**2
+        video = "".join(
+            f"<{(patchify.temporal_patch * t + (patchify.temporal_patch - 1) / 2) * seconds:.1f} seconds>"
+            f"<|vision_start|>{video_token * per_step}<|vision_end|>"
+            for t in range(int(thw[0]))
+        )
+        prompt = prompt.replace("<|vision_start|><|video_pad|><|vision_end|>", video)
+    else:
+        prompt = prompt.replace("<|video_pad|>", video_token * (int(thw.prod()) // merge**2))
     encoded = tokenizer([prompt], return_tensors="pt")
     ids = encoded["input_ids"]
     inputs = {

@@ -225,6 +225,11 @@ def test_patchify_layout_and_sizes():
     assert patchify.target_size(28, 28) == (336, 336), "raised to at least 128 * 28 * 28 pixels"
     with pytest.raises(ValueError, match="aspect ratio"):
         patchify.target_size(10, 3000)
+    # Qwen3-VL budgets the whole clip: 16 frames of 240 x 320 round to 16 x 256 x 320 = 1,310,720 px
+    # > 768 * 32 * 32 = 786,432: beta = sqrt(16 * 240 * 320 / 786432) = 1.25 -> 192 x 256.
+    qwen3 = VideoPatchify(min_pixels=128 * 32 * 32, max_pixels=768 * 32 * 32, patch=16, video_budget=True)
+    assert qwen3.target_size(240, 320, 16) == (192, 256)
+    assert qwen3.target_size(240, 320, 4) == (256, 320), "4 frames fit the budget: nearest multiples of 32"
 
     # A frame whose pixel value encodes its 14 x 14 patch (row, col): after patchify, patch i of
     # time step 0 must come from patch (row, col) in merge-block order.

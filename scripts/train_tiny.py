@@ -4,6 +4,7 @@
     nice -n 19 python scripts/train_tiny.py --out /tmp/tiny_run --minutes 60
     python scripts/train_tiny.py --out /tmp/tiny_run --minutes 30      # resumes from /tmp/tiny_run/last
     python scripts/train_tiny.py --out /tmp/tiny_run --export prunevid/weights/tiny   # best -> package
+    python scripts/train_tiny.py --out /tmp/more --init prunevid/weights/tiny --aux-position ...  # continue
 
 Recipe (what makes a 1-2M-parameter model learn within an hour of one CPU thread):
 * every video is one multi-turn chat holding all seven question families in a seeded random
@@ -99,9 +100,13 @@ class Trainer:
         self.history: list[dict] = []
         self.best = -1.0
         last = self.out / "last"
-        if (last / "config.json").exists():
-            self.tokenizer = PreTrainedTokenizerFast.from_pretrained(last)
-            self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(last)
+        init = last if (last / "config.json").exists() else args.init and Path(args.init)
+        if init:
+            self.tokenizer = PreTrainedTokenizerFast.from_pretrained(init)
+            self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(init)
+            if init != last and (init / "history.json").exists():  # continue the shipped model's data stream
+                self.history = json.loads((init / "history.json").read_text())
+                self.step = self.history[-1]["step"] if self.history else 0
         else:
             self.tokenizer = tiny_tokenizer()
             torch.manual_seed(args.seed)
@@ -355,6 +360,9 @@ def export(run: Path, target: Path, frames: int, calibration_videos: int) -> Non
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="/tmp/prunevid_tiny_run", help="run directory (resumes from OUT/last)")
+    p.add_argument(
+        "--init", default=None, help="start a new run from this model folder (e.g. prunevid/weights/tiny)"
+    )
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this invocation")
     p.add_argument("--max-steps", type=int, default=10**9)
     p.add_argument("--batch", type=int, default=16)

@@ -277,35 +277,35 @@ CALIBRATION_SEED = TRAIN_SEED_START + 500_000_000  # training range, far past an
 def calibrate(
     checkpoint: Checkpoint,
     num_videos: int = 48,
-    taus: tuple[float, ...] = (0.7, 0.8, 0.9),
-    cluster_ratios: tuple[float, ...] = (0.25, 0.5),
+    taus: tuple[float, ...] = (0.8, 0.9, 0.95),
+    cluster_ratios: tuple[float, ...] = (0.5, 0.75, 1.0),
+    alphas: tuple[float, ...] = (0.4, 0.6, 0.8),
     max_retention: float = 0.2,
     log: Callable = print,
 ) -> tuple[PruneVidConfig, list[dict]]:
-    """Choose tau, cluster_ratio and selected_layer on TRAINING seeds: the most accurate
-    setting (alpha kept at the preset's) whose retention is at most `max_retention`; ties go to
-    the lower retention. Returns the new preset and every setting tried."""
+    """Choose tau, cluster_ratio, alpha and selected_layer on TRAINING seeds: the most accurate
+    setting whose retention is at most `max_retention`; ties go to the lower retention.
+    Returns the new preset and every setting tried."""
     preset = checkpoint.preset
     seeds = range(CALIBRATION_SEED, CALIBRATION_SEED + num_videos)
     samples = [make_sample(s, preset.num_frames, checkpoint.frame_size) for s in seeds]
     features = encode_videos(checkpoint, samples)
     layers = checkpoint.model.config.text_config.num_hidden_layers
     tried = []
-    for layer in range(layers - 1):
-        for tau in taus:
-            for ratio in cluster_ratios:
-                config = preset.replace(tau=tau, cluster_ratio=ratio, selected_layer=layer)
-                result = evaluate(checkpoint, Method("prunevid", config), samples, features)
-                tried.append(
-                    summarise("prunevid", result, tau=tau, cluster_ratio=ratio, selected_layer=layer)
-                )
-                log(tried[-1])
+    settings = [
+        dict(selected_layer=layer, tau=tau, cluster_ratio=ratio, alpha=alpha)
+        for layer in range(layers - 1)
+        for tau in taus
+        for ratio in cluster_ratios
+        for alpha in alphas
+    ]
+    for setting in settings:
+        result = evaluate(checkpoint, Method("prunevid", preset.replace(**setting)), samples, features)
+        tried.append(summarise("prunevid", result, **setting))
+        log({k: tried[-1][k] for k in ("retention", "accuracy", *setting)})
     allowed = [r for r in tried if r["retention"] <= max_retention] or tried
     best = max(allowed, key=lambda r: (r["accuracy"], -r["retention"]))
-    chosen = preset.replace(
-        tau=best["tau"], cluster_ratio=best["cluster_ratio"], selected_layer=best["selected_layer"]
-    )
-    return chosen, tried
+    return preset.replace(**{k: best[k] for k in settings[0]}), tried
 
 
 def write_preset(

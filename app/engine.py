@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
@@ -35,7 +34,7 @@ from prunevid.pipeline import (
     preset,
 )
 from prunevid.trace import PruningTrace
-from prunevid.video import Video, load_video
+from prunevid.video import Video, downscale, load_video
 
 LARGE_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 MODEL_CHOICES = [*MODELS, TINY_MODEL]
@@ -379,10 +378,5 @@ def speed_markdown(outcome: Outcome) -> str:
 
 
 def display_frames(frames: np.ndarray, max_side: int = DISPLAY_SIDE) -> np.ndarray:
-    """(T, h, w, 3) frames scaled down (never up) so the longer side is at most `max_side`."""
-    height, width = frames.shape[1:3]
-    scale = max_side / max(height, width)
-    if scale >= 1:
-        return frames
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
+    """The frames at display size (never enlarged)."""
+    return downscale(frames, max_side)

@@ -7,6 +7,7 @@ from types import ModuleType
 import torch
 
 from .config import PruneVidConfig
+from .models.base import patch_inner, restore_class
 from .models.decoder import Rule
 from .select import question_guided
 from .trace import PruningTrace
@@ -38,18 +39,22 @@ def patch(
     `rule` swaps stage 2's selection rule (default: PruneVid's; see `prunevid.baselines`).
     Patching a patched model replaces its settings. `unpatch` restores the stock model.
     """
-    family_of(model).patch(model, config or PruneVidConfig(), rule or question_guided)
+    pruned = family_of(model).PrunedModel
+    layers = model.config.text_config.num_hidden_layers
+    patch_inner(model.model, pruned, config or PruneVidConfig(), rule or question_guided, layers)
     return model
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
-    family_of(model).unpatch(model)
+    family_of(model)  # the same error as patch for a model of another kind
+    restore_class(model.model)
     return model
 
 
 def last_traces(model: torch.nn.Module) -> list[PruningTrace | None]:
     """The traces of the last prefill with a video, one per batch row (None for rows without video)."""
-    runtime = family_of(model).runtime(model)
+    family_of(model)
+    runtime = getattr(model.model, "_prunevid", None)
     if runtime is None:
         raise RuntimeError("this model is not patched: call prunevid.patch(model) first")
     if runtime.traces is None:

@@ -116,7 +116,8 @@ def _decode_av(path: str, num_frames: int) -> tuple[np.ndarray, np.ndarray, floa
     return frames, timestamps, fps, duration
 
 
-def _resize(frames: np.ndarray, max_side: int) -> np.ndarray:
+def downscale(frames: np.ndarray, max_side: int) -> np.ndarray:
+    """(T, h, w, 3) frames scaled down (never up) so that the longer side is at most `max_side`."""
     import cv2
 
     height, width = frames.shape[1:3]
@@ -153,7 +154,7 @@ def load_video(path: str | os.PathLike, num_frames: int = 16, max_side: int | No
     if not np.isfinite(fps) or fps <= 0:
         fps = num_frames / duration if duration > 0 else 1.0
     if max_side is not None:
-        frames = _resize(frames, max_side)
+        frames = downscale(frames, max_side)
     return Video(
         frames=np.ascontiguousarray(frames, dtype=np.uint8),
         timestamps=timestamps,

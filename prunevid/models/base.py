@@ -47,6 +47,15 @@ class Runtime:
     stage1_cache: OrderedDict = field(default_factory=OrderedDict)
     stage1_cache_size: int = 4
 
+    def decode_arguments(
+        self, cache, num_new: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A decode step on the pruned cache gets the physical mask and the logical positions;
+        any other call keeps its own arguments."""
+        if self.state is None or cache is None or cache is not self.state.cache:
+            return attention_mask, position_ids
+        return self.state.decode_inputs(attention_mask, num_new)
+
     def merge(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[MergeResult, bool]:
         """Stage 1 on (T, N, C) tokens, reused when the same feature tensor comes back (an app
         asking a follow-up question passes its cached features). Returns (result, reused)."""

@@ -21,18 +21,13 @@ import torch
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModelOutputWithPast
 
-from ..config import PruneVidConfig
-from ..select import question_guided
 from .base import (
     Runtime,
     VideoGrid,
     normalize,
-    patch_inner,
     resize_uint8,
-    restore_class,
     video_prefill,
 )
-from .decoder import Rule
 
 # The chat format of the llava-hf LLaVA-OneVision checkpoints (their processor's template).
 PROMPT = "<|im_start|>user <video>\n{question}<|im_end|><|im_start|>assistant\n"
@@ -97,10 +92,8 @@ class PruneVidLlavaOnevisionModel(LlavaOnevisionModel):
             return LlavaOnevisionModelOutputWithPast(
                 last_hidden_state=hidden, cache=cache, video_outputs=video
             )
-        state = runtime.state
-        if state is not None and cache is not None and cache is state.cache:
-            num_new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            attention_mask, position_ids = state.decode_inputs(attention_mask, num_new)
+        num_new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        attention_mask, position_ids = runtime.decode_arguments(cache, num_new, attention_mask, position_ids)
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -113,21 +106,6 @@ class PruneVidLlavaOnevisionModel(LlavaOnevisionModel):
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
-
-
-def patch(model: torch.nn.Module, config: PruneVidConfig, rule: Rule = question_guided) -> None:
-    """Swap the PruneVid forward onto `model.model` (in place); patching again updates the settings."""
-    patch_inner(
-        model.model, PruneVidLlavaOnevisionModel, config, rule, model.config.text_config.num_hidden_layers
-    )
-
-
-def unpatch(model: LlavaOnevisionForConditionalGeneration) -> None:
-    restore_class(model.model)
-
-
-def runtime(model: LlavaOnevisionForConditionalGeneration) -> Runtime | None:
-    return getattr(model.model, "_prunevid", None)
 
 
 def pooled_grid(config) -> tuple[int, int]:
@@ -213,3 +191,6 @@ Preprocessing = FrameProcessing
 def video_features(model: LlavaOnevisionForConditionalGeneration, inputs: dict[str, torch.Tensor]):
     """The vision tower's output for `inputs` (what `generate(mm_encoder_outputs={"video": ...})` takes)."""
     return model.model.get_video_features(inputs["pixel_values_videos"], return_dict=True)
+
+
+PrunedModel = PruneVidLlavaOnevisionModel

@@ -19,19 +19,14 @@ import numpy as np
 import torch
 from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast
 
-from ..config import PruneVidConfig
-from ..select import question_guided
 from .base import (
     Runtime,
     VideoGrid,
     normalize,
-    patch_inner,
     resize_uint8,
-    restore_class,
     runs_of,
     video_prefill,
 )
-from .decoder import Rule
 
 # Qwen-VL chat format for one video and a question (Qwen3-VL: the video part is one run per frame).
 PROMPT = (
@@ -125,10 +120,8 @@ class PruneVidQwenVLModel(torch.nn.Module):
             return MultimodalBaseModelOutputWithPast(
                 last_hidden_state=hidden, cache=cache, video_outputs=video
             )
-        state = runtime.state
-        if state is not None and cache is not None and cache is state.cache:
-            num_new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            attention_mask, position_ids = state.decode_inputs(attention_mask, num_new)
+        num_new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        attention_mask, position_ids = runtime.decode_arguments(cache, num_new, attention_mask, position_ids)
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -152,19 +145,6 @@ def _video_grid(features: torch.Tensor, first_frame: torch.Tensor, extras: list[
     width = int(first_frame[2].max() - first_frame[2].min()) + 1
     tokens = features.view(-1, height * width, features.shape[-1])
     return VideoGrid(tokens, (height, width), features[:0], [x.to(features) for x in extras])
-
-
-def patch(model: torch.nn.Module, config: PruneVidConfig, rule: Rule = question_guided) -> None:
-    """Swap the PruneVid forward onto `model.model` (in place); patching again updates the settings."""
-    patch_inner(model.model, PruneVidQwenVLModel, config, rule, model.config.text_config.num_hidden_layers)
-
-
-def unpatch(model: torch.nn.Module) -> None:
-    restore_class(model.model)
-
-
-def runtime(model: torch.nn.Module) -> Runtime | None:
-    return getattr(model.model, "_prunevid", None)
 
 
 @dataclass(frozen=True)
@@ -313,3 +293,6 @@ def video_features(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
     return model.model.get_video_features(
         inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True
     )
+
+
+PrunedModel = PruneVidQwenVLModel

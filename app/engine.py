@@ -24,6 +24,7 @@ from prunevid.pipeline import (
     DEFAULT_MODEL,
     MODELS,
     TINY_MODEL,
+    TRAINED_TINY_MODEL,
     LoadedModel,
     ModelLoadError,
     Result,
@@ -37,12 +38,13 @@ from prunevid.trace import PruningTrace
 from prunevid.video import Video, downscale, load_video
 
 LARGE_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-MODEL_CHOICES = [*MODELS, TINY_MODEL]
+MODEL_CHOICES = [*MODELS, TRAINED_TINY_MODEL, TINY_MODEL]
 MODEL_LABELS = {
     "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": "LLaVA-OneVision 0.5B (llava-hf/llava-onevision-qwen2-0.5b-ov-hf)",
     "llava-hf/llava-onevision-qwen2-7b-ov-hf": "LLaVA-OneVision 7B (llava-hf/llava-onevision-qwen2-7b-ov-hf)",
     "Qwen/Qwen2.5-VL-3B-Instruct": "Qwen2.5-VL 3B (Qwen/Qwen2.5-VL-3B-Instruct)",
     "Qwen/Qwen2.5-VL-7B-Instruct": "Qwen2.5-VL 7B (Qwen/Qwen2.5-VL-7B-Instruct)",
+    TRAINED_TINY_MODEL: "tiny-trained: offline, trained on synthetic shape videos (8 frames)",
     TINY_MODEL: "tiny: offline demo model (random weights)",
 }
 # The offline model is an untrained random one for now; the page says so while this holds.

@@ -23,6 +23,9 @@ from .video import Video, load_video
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 TINY_MODEL = "tiny"
+# A 0.8M-parameter LLaVA-OneVision trained here on synthetic videos (prunevid.synthetic): offline,
+# and its answers about such videos mean something.
+TRAINED_TINY_MODEL = "tiny-trained"
 MODELS = [
     DEFAULT_MODEL,
     "llava-hf/llava-onevision-qwen2-7b-ov-hf",
@@ -85,6 +88,10 @@ class Result:
 def preset(name: str, num_layers: int | None = None) -> PruneVidConfig:
     """The default settings for a model: its preset, else the paper's, with `selected_layer`
     scaled by depth (10 of LLaVA-OneVision-7B's 28 layers) when the model is too shallow for it."""
+    if name == TRAINED_TINY_MODEL:  # calibrated on training seeds, stored beside its weights
+        from .accuracy import load_preset
+
+        return load_preset()[0]
     config = PRESETS.get(name, PruneVidConfig())
     if num_layers is not None and config.selected_layer >= num_layers:
         config = config.replace(selected_layer=max(0, num_layers * 10 // 28))
@@ -98,6 +105,11 @@ def load_model(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name == TRAINED_TINY_MODEL:
+        from .accuracy import WEIGHTS, load_checkpoint
+
+        checkpoint = load_checkpoint(WEIGHTS)
+        return LoadedModel(name, checkpoint.model.to(device), checkpoint.tokenizer, checkpoint.processing)
     if name in PRESETS and name.startswith(TINY_MODEL):
         from .testing import tiny_tokenizer
 

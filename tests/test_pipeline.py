@@ -55,7 +55,7 @@ def test_precomputed_features_give_the_same_answer_and_reuse_stage1(checkpoint):
     assert not other.trace.stage1_reused, "new stage-1 settings recompute it"
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-qwen"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen", "tiny-trained"])
 def test_each_family_answers_through_the_pipeline(name):
     loaded = load_model(name)
     result = answer(loaded, SHAPES, "what colour is the object ?", max_new_tokens=3)

@@ -1,0 +1,128 @@
+"""`prunevid bench speed --quick`: run in-process on the tiny model; invariants only, never timings."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunevid import bench, cli
+from prunevid.config import PruneVidConfig
+from prunevid.merge import merge_tokens
+
+REQUIRED = ("visual_tokens", "llm_prefill_s", "ttft_s", "decode_ms_per_token", "kv_bytes", "flops", "speedup")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("bench")
+    args = ["bench", "speed", "--quick", "--sweep", "--json", str(folder / "speed.json")]
+    args += ["--sweep-csv", str(folder / "sweep.csv"), "--sweep-png", str(folder / "sweep.png")]
+    assert cli.main(args) == 0
+    return {
+        "result": json.loads((folder / "speed.json").read_text()),
+        "csv": list(csv.DictReader((folder / "sweep.csv").open())),
+        "png": folder / "sweep.png",
+    }
+
+
+def _methods(quick: dict) -> dict[str, dict]:
+    return {m["name"]: m for m in quick["result"]["methods"]}
+
+
+def test_json_schema(quick: dict) -> None:
+    result = quick["result"]
+    assert isinstance(result["machine"], dict) and result["machine"]["cpu"]
+    assert [m["name"] for m in result["methods"]] == list(bench.METHOD_NAMES)
+    for method in result["methods"]:
+        for key in REQUIRED:
+            assert isinstance(method[key], int | float), (method["name"], key)
+
+
+def test_token_counts_are_consistent(quick: dict) -> None:
+    result, by = quick["result"], _methods(quick)
+    total = by["stock"]["total_visual_tokens"]
+    assert total == 16 * 7 * 7  # 16 frames of the tiny model's 7 x 7 pooled grid
+    assert by["stock"]["visual_tokens"] == by["stock"]["stage1_tokens"] == total
+    assert by["prunevid"]["visual_tokens"] <= by["stage1"]["visual_tokens"] <= by["stock"]["visual_tokens"]
+    assert by["stage1"]["visual_tokens"] == result["calibration"]["tokens"]
+    assert by["prunevid"]["stage1_tokens"] == result["calibration"]["tokens"]
+    # The budget the bench predicts for FastV/random is what the trace reports for PruneVid.
+    assert by["prunevid"]["visual_tokens"] == result["predicted_kept"]
+    assert by["fastv"]["visual_tokens"] == by["random"]["visual_tokens"] == by["prunevid"]["visual_tokens"]
+    # Stage 2 alone keeps int(alpha * 49) = 19 tokens of each of the 16 frames.
+    assert by["stage2"]["visual_tokens"] == 16 * int(0.4 * 49)
+
+
+def test_cache_matches_the_sequence(quick: dict) -> None:
+    by = _methods(quick)
+    per_token = by["stock"]["kv_bytes"] / by["stock"]["kv_tokens"]
+    for method in by.values():
+        assert method["kv_tokens"] == method["sequence_tokens"][1], method["name"]
+        assert method["kv_bytes"] == per_token * method["kv_tokens"], method["name"]
+    assert by["prunevid"]["kv_bytes"] < by["stage1"]["kv_bytes"] < by["stock"]["kv_bytes"]
+
+
+def test_flops_ordering(quick: dict) -> None:
+    by = _methods(quick)
+    flops = {name: m["flops"] for name, m in by.items()}
+    assert flops["stock"] > flops["stage1"] > flops["prunevid"]
+    assert flops["stock"] > flops["stage2"] > flops["fastv"] == flops["random"]
+    assert flops["prunevid"] < flops["fastv"]  # same final tokens, shorter early layers
+    for method in by.values():
+        assert method["flops_speedup"] == pytest.approx(flops["stock"] / method["flops"])
+
+
+def test_times_are_non_negative(quick: dict) -> None:
+    result = quick["result"]
+    for method in result["methods"]:
+        for key in ("llm_prefill_s", "llm_prefill_min_s", "ttft_s", "stage1_s", "decode_ms_per_token"):
+            assert method[key] >= 0, (method["name"], key)
+        assert method["ttft_s"] >= method["llm_prefill_s"]
+        assert method["llm_prefill_min_s"] <= method["llm_prefill_s"] <= method["llm_prefill_max_s"]
+    assert _methods(quick)["stock"]["speedup"] == 1.0
+    assert result["vision"]["vision_s"] >= 0 and result["vision"]["preprocess_s"] >= 0
+
+
+def test_sweep_outputs(quick: dict) -> None:
+    rows = quick["csv"]
+    assert [r["name"] for r in rows] == ["stock", "cr=0.5 alpha=0.4", "cr=0.5 alpha=1"]
+    assert float(rows[1]["retention"]) < float(rows[2]["retention"]) <= 1
+    assert float(rows[1]["flops_speedup"]) > float(rows[2]["flops_speedup"]) > 1
+    pytest.importorskip("matplotlib")
+    assert quick["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_targets_are_reported(quick: dict) -> None:
+    targets = quick["result"]["targets"]
+    assert len(targets) == 6 and all(isinstance(t["met"], bool) for t in targets)
+
+
+def test_calibration_hits_the_target() -> None:
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 36, 16, generator=generator)
+    frames = base + 0.3 * torch.randn(8, 36, 16, generator=generator)  # 8 frames, 6 x 6 grid
+    config = PruneVidConfig(num_frames=8)
+    calibration = bench.calibrate_tau(frames, config, retention=0.3)
+    assert calibration.target == round(0.3 * 8 * 36)
+    assert merge_tokens(frames, config.replace(tau=calibration.tau)).num_tokens == calibration.tokens
+    assert abs(calibration.tokens - calibration.target) <= 0.05 * calibration.total
+
+
+def test_randomize_is_deterministic() -> None:
+    def make() -> torch.nn.Module:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        bench.randomize(model, seed=3)
+        return model
+
+    a, b = make(), make()
+    assert torch.equal(a[0].weight, b[0].weight) and a[0].weight.std() > 0
+    assert torch.equal(a[0].bias, torch.zeros(4)) and torch.equal(a[1].weight, torch.ones(4))
+
+
+def test_bad_arguments_are_one_sentence(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    assert cli.main(["bench", "speed", "--quick", "--video", str(tmp_path / "missing.mp4")]) == 2
+    assert "video not found" in capsys.readouterr().err

@@ -899,6 +899,12 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     add_speed_arguments(speed)
     speed.set_defaults(run=run_speed)
 
+    from . import accuracy
+
+    known_answers = commands.add_parser("accuracy", help="known-answer accuracy on synthetic videos, offline")
+    accuracy.add_arguments(known_answers)
+    known_answers.set_defaults(run=accuracy.run)
+
 
 def add_speed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=sorted(ARCHS), default=None, help="default qwen2-0.5b (--quick: tiny)")

@@ -486,7 +486,9 @@ def run_once(model: torch.nn.Module, method: Method, prompt: Prompt, new_tokens:
     rss_before = rss_bytes()
     probe, clock = CacheProbe(), TokenClock()
     handle = model.register_forward_hook(probe, with_kwargs=True)
-    features = prompt.features.to(model.dtype)
+    # A fresh tensor per call: the patched model reuses stage 1 for a feature tensor it has seen
+    # (follow-up questions), and every measured call must run, and time, its own stage 1.
+    features = prompt.features.to(model.dtype, copy=True)
     try:
         start_cpu, start = time.process_time(), time.perf_counter()
         model.generate(

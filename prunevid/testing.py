@@ -164,22 +164,9 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast | None = None, **text_overrid
         image_size=112,
         patch_size=8,
     )
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    text.update(text_overrides)
     return LlavaOnevisionConfig(
         vision_config=vision.to_dict(),
-        text_config=Qwen2Config(**text).to_dict(),
+        text_config=Qwen2Config(**_tiny_text(tokenizer, **text_overrides)).to_dict(),
         video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
@@ -192,10 +179,7 @@ def tiny_model(seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None, 
     """A randomly initialised tiny LlavaOnevisionForConditionalGeneration in eval mode (fp32)."""
     tokenizer = tokenizer or tiny_tokenizer()
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(tiny_config(tokenizer, **text_overrides)).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    return _ready(LlavaOnevisionForConditionalGeneration(tiny_config(tokenizer, **text_overrides)), tokenizer)
 
 
 def tiny_qwen_vl(
@@ -240,21 +224,8 @@ def tiny_qwen_vl(
         config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
     else:
         raise ValueError(f"family must be qwen2_vl, qwen2_5_vl or qwen3_vl, got {family!r}")
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    text.update(text_overrides)
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    text = _tiny_text(tokenizer, rope_parameters=rope, bos_token_id=tokenizer.pad_token_id, **text_overrides)
     ids = tokenizer.convert_tokens_to_ids
     config = config_class(
         vision_config=vision,
@@ -266,7 +237,28 @@ def tiny_qwen_vl(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = model_class(config).eval()
+    return _ready(model_class(config), tokenizer)
+
+
+def _tiny_text(tokenizer: PreTrainedTokenizerFast, **overrides) -> dict:
+    """The tiny language model's settings: 4 layers, width 64, 4 query heads and 2 key heads."""
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return {**text, **overrides}
+
+
+def _ready(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
+    """Eval mode, and generate() told the tokenizer's pad and end tokens."""
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model
+    return model.eval()

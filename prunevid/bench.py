@@ -1107,6 +1107,7 @@ def command_line(args: argparse.Namespace) -> str:
     if args.sweep:
         parts += [
             "--sweep",
+            f"--sweep-repeats {args.sweep_repeats or args.repeats}",
             f"--sweep-alphas {args.sweep_alphas}",
             f"--sweep-cluster-ratios {args.sweep_cluster_ratios}",
         ]

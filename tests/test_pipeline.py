@@ -53,6 +53,12 @@ def test_precomputed_features_give_the_same_answer_and_reuse_stage1(checkpoint):
     assert (again.trace.merged_index == first.trace.merged_index).all()
     other = answer(loaded, frames, question, config.replace(tau=0.99), 5, features=features)
     assert not other.trace.stage1_reused, "new stage-1 settings recompute it"
+    # A feature buffer refilled in place with another video must not reuse the old merge.
+    fresh = answer(loaded, frames, question, config, 5, features=features)
+    assert fresh.trace.stage1_reused
+    features.pooler_output.copy_(encode_video(loaded, frames[::-1].copy()).pooler_output)
+    refilled = answer(loaded, frames[::-1].copy(), question, config, 5, features=features)
+    assert not refilled.trace.stage1_reused, "an in-place write invalidates the cached stage 1"
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-qwen", "tiny-trained"])

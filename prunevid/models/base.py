@@ -60,8 +60,17 @@ class Runtime:
         """Stage 1 on (T, N, C) tokens, reused when the same feature tensor comes back (an app
         asking a follow-up question passes its cached features). Returns (result, reused)."""
         settings = tuple(getattr(self.config, name) for name in STAGE1_FIELDS)
-        # The entry holds `tokens`, so its memory cannot be reused by another tensor meanwhile.
-        key = (tokens.data_ptr(), tuple(tokens.shape), tokens.dtype, grid, settings)
+        # The entry holds `tokens`, so its memory cannot be reused by another tensor meanwhile;
+        # `_version` changes on every in-place write, so a refilled buffer is not taken for the old one.
+        key = (
+            tokens.data_ptr(),
+            tokens._version,
+            tuple(tokens.shape),
+            tokens.stride(),
+            tokens.dtype,
+            grid,
+            settings,
+        )
         if key in self.stage1_cache:
             self.stage1_cache.move_to_end(key)
             return self.stage1_cache[key][1], True

@@ -5,6 +5,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from helpers import greedy
 from transformers import TextIteratorStreamer
 
 import prunevid
@@ -44,19 +45,6 @@ def inputs(tokenizer):
     return build_inputs(
         tokenizer, tiny_model(tokenizer=tokenizer).config, scene(0), "what colour is the object ?"
     )
-
-
-def greedy(model, inputs, steps=5, **kwargs):
-    with torch.no_grad():
-        return model.generate(
-            **inputs,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **kwargs,
-        )
 
 
 # ---------------------------------------------------------------- exactness with both stages off

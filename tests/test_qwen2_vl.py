@@ -4,6 +4,7 @@ deepstack features) against the stock models and a slow masked reference."""
 import numpy as np
 import pytest
 import torch
+from helpers import greedy
 
 import prunevid
 from prunevid import PruneVidConfig, merge_tokens
@@ -46,18 +47,6 @@ def inputs_for(model, tokenizer, seed=0):
     return build_inputs(
         tokenizer, model.config, frames, "what colour is the object ?", SMALL_QWEN3 if qwen3 else SMALL
     )
-
-
-def greedy(model, inputs, steps=5):
-    with torch.no_grad():
-        return model.generate(
-            **inputs,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
 
 
 def stock_positions(model, inputs):

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from prunevid import PruneVidConfig
 from prunevid.cli import main
@@ -59,6 +60,17 @@ def test_precomputed_features_give_the_same_answer_and_reuse_stage1(checkpoint):
     features.pooler_output.copy_(encode_video(loaded, frames[::-1].copy()).pooler_output)
     refilled = answer(loaded, frames[::-1].copy(), question, config, 5, features=features)
     assert not refilled.trace.stage1_reused, "an in-place write invalidates the cached stage 1"
+
+
+def test_inference_mode_tensors_are_merged_afresh(checkpoint):
+    loaded = load_model(checkpoint)
+    config = preset(checkpoint, loaded.num_layers)
+    frames = load_video(SHAPES, 16).frames
+    with torch.inference_mode():  # its tensors keep no version counter, so stage 1 is never reused
+        features = encode_video(loaded, frames)
+        runs = [answer(loaded, frames, "what colour is it ?", config, 3, features=features) for _ in range(2)]
+    assert not any(run.trace.stage1_reused for run in runs)
+    assert runs[0].text == runs[1].text
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-qwen", "tiny-trained"])

@@ -58,7 +58,10 @@ class Runtime:
 
     def merge(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[MergeResult, bool]:
         """Stage 1 on (T, N, C) tokens, reused when the same feature tensor comes back (an app
-        asking a follow-up question passes its cached features). Returns (result, reused)."""
+        asking a follow-up question passes its cached features; never under `torch.inference_mode`,
+        whose tensors keep no version counter). Returns (result, reused)."""
+        if tokens.is_inference():
+            return merge_tokens(tokens, self.config, grid), False
         settings = tuple(getattr(self.config, name) for name in STAGE1_FIELDS)
         # The entry holds `tokens`, so its memory cannot be reused by another tensor meanwhile;
         # `_version` changes on every in-place write, so a refilled buffer is not taken for the old one.

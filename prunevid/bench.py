@@ -1,7 +1,8 @@
 """Benchmarks (`prunevid bench ...`). Subcommands are registered in `add_commands`.
 
 `prunevid bench speed` measures, in one process and interleaved, what PruneVid changes in a
-LLaVA-OneVision model of real layer sizes (random weights: speed does not depend on them):
+LLaVA-OneVision or Qwen2.5-VL model of real layer sizes (random weights: speed does not depend
+on them):
 
 * stock: the unpatched model;
 * stage1 / stage2: one stage of PruneVid only;
@@ -46,12 +47,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import baselines
-from .api import last_trace, patch, unpatch
+from .api import family_of, last_trace, patch, unpatch
 from .config import PruneVidConfig
 from .flops import DecoderShape, prefill_flops
 from .merge import merge_tokens
 from .models.decoder import Rule
-from .models.llava_onevision import FrameProcessing, build_inputs, pooled_grid
+from .models.llava_onevision import pooled_grid
 from .select import keep_by_budget
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -61,13 +62,30 @@ BENCH_VOCAB = 32768  # real Qwen2 has 151,936: only the LM head on one position 
 METHOD_NAMES = ("stock", "stage1", "stage2", "prunevid", "fastv", "random")
 MIB = 2**20
 
+# LLaVA-OneVision's SigLIP-so400m: its last layer and pooling head are dropped (26 of 27 layers).
 SIGLIP_SO400M = dict(
     hidden_size=1152,
     intermediate_size=4304,
-    num_hidden_layers=27,
+    num_hidden_layers=26,
     num_attention_heads=16,
     image_size=384,
     patch_size=14,
+    vision_use_head=False,
+)
+# Qwen2.5-VL-3B-Instruct's vision tower (window attention, full attention every 8th block).
+QWEN25_VIT = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    out_hidden_size=2048,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+    tokens_per_second=2,
+    hidden_act="silu",
 )
 
 
@@ -76,16 +94,27 @@ SIGLIP_SO400M = dict(
 
 @dataclass(frozen=True)
 class Arch:
-    """A model to benchmark: Qwen2 text sizes (empty for the tiny test model) + SigLIP-so400m."""
+    """A model to benchmark: its family, Qwen2 text sizes and vision tower (empty for the tiny
+    test models)."""
 
     name: str
     text: dict[str, Any]
     selected_layer: int
     note: str
+    family: str = "llava_onevision"
+    vision: dict[str, Any] = field(default_factory=lambda: SIGLIP_SO400M)
 
 
 ARCHS: dict[str, Arch] = {
     "tiny": Arch("tiny", {}, 1, "prunevid.testing tiny model (2-layer SigLIP 112 px, 4-layer Qwen2)"),
+    "tiny-qwen": Arch(
+        "tiny-qwen",
+        {},
+        1,
+        "prunevid.testing tiny Qwen2.5-VL (2-block vision tower, 4-layer Qwen2 with M-RoPE)",
+        "qwen2_5_vl",
+        {},
+    ),
     "qwen2-0.5b": Arch(
         "qwen2-0.5b",
         dict(
@@ -113,21 +142,48 @@ ARCHS: dict[str, Arch] = {
         "LLaVA-OneVision-7B layer sizes (Qwen2-7B) with 4 of its 28 decoder layers, vocab cut to "
         "32,768; selected_layer 1 = 10 * 4 // 28 (layers 0-1 at full length, 2-3 pruned)",
     ),
+    "qwen2.5-vl-3b": Arch(
+        "qwen2.5-vl-3b",
+        dict(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+        ),
+        10,
+        "Qwen2.5-VL-3B-Instruct sizes: its 32-block window-attention ViT + Qwen2.5-3B (36 layers, "
+        "M-RoPE), vocab cut to 32,768; frames sized by the video processor's defaults "
+        "(128-768 x 28 x 28 pixels, as qwen-vl-utils)",
+        "qwen2_5_vl",
+        QWEN25_VIT,
+    ),
 }
 
 
 def build_model(arch: Arch, seed: int = 0) -> tuple[torch.nn.Module, Any]:
-    """A random-weight LlavaOnevisionForConditionalGeneration of `arch` (fp32, eval) and a tokenizer."""
-    from .testing import tiny_model, tiny_tokenizer
+    """A random-weight model of `arch` (fp32, eval) and a tokenizer."""
+    from .testing import tiny_model, tiny_qwen_vl, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    if arch.name == "tiny":
-        return tiny_model(seed, tokenizer), tokenizer
-    from transformers import LlavaOnevisionForConditionalGeneration
+    if not arch.text:
+        tiny = (
+            tiny_model(seed, tokenizer)
+            if arch.family == "llava_onevision"
+            else tiny_qwen_vl(arch.family, seed, tokenizer)
+        )
+        return tiny, tokenizer
+    from transformers import LlavaOnevisionForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
-    config = _llava_config(arch, tokenizer)
+    if arch.family == "llava_onevision":
+        model_class, config = LlavaOnevisionForConditionalGeneration, _llava_config(arch, tokenizer)
+    else:
+        model_class, config = Qwen2_5_VLForConditionalGeneration, _qwen25_config(arch, tokenizer)
     with _skip_init():
-        model = LlavaOnevisionForConditionalGeneration(config).eval()
+        model = model_class(config).eval()
+    model.tie_weights()  # skipped along with the initialisation; both 0.5B and 3B tie the LM head
     randomize(model, seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -145,12 +201,35 @@ def _llava_config(arch: Arch, tokenizer: Any):
         **arch.text,
     )
     return LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**SIGLIP_SO400M).to_dict(),
+        vision_config=SiglipVisionConfig(**arch.vision).to_dict(),
         text_config=text.to_dict(),
         video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
+        tie_word_embeddings=arch.text["tie_word_embeddings"],
+    )
+
+
+def _qwen25_config(arch: Arch, tokenizer: Any):
+    from transformers import Qwen2_5_VLConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(
+        vocab_size=BENCH_VOCAB,
+        max_position_embeddings=32768,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.pad_token_id,
+        **arch.text,
+    )
+    return Qwen2_5_VLConfig(
+        vision_config=arch.vision,
+        text_config=text,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=arch.text["tie_word_embeddings"],
     )
 
@@ -224,48 +303,67 @@ class VisionCost:
         return f"vision tower {self.vision_s:.2f} s ({self.dtype}, {how}); preprocessing {self.preprocess_s:.3f} s"
 
 
-def preprocess(model: torch.nn.Module, frames: np.ndarray) -> tuple[torch.Tensor, float]:
-    """(T, H, W, 3) uint8 -> (1, T, 3, S, S) pixel values, and the seconds it took."""
-    size = model.config.vision_config.image_size
+def model_inputs(
+    model: torch.nn.Module, tokenizer: Any, frames: np.ndarray, question: str
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The family's inputs for one clip and question, pixels included (with the family's default
+    frame sizing), and the seconds they took (the frame preprocessing)."""
+    family = family_of(model)
+    processing = family.Preprocessing.for_config(model.config)
     tic = time.perf_counter()
-    pixels = FrameProcessing(size=(size, size))(frames)[None]
-    return pixels, time.perf_counter() - tic
+    inputs = family.build_inputs(tokenizer, model.config, frames, question, processing)
+    return inputs, time.perf_counter() - tic
 
 
 @torch.inference_mode()
-def vision_features(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The tower + projector + pooling on all frames: (1, T*N + 1, C), and the seconds it took."""
+def vision_features(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[Any, float]:
+    """The vision tower + projector (+ pooling) on all frames, and the seconds it took: the
+    `pooler_output` that generate() takes precomputed (LLaVA-OneVision: (1, T*N + 1, C) with the
+    newline; Qwen-VL: per video (T*N, C), T time steps of two frames)."""
+    pixels = inputs["pixel_values_videos"].to(model.dtype)
     tic = time.perf_counter()
-    features = model.model.get_video_features(pixels.to(model.dtype), return_dict=True).pooler_output
-    return features, time.perf_counter() - tic
+    output = family_of(model).video_features(model, {**inputs, "pixel_values_videos": pixels})
+    return output.pooler_output, time.perf_counter() - tic
 
 
 def features_cache_path(directory: str, video: Path, arch: Arch, seed: int, frames: int) -> Path:
     stat = video.stat()
-    key = f"{video.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{arch.name}|{seed}|{frames}|v1"
+    key = f"{video.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{arch.name}|{seed}|{frames}|v2"
     return Path(directory) / f"features-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
 
 
 def clip_features(
-    model: torch.nn.Module, pixels: torch.Tensor, cache: Path | None
-) -> tuple[torch.Tensor, float | None]:
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], cache: Path | None
+) -> tuple[Any, float | None]:
     """fp32 vision features of the clip, from `cache` when present; also the fp32 tower
     seconds when they were measured now (None when read from the cache)."""
     if cache is not None and cache.is_file():
         return torch.load(cache)["features"], None
-    features, seconds = vision_features(model, pixels)
+    features, seconds = vision_features(model, inputs)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"features": features}, cache)
     return features, seconds
 
 
-def time_vision(model: torch.nn.Module, pixels: torch.Tensor, frames_timed: int) -> float:
+def time_vision(model: torch.nn.Module, tokenizer: Any, frames: np.ndarray, frames_timed: int) -> float:
     """Vision seconds for all T frames, measured on the first `frames_timed` (scaled linearly:
-    the tower and projector run per frame; the pooling and newline cost nothing)."""
-    total = pixels.shape[1]
-    _, seconds = vision_features(model, pixels[:, :frames_timed])
-    return seconds * total / frames_timed
+    both towers attend within a frame or a two-frame time step; pooling costs nothing)."""
+    inputs, _ = model_inputs(model, tokenizer, frames[:frames_timed], DEFAULT_QUESTION)
+    _, seconds = vision_features(model, inputs)
+    return seconds * len(frames) / frames_timed
+
+
+def video_tokens(model: torch.nn.Module, prompt: Prompt) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The clip's visual tokens as stage 1 receives them: (T, N, C), and the (H, W) grid."""
+    if model.config.model_type == "llava_onevision":
+        grid = pooled_grid(model.config)
+        tokens = prompt.features[0, :-1]  # the newline token closes the video
+    else:
+        merge = model.config.vision_config.spatial_merge_size
+        grid = tuple(int(n) // merge for n in prompt.inputs["video_grid_thw"][0, 1:])
+        tokens = prompt.features[0]
+    return tokens.reshape(-1, grid[0] * grid[1], tokens.shape[-1]), grid
 
 
 # ----------------------------------------------------------------------------- stage-1 calibration
@@ -289,15 +387,20 @@ class Calibration:
 
 
 def calibrate_tau(
-    frames: torch.Tensor, config: PruneVidConfig, retention: float, steps: int = 30
+    frames: torch.Tensor,
+    config: PruneVidConfig,
+    retention: float,
+    grid: tuple[int, int] | None = None,
+    steps: int = 30,
 ) -> Calibration:
     """Bisection on tau (stage 1's output grows with tau: fewer static positions) to the token
-    count nearest round(retention * T * N). frames: (T, N, C) features as they enter stage 1."""
+    count nearest round(retention * T * N). frames: (T, N, C) features as they enter stage 1
+    (grid: their (H, W); default square)."""
     total = frames.shape[0] * frames.shape[1]
     target = round(retention * total)
 
     def count(tau: float) -> int:
-        return merge_tokens(frames, config.replace(tau=tau)).num_tokens
+        return merge_tokens(frames, config.replace(tau=tau), grid).num_tokens
 
     low, high = -1.0, 1.0
     low_count, high_count = count(low), count(high)
@@ -315,9 +418,9 @@ def calibrate_tau(
     return Calibration(tau, tokens, target, total, steps)
 
 
-def stage2_kept(frames: torch.Tensor, config: PruneVidConfig) -> int:
+def stage2_kept(frames: torch.Tensor, config: PruneVidConfig, grid: tuple[int, int] | None = None) -> int:
     """Visual tokens PruneVid keeps after both stages (the budget does not depend on the scores)."""
-    merge = merge_tokens(frames, config)
+    merge = merge_tokens(frames, config, grid)
     return len(keep_by_budget(torch.zeros(merge.num_tokens), merge.groups.cpu(), config.alpha))
 
 
@@ -365,33 +468,30 @@ def apply(model: torch.nn.Module, method: Method) -> None:
 
 @dataclass
 class Prompt:
-    """Token ids with T*N + 1 video placeholders and the matching vision features."""
+    """A clip's model inputs without the pixels (token ids, mask and the family's extras) and
+    the vision features generate() takes in their place."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    features: torch.Tensor  # (1, T*N + 1, C)
-    visual_tokens: int  # T*N (the trailing newline token is not pruned by anyone)
+    inputs: dict[str, torch.Tensor]
+    features: Any  # vision_features' pooler_output
+    visual_tokens: int  # T*N (LLaVA-OneVision's trailing newline is not pruned by anyone)
 
     @property
     def length(self) -> int:
-        return self.input_ids.shape[1]
+        return self.inputs["input_ids"].shape[1]
+
+    def fresh_features(self, dtype: torch.dtype) -> Any:
+        """A copy of the features in `dtype`: the patched model reuses stage 1 for a feature
+        tensor it has seen (follow-up questions), and every measured call must run its own."""
+        if isinstance(self.features, torch.Tensor):
+            return self.features.to(dtype, copy=True)
+        return tuple(f.to(dtype, copy=True) for f in self.features)
 
 
-def make_prompt(
-    model: torch.nn.Module, tokenizer: Any, frames: np.ndarray, features: torch.Tensor, question: str
-) -> Prompt:
-    inputs = build_inputs(tokenizer, model.config, frames, question)
-    grid = pooled_grid(model.config)
-    return Prompt(inputs["input_ids"], inputs["attention_mask"], features, len(frames) * grid[0] * grid[1])
-
-
-def short_prompt(
-    model: torch.nn.Module, tokenizer: Any, frames: np.ndarray, prompt: Prompt, num: int
-) -> Prompt:
-    """The first `num` frames of a prompt: a cheap warm-up input that runs every code path."""
-    per_frame = prompt.visual_tokens // len(frames)
-    features = torch.cat([prompt.features[:, : num * per_frame], prompt.features[:, -1:]], dim=1)
-    return make_prompt(model, tokenizer, frames[:num], features, DEFAULT_QUESTION)
+def make_prompt(model: torch.nn.Module, inputs: dict[str, torch.Tensor], features: Any) -> Prompt:
+    """The prompt for `inputs` (from `model_inputs`; pixels dropped) and their vision features."""
+    prompt = Prompt({k: v for k, v in inputs.items() if k != "pixel_values_videos"}, features, 0)
+    prompt.visual_tokens = video_tokens(model, prompt)[0].shape[:2].numel()
+    return prompt
 
 
 # ----------------------------------------------------------------------------- one measurement
@@ -486,15 +586,12 @@ def run_once(model: torch.nn.Module, method: Method, prompt: Prompt, new_tokens:
     rss_before = rss_bytes()
     probe, clock = CacheProbe(), TokenClock()
     handle = model.register_forward_hook(probe, with_kwargs=True)
-    # A fresh tensor per call: the patched model reuses stage 1 for a feature tensor it has seen
-    # (follow-up questions), and every measured call must run, and time, its own stage 1.
-    features = prompt.features.to(model.dtype, copy=True)
+    features = BaseModelOutputWithPooling(pooler_output=prompt.fresh_features(model.dtype))
     try:
         start_cpu, start = time.process_time(), time.perf_counter()
         model.generate(
-            input_ids=prompt.input_ids,
-            attention_mask=prompt.attention_mask,
-            mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=features)},
+            **prompt.inputs,
+            mm_encoder_outputs={"video": features},
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
@@ -991,27 +1088,29 @@ def prepare(args: argparse.Namespace) -> Setup:
     model, tokenizer = build_model(arch, args.seed)
     build_s = time.perf_counter() - tic
     video, frames = _clip(args)
-    pixels, preprocess_s = preprocess(model, frames)
+    inputs, preprocess_s = model_inputs(model, tokenizer, frames, args.question)
     cache = (
         None
         if args.features_cache is None
         else features_cache_path(args.features_cache, video, arch, args.seed, len(frames))
     )
-    features, fp32_vision_s = clip_features(model, pixels, cache)
+    features, fp32_vision_s = clip_features(model, inputs, cache)
+    prompt = make_prompt(model, inputs, features)
+    warmup = None
+    if args.warmup_frames:
+        # A cheap input that runs every code path: the first frames, their own features.
+        short, _ = model_inputs(model, tokenizer, frames[: args.warmup_frames], DEFAULT_QUESTION)
+        warmup = make_prompt(model, short, vision_features(model, short)[0])
     dtype = getattr(torch, args.dtype)
     model.to(dtype)
-    vision = _vision_cost(model, pixels, preprocess_s, fp32_vision_s, args)
-    prompt = make_prompt(model, tokenizer, frames, features, args.question)
+    vision = _vision_cost(model, tokenizer, frames, preprocess_s, fp32_vision_s, args)
     selected = arch.selected_layer if args.selected_layer is None else args.selected_layer
     base = PruneVidConfig(alpha=args.alpha, selected_layer=selected, seed=args.seed, num_frames=len(frames))
-    grid = pooled_grid(model.config)
-    stage1_input = features[0, :-1].to(dtype).view(len(frames), grid[0] * grid[1], -1)
-    calibration = calibrate_tau(stage1_input, base, args.stage1_retention)
+    tokens, grid = video_tokens(model, prompt)
+    stage1_input = tokens.to(dtype)
+    calibration = calibrate_tau(stage1_input, base, args.stage1_retention, grid)
     base = base.replace(tau=calibration.tau)
-    warmup = (
-        short_prompt(model, tokenizer, frames, prompt, args.warmup_frames) if args.warmup_frames else None
-    )
-    kept = stage2_kept(stage1_input, base)
+    kept = stage2_kept(stage1_input, base, grid)
     return Setup(
         arch, model, tokenizer, frames, str(video), prompt, warmup, vision, calibration, base, kept, build_s
     )
@@ -1024,18 +1123,20 @@ def _clip(args: argparse.Namespace) -> tuple[Path, np.ndarray]:
 
 def _vision_cost(
     model: torch.nn.Module,
-    pixels: torch.Tensor,
+    tokenizer: Any,
+    frames: np.ndarray,
     preprocess_s: float,
     fp32_s: float | None,
     args: argparse.Namespace,
 ) -> VisionCost:
     """The fp32 feature pass on all frames is the measurement when there was one; otherwise
     (other dtype, or features from the cache) time `--vision-frames` frames (default 2) and scale."""
-    frames = pixels.shape[1]
+    total = len(frames)
     if fp32_s is not None and args.dtype == "float32":
-        return VisionCost(preprocess_s, fp32_s, frames, frames, args.dtype)
-    timed = args.vision_frames or min(2, frames)
-    return VisionCost(preprocess_s, time_vision(model, pixels, timed), timed, frames, args.dtype)
+        return VisionCost(preprocess_s, fp32_s, total, total, args.dtype)
+    timed = args.vision_frames or min(2, total)
+    seconds = time_vision(model, tokenizer, frames, timed)
+    return VisionCost(preprocess_s, seconds, timed, total, args.dtype)
 
 
 def benchmark(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:

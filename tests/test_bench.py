@@ -16,13 +16,29 @@ from prunevid.merge import merge_tokens
 REQUIRED = ("visual_tokens", "llm_prefill_s", "ttft_s", "decode_ms_per_token", "kv_bytes", "flops", "speedup")
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory: pytest.TempPathFactory) -> dict:
+# Per quick arch: (time steps, tokens per step) of the 16-frame 320 x 180 clip. LLaVA-OneVision:
+# 16 frames of a 7 x 7 pooled grid. Qwen2.5-VL: two frames per step; the video processor scales
+# 320 x 180 up to its 128 x 28 x 28 minimum, 252 x 448 pixels, i.e. 9 x 16 merged tokens.
+GRIDS = {"tiny": (16, 7 * 7), "tiny-qwen": (8, 9 * 16)}
+
+
+@pytest.fixture(scope="module", params=sorted(GRIDS))
+def quick(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("bench")
-    args = ["bench", "speed", "--quick", "--sweep", "--json", str(folder / "speed.json")]
+    args = [
+        "bench",
+        "speed",
+        "--quick",
+        "--arch",
+        request.param,
+        "--sweep",
+        "--json",
+        str(folder / "speed.json"),
+    ]
     args += ["--sweep-csv", str(folder / "sweep.csv"), "--sweep-png", str(folder / "sweep.png")]
     assert cli.main(args) == 0
     return {
+        "arch": request.param,
         "result": json.loads((folder / "speed.json").read_text()),
         "csv": list(csv.DictReader((folder / "sweep.csv").open())),
         "png": folder / "sweep.png",
@@ -45,7 +61,8 @@ def test_json_schema(quick: dict) -> None:
 def test_token_counts_are_consistent(quick: dict) -> None:
     result, by = quick["result"], _methods(quick)
     total = by["stock"]["total_visual_tokens"]
-    assert total == 16 * 7 * 7  # 16 frames of the tiny model's 7 x 7 pooled grid
+    steps, per_step = GRIDS[quick["arch"]]
+    assert total == steps * per_step
     assert by["stock"]["visual_tokens"] == by["stock"]["stage1_tokens"] == total
     assert by["prunevid"]["visual_tokens"] <= by["stage1"]["visual_tokens"] <= by["stock"]["visual_tokens"]
     assert by["stage1"]["visual_tokens"] == result["calibration"]["tokens"]
@@ -53,8 +70,8 @@ def test_token_counts_are_consistent(quick: dict) -> None:
     # The budget the bench predicts for FastV/random is what the trace reports for PruneVid.
     assert by["prunevid"]["visual_tokens"] == result["predicted_kept"]
     assert by["fastv"]["visual_tokens"] == by["random"]["visual_tokens"] == by["prunevid"]["visual_tokens"]
-    # Stage 2 alone keeps int(alpha * 49) = 19 tokens of each of the 16 frames.
-    assert by["stage2"]["visual_tokens"] == 16 * int(0.4 * 49)
+    # Stage 2 alone keeps int(alpha * N) tokens of each time step.
+    assert by["stage2"]["visual_tokens"] == steps * int(0.4 * per_step)
 
 
 def test_cache_matches_the_sequence(quick: dict) -> None:
@@ -101,6 +118,21 @@ def test_sweep_outputs(quick: dict) -> None:
 def test_targets_are_reported(quick: dict) -> None:
     targets = quick["result"]["targets"]
     assert len(targets) == 6 and all(isinstance(t["met"], bool) for t in targets)
+
+
+@pytest.mark.parametrize(
+    ("name", "billions"),
+    # Hub sizes of llava-hf/llava-onevision-qwen2-0.5b-ov-hf and Qwen/Qwen2.5-VL-3B-Instruct,
+    # both with Qwen2's 151,936-row vocabulary (tied LM heads).
+    [("qwen2-0.5b", 0.894), ("qwen2.5-vl-3b", 3.755)],
+)
+def test_arch_sizes_match_the_published_models(name: str, billions: float) -> None:
+    arch = bench.ARCHS[name]
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        model, _ = bench.build_model(arch)
+    hidden = arch.text["hidden_size"]
+    full_vocab = sum(p.numel() for p in model.parameters()) + (151_936 - bench.BENCH_VOCAB) * hidden
+    assert full_vocab / 1e9 == pytest.approx(billions, rel=0.01)
 
 
 def test_calibration_hits_the_target() -> None:

@@ -13,7 +13,13 @@ Recipe (what makes a 1-2M-parameter model learn within an hour of one CPU thread
   each token's object colour, object shape and background texture (labels from the
   generator's object map). It gets the vision tower past the plateau where the language model
   ignores the video; the head is not part of the exported model;
-* constant learning rate after a short warm-up (no early decay), optional final decay.
+* constant learning rate after a short warm-up (no early decay), optional final decay;
+* optionally (`--merge-prob P`) a share P of the videos enter the language model as stage 1
+  leaves them (static tokens merged over time, dynamic ones clustered per frame, one shorter
+  sequence with consecutive positions; settings drawn per video), so the model reads the
+  video's content and order rather than fixed offsets, as real video LLMs trained on varying
+  token layouts do. Without it the tiny model locates time and place by exact position and
+  stage 1 breaks it (docs/bench_accuracy.md).
 
 Data seeds are `TRAIN_SEED_START + step * batch + i`: deterministic and resumable. Held-out
 accuracy per family is logged on seeds 999_990_000+ (below the training range).
@@ -39,6 +45,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from prunevid.config import PruneVidConfig
+from prunevid.merge import merge_tokens
 from prunevid.models.llava_onevision import PROMPT, FrameProcessing, pooled_grid
 from prunevid.synthetic import (
     BACKGROUNDS,
@@ -189,6 +197,7 @@ class Trainer:
             "labels": labels,
             "mask": mask,
             "pixels": pixels,
+            "merge": self.merge_configs(seeds),
             **{f"aux_{k}": v for k, v in targets.items()},
         }
 
@@ -204,10 +213,71 @@ class Trainer:
         out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
         return out.last_hidden_state
 
+    def merge_configs(self, seeds: list[int]) -> list[PruneVidConfig | None]:
+        """Per video: the stage-1 settings it is merged with, or None (seeded by the video)."""
+        configs = []
+        for seed in seeds:
+            rng = np.random.default_rng([seed, 1])
+            if rng.random() >= self.args.merge_prob:
+                configs.append(None)
+                continue
+            tau = float(rng.uniform(0.85, 1.0))
+            ratio = float(rng.choice([0.25, 0.5, 1.0]))
+            configs.append(
+                PruneVidConfig(tau=tau, cluster_ratio=ratio, num_frames=self.args.frames, stage2=False)
+            )
+        return configs
+
+    def merged(
+        self,
+        ids: torch.Tensor,
+        labels: torch.Tensor,
+        video: torch.Tensor,
+        configs: list[PruneVidConfig | None],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch with each video that has a config shortened by stage 1: ids, labels, mask
+        (right padding) and the visual tokens in placeholder order, (sum of M_b + 1, C).
+        Merged tokens are recomputed as plain means of their members so gradients reach every
+        member; stage 1 picks the members on detached features."""
+        rows, row_labels, tokens = [], [], []
+        video_id = self.ids["<video>"]
+        for b, config in enumerate(configs):
+            frames = video[b, :-1].view(self.args.frames, -1, video.shape[-1])
+            keep = ids[b] != self.tokenizer.pad_token_id
+            row, label = ids[b][keep], labels[b][keep]
+            if config is None:
+                rows.append(row), row_labels.append(label), tokens.append(video[b])
+                continue
+            with torch.no_grad():
+                result = merge_tokens(frames.detach(), config, self.grid)
+            index = result.assignment.flatten()
+            sums = frames.new_zeros(result.num_tokens, frames.shape[-1]).index_add(
+                0, index, frames.flatten(0, 1)
+            )
+            counts = torch.bincount(index, minlength=result.num_tokens).unsqueeze(-1)
+            tokens.append(torch.cat([sums / counts, video[b, -1:]]))
+            start = int((row == video_id).nonzero()[0])
+            drop = frames.shape[0] * frames.shape[1] - result.num_tokens
+            rows.append(torch.cat([row[:start], row[start + drop :]]))
+            row_labels.append(torch.cat([label[:start], label[start + drop :]]))
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.stack([torch.nn.functional.pad(r, (0, width - len(r)), value=pad) for r in rows])
+        labels = torch.stack(
+            [torch.nn.functional.pad(r, (0, width - len(r)), value=-100) for r in row_labels]
+        )
+        mask = torch.stack([torch.arange(width) < len(r) for r in rows]).long()
+        return ids, labels, mask, torch.cat(tokens)
+
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         video = self.features(batch["pixels"])
-        hidden = self.hidden(batch["ids"], batch["mask"], video)
-        labels = batch["labels"][:, 1:]
+        ids, labels, mask = batch["ids"], batch["labels"], batch["mask"]
+        if self.args.merge_prob > 0:
+            ids, labels, mask, tokens = self.merged(ids, labels, video, batch["merge"])
+            hidden = self.hidden(ids, mask, tokens)
+        else:
+            hidden = self.hidden(ids, mask, video)
+        labels = labels[:, 1:]
         where = labels != -100
         logits = self.model.lm_head(hidden[:, :-1][where])
         lm = torch.nn.functional.cross_entropy(logits, labels[where])
@@ -236,8 +306,11 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, num_videos: int, seed_start: int = MONITOR_SEED) -> dict[str, float]:
-        """Single-turn held-out accuracy per family (greedy first answer token)."""
+    def evaluate(
+        self, num_videos: int, seed_start: int = MONITOR_SEED, merge: PruneVidConfig | None = None
+    ) -> dict[str, float]:
+        """Single-turn held-out accuracy per family (greedy first answer token), on the full
+        video or, given `merge`, on the video as stage 1 leaves it."""
         self.model.eval()
         correct = {f: 0 for f in FAMILIES}
         for start in range(0, num_videos, 8):
@@ -248,8 +321,12 @@ class Trainer:
                 ids, _ = self.chat([samples[0].questions[f_index]], np.random.default_rng(0))
                 prompt = ids[: len(ids) - 2]
                 ids_t = torch.tensor([prompt] * len(samples))
-                hidden = self.hidden(ids_t, torch.ones_like(ids_t), video)
-                predicted = self.model.lm_head(hidden[:, -1]).argmax(-1)
+                mask, tokens = torch.ones_like(ids_t), video
+                if merge is not None:
+                    ids_t, _, mask, tokens = self.merged(ids_t, ids_t, video, [merge] * len(samples))
+                hidden = self.hidden(ids_t, mask, tokens)
+                last = mask.sum(1) - 1
+                predicted = self.model.lm_head(hidden[torch.arange(len(samples)), last]).argmax(-1)
                 for s, p in zip(samples, predicted.tolist()):
                     correct[family] += int(self.encode(s.answer(family)) == [p])
         self.model.train()
@@ -323,10 +400,16 @@ class Trainer:
 
     def checkpoint(self) -> None:
         accuracy = self.evaluate(self.args.eval_videos)
+        score = accuracy["mean"]
+        if self.args.merge_prob > 0:  # select on the full and the merged video alike
+            merge = PruneVidConfig(tau=0.95, cluster_ratio=1.0, num_frames=self.args.frames, stage2=False)
+            merged = self.evaluate(self.args.eval_videos, merge=merge)
+            accuracy.update({f"stage1_{k}": v for k, v in merged.items()})
+            score = (accuracy["mean"] + merged["mean"]) / 2
         self.history.append({"step": self.step, "time": time.time(), **accuracy})
         print("eval", self.step, json.dumps({k: round(v, 3) for k, v in accuracy.items()}), flush=True)
-        if accuracy["mean"] >= self.best:
-            self.best = accuracy["mean"]
+        if score >= self.best:
+            self.best = score
             self.save("best")
         self.save("last")
 
@@ -373,6 +456,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--decay-minutes", type=float, default=None, help="cosine decay over the last M minutes")
     p.add_argument("--aux-weight", type=float, default=0.5)
     p.add_argument("--aux-position", action="store_true", help="also predict each token's grid row/column")
+    p.add_argument("--merge-prob", type=float, default=0.0, help="share of videos shortened by stage 1")
     p.add_argument("--size", type=int, default=96, help="frame size (new runs only)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--layers", type=int, default=4, help="Qwen2 layers (new runs only)")

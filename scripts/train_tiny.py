@@ -45,6 +45,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from prunevid.cluster import cluster_means
 from prunevid.config import PruneVidConfig
 from prunevid.merge import merge_tokens
 from prunevid.models.llava_onevision import PROMPT, FrameProcessing, pooled_grid
@@ -246,16 +247,16 @@ class Trainer:
             keep = ids[b] != self.tokenizer.pad_token_id
             row, label = ids[b][keep], labels[b][keep]
             if config is None:
-                rows.append(row), row_labels.append(label), tokens.append(video[b])
+                rows.append(row)
+                row_labels.append(label)
+                tokens.append(video[b])
                 continue
             with torch.no_grad():
                 result = merge_tokens(frames.detach(), config, self.grid)
-            index = result.assignment.flatten()
-            sums = frames.new_zeros(result.num_tokens, frames.shape[-1]).index_add(
-                0, index, frames.flatten(0, 1)
+            means = cluster_means(
+                frames.flatten(0, 1)[None], result.assignment.flatten()[None], result.num_tokens
             )
-            counts = torch.bincount(index, minlength=result.num_tokens).unsqueeze(-1)
-            tokens.append(torch.cat([sums / counts, video[b, -1:]]))
+            tokens.append(torch.cat([means[0], video[b, -1:]]))
             start = int((row == video_id).nonzero()[0])
             drop = frames.shape[0] * frames.shape[1] - result.num_tokens
             rows.append(torch.cat([row[:start], row[start + drop :]]))
@@ -418,7 +419,6 @@ def export(run: Path, target: Path, frames: int, calibration_videos: int) -> Non
     """Copy the best checkpoint's model and tokenizer (no optimiser state) into `target`, then
     calibrate its PruneVid preset on training seeds and store it as `prunevid.json`."""
     from prunevid.accuracy import CALIBRATION_SEED, Checkpoint, calibrate, write_preset
-    from prunevid.config import PruneVidConfig
 
     source = run / "best"
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(source)

@@ -47,6 +47,7 @@ KNOB_HELP = {
     "selected_layer": "decoder layer M that scores visual tokens (< the model's layers)",
     "alpha": "fraction of visual tokens stage 2 keeps (0, 1]",
     "num_frames": f"frames sampled from the video (1 to {engine.MAX_FRAMES})",
+    "centre": "static similarity on tokens minus the video's mean token (beyond the paper)",
 }
 INTEGER_KNOBS = {"k", "spatial_merge_threshold", "seed", "selected_layer", "num_frames"}
 LAYER_CHOICES = [
@@ -302,9 +303,12 @@ class App:
                             stage2 = gr.Checkbox(label="Stage 2: prune by question", value=config.stage2)
                         knobs = []
                         for name in KNOBS:
+                            value = getattr(config, name)
                             knobs.append(
-                                gr.Number(
-                                    value=getattr(config, name),
+                                gr.Checkbox(value=value, label=name, info=KNOB_HELP[name])
+                                if isinstance(value, bool)
+                                else gr.Number(
+                                    value=value,
                                     label=name,
                                     info=KNOB_HELP[name],
                                     precision=0 if name in INTEGER_KNOBS else None,
@@ -364,6 +368,7 @@ class App:
                 selected_layer,
                 alpha,
                 num_frames,
+                centre,
                 max_new_tokens,
                 layers,
                 progress=gr.Progress(),  # noqa: B008 (how Gradio asks for a progress tracker)

@@ -13,7 +13,11 @@ _KNOBS = [f for f in PruneVidConfig.__dataclass_fields__.values() if f.name not 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One --flag per PruneVidConfig knob (defaults: the model's preset)."""
     for f in _KNOBS:
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None)
     parser.add_argument("--no-stage1", action="store_true", help="disable spatial-temporal merging")
     parser.add_argument("--no-stage2", action="store_true", help="disable question-guided pruning")
 

@@ -39,6 +39,9 @@ class PruneVidConfig:
     selected_layer: decoder layer whose queries/keys score the visual tokens (must exist in the model).
     alpha: fraction of visual tokens kept by stage 2 in each budget set.
     num_frames: frames sampled uniformly from a video.
+    centre: measure stage 1's static similarity on tokens minus the video's mean token (an
+        option beyond the paper: towers whose tokens share a large common component make every
+        raw cosine high, so a raw tau is model-specific; off reproduces the paper).
     """
 
     stage1: bool = True
@@ -53,9 +56,10 @@ class PruneVidConfig:
     selected_layer: int = 10
     alpha: float = 0.4
     num_frames: int = 16
+    centre: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("stage1", "stage2"):
+        for name in ("stage1", "stage2", "centre"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, (low, high, low_in, high_in) in _RANGES.items():

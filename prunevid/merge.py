@@ -60,12 +60,14 @@ def merge_tokens(
         return _identity(features, grid)
 
     noise = _Noise(config)
+    # Centring matters to cosines only: the clustering's Euclidean distances do not depend on it.
+    reference = features - features.mean((0, 1), keepdim=True) if config.centre else features
     segments = temporal_segments(features.mean(1), config, noise)
     parts, assignment, static, groups = [], [], [], []
     offset = 0
     for segment in segments.unique_consecutive():
         frames = (segments == segment).nonzero().squeeze(1)
-        part = _merge_segment(features[frames], config, noise)
+        part = _merge_segment(features[frames], reference[frames], config, noise)
         parts.append(part.tokens)
         assignment.append(part.assignment + offset)
         static.append(part.static)
@@ -163,10 +165,13 @@ def merge_spatial(
     return cluster_means(tokens, labels, num_clusters), labels
 
 
-def _merge_segment(frames: torch.Tensor, config: PruneVidConfig, noise: _Noise) -> MergeResult:
-    """Stage 1 inside one segment. frames: (W, N, C). Indices in the result are segment-local."""
+def _merge_segment(
+    frames: torch.Tensor, reference: torch.Tensor, config: PruneVidConfig, noise: _Noise
+) -> MergeResult:
+    """Stage 1 inside one segment. frames: (W, N, C); reference: the tokens static similarity
+    is measured on (`frames`, or centred). Indices in the result are segment-local."""
     width, num_tokens, _ = frames.shape
-    static = static_positions(frames, config.tau)  # (N,)
+    static = static_positions(reference, config.tau)  # (N,)
     static_idx, dynamic_idx = static.nonzero().squeeze(1), (~static).nonzero().squeeze(1)
     assignment = torch.empty(width, num_tokens, dtype=torch.long, device=frames.device)
 

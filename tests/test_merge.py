@@ -68,6 +68,26 @@ def test_assignment_covers_every_token_once_and_merged_tokens_are_member_means()
     torch.testing.assert_close(result.tokens, members / counts, atol=1e-5, rtol=1e-5)
 
 
+def test_centred_similarity_ignores_a_shared_component():
+    """A large component common to every token (as random or briefly trained towers give) makes
+    every raw cosine high, so at tau 0.8 the moving square turns static; centring on the
+    video's mean token makes the static mask blind to the shift and finds the square again;
+    merged tokens stay means of the raw members."""
+    video = moving_square_video()
+    shift = 20 * torch.randn(32, generator=torch.Generator().manual_seed(1))
+    centre = NO_NOISE.replace(centre=True)
+    assert merge_tokens(video + shift, NO_NOISE).static.all(), "raw cosines: everything looks static"
+    shifted, unshifted = merge_tokens(video + shift, centre), merge_tokens(video, centre)
+    assert torch.equal(shifted.static, unshifted.static)
+    index = shifted.assignment.flatten()
+    members = torch.zeros(shifted.num_tokens, 32).index_add_(0, index, (video + shift).reshape(-1, 32))
+    torch.testing.assert_close(shifted.tokens, members / torch.bincount(index)[:, None], atol=1e-4, rtol=1e-5)
+    static = shifted.static.view(16, 14, 14)
+    for t in range(2, 9):
+        assert not static[t, 5:8, t : t + 3].any(), "the moving square is dynamic again"
+    assert static[:, :4].all() and static[:, 9:].all()
+
+
 def test_merged_count_falls_with_cluster_ratio():
     video = moving_square_video()
     counts = [

@@ -79,6 +79,7 @@ def test_defaults_are_the_papers():
         ("selected_layer", -1, r"selected_layer must be in \[0, inf\)"),
         ("dpc_noise", float("nan"), r"dpc_noise must be a number"),
         ("stage1", "yes", r"stage1 must be True or False"),
+        ("centre", 1, r"centre must be True or False"),
         ("alpha", "0.4", r"alpha must be a number"),
     ],
 )
@@ -91,3 +92,18 @@ def test_from_dict_rejects_unknown_fields():
     assert PruneVidConfig.from_dict({"alpha": 0.3}).alpha == 0.3
     with pytest.raises(ValueError, match="unknown PruneVidConfig field"):
         PruneVidConfig.from_dict({"alpah": 0.3})
+
+
+def test_cli_flags_cover_every_knob():
+    import argparse
+
+    from prunevid.cli import add_config_arguments, config_from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    base = PruneVidConfig()
+    assert config_from_arguments(parser.parse_args([]), base) == base
+    args = parser.parse_args(["--tau", "0.9", "--centre", "--no-stage2", "--num-frames", "8"])
+    assert config_from_arguments(args, base) == base.replace(tau=0.9, centre=True, stage2=False, num_frames=8)
+    on = base.replace(centre=True)
+    assert config_from_arguments(parser.parse_args(["--no-centre"]), on).centre is False

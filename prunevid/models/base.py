@@ -32,6 +32,7 @@ STAGE1_FIELDS = (
     "spatial_merge_threshold",
     "dpc_noise",
     "seed",
+    "centre",
 )
 
 

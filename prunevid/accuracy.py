@@ -145,17 +145,18 @@ def _answer(checkpoint: Checkpoint, question: str, features: torch.Tensor) -> to
 def evaluate(
     checkpoint: Checkpoint, method: Method, samples: list[Sample], features: torch.Tensor, batch: int = 16
 ) -> dict:
-    """Correctness per family (lists of 0/1) and the mean retention of one method."""
+    """Correctness per family (lists of 0/1) and the mean retention of one method, after
+    stage 2 and after stage 1."""
     model = checkpoint.model
     grid = pooled_grid(model.config)
     total = (features.shape[1] - 1) // (grid[0] * grid[1]) * grid[0] * grid[1]
     if method.pool_to is not None:
         unpatch(model)
         features = uniform_pool(features, grid, method.pool_to)
-        retentions = [(features.shape[1] - 1) / total]
+        retentions = stage1 = [(features.shape[1] - 1) / total]
     else:
         patch(model, method.config, method.rule)
-        retentions = []
+        retentions, stage1 = [], []
     correct: dict[str, list[int]] = {f: [] for f in FAMILIES}
     answer_ids = {f: [_single_token(checkpoint, s.answer(f)) for s in samples] for f in FAMILIES}
     for family in FAMILIES:
@@ -164,9 +165,15 @@ def evaluate(
             predicted = _answer(checkpoint, QUESTIONS[family], chunk).tolist()
             correct[family] += [int(p == a) for p, a in zip(predicted, answer_ids[family][start:])]
             if method.pool_to is None:
-                retentions += [t.num_after_stage2 / t.num_visual_tokens for t in last_traces(model)]
+                traces = last_traces(model)
+                retentions += [t.num_after_stage2 / t.num_visual_tokens for t in traces]
+                stage1 += [t.num_after_stage1 / t.num_visual_tokens for t in traces]
     unpatch(model)
-    return {"correct": correct, "retention": float(np.mean(retentions))}
+    return {
+        "correct": correct,
+        "retention": float(np.mean(retentions)),
+        "stage1_retention": float(np.mean(stage1)),
+    }
 
 
 def _single_token(checkpoint: Checkpoint, word: str) -> int:
@@ -194,6 +201,7 @@ def summarise(name: str, result: dict, **extra) -> dict:
     record = {
         "name": name,
         "retention": round(result["retention"], 4),
+        "stage1_retention": round(result["stage1_retention"], 4),
         "accuracy": round(float(np.mean(everything)), 4),
         "interval95": [round(low, 4), round(high, 4)],
         "num_questions": len(everything),
@@ -229,7 +237,8 @@ def paper_defaults(checkpoint: Checkpoint) -> PruneVidConfig:
 def compare(
     checkpoint: Checkpoint, samples: list[Sample], features: torch.Tensor, log: Callable
 ) -> list[dict]:
-    """Full model, PruneVid (preset), stage 1 only, stage 2 only, then the baselines at PruneVid's retention."""
+    """Full model, PruneVid (preset), stage 1 only, stage 2 only, the paper's defaults (raw and
+    centred similarity), then the baselines at PruneVid's retention."""
     preset = checkpoint.preset
     records = []
     first = [
@@ -238,6 +247,8 @@ def compare(
         Method("stage1", preset.replace(stage2=False)),
         Method("stage2", preset.replace(stage1=False)),
         Method("prunevid_defaults", paper_defaults(checkpoint)),
+        # Beyond the paper: the same settings with similarity on centred tokens (one tau for all towers?).
+        Method("prunevid_defaults_centred", paper_defaults(checkpoint).replace(centre=True)),
     ]
     for method in first:
         records.append(summarise(method.name, evaluate(checkpoint, method, samples, features)))
@@ -406,14 +417,14 @@ def _seeds(args: argparse.Namespace) -> range:
 
 def _header() -> str:
     families = " ".join(f"{f[:6]:>6}" for f in FAMILIES)
-    return f"{'method':<17} {'kept':>6} {'acc':>6} {'95% interval':>14}  {families}"
+    return f"{'method':<26} {'stage1':>6} {'kept':>6} {'acc':>6} {'95% interval':>14}  {families}"
 
 
 def _print_row(record: dict) -> None:
     low, high = record["interval95"]
     families = " ".join(f"{record['per_family'][f]:>6.3f}" for f in FAMILIES)
     print(
-        f"{record['name']:<17} {record['retention']:>6.3f} {record['accuracy']:>6.3f} "
+        f"{record['name']:<26} {record['stage1_retention']:>6.3f} {record['retention']:>6.3f} {record['accuracy']:>6.3f} "
         f"[{low:.3f}, {high:.3f}]  {families}",
         flush=True,
     )

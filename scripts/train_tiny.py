@@ -4,7 +4,8 @@
     nice -n 19 python scripts/train_tiny.py --out /tmp/tiny_run --minutes 60
     python scripts/train_tiny.py --out /tmp/tiny_run --minutes 30      # resumes from /tmp/tiny_run/last
     python scripts/train_tiny.py --out /tmp/tiny_run --export prunevid/weights/tiny   # best -> package
-    python scripts/train_tiny.py --out /tmp/more --init prunevid/weights/tiny --aux-position ...  # continue
+    python scripts/train_tiny.py --out /tmp/more --init prunevid/weights/tiny --aux-position \
+        --merge-prob 0.5 --lr 1e-3 --minutes 55 --decay-minutes 12     # continue (the shipped model's phase 2)
 
 Recipe (what makes a 1-2M-parameter model learn within an hour of one CPU thread):
 * every video is one multi-turn chat holding all seven question families in a seeded random

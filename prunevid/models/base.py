@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
+from ..cluster import cluster_means
 from ..config import PruneVidConfig
 from ..merge import MergeResult, merge_tokens
 from ..select import question_guided
@@ -334,10 +335,7 @@ def merged_means(features: torch.Tensor, merge: MergeResult) -> torch.Tensor:
     """(T * N, C) per-original-token features -> (M, C) the plain mean over each merged token's
     members: what stage 1 does to the tokens themselves (a merged token is its members' mean)."""
     index = merge.assignment.flatten().to(features.device)
-    sums = features.new_zeros(merge.num_tokens, features.shape[1], dtype=torch.float32)
-    sums.index_add_(0, index, features.float())
-    counts = torch.bincount(index, minlength=merge.num_tokens).clamp(min=1)
-    return (sums / counts[:, None]).to(features.dtype)
+    return cluster_means(features[None], index[None], merge.num_tokens)[0]
 
 
 def runs_of(flags: torch.Tensor) -> list[tuple[int, int]]:

@@ -118,10 +118,11 @@ def prefill(
     Returns the final-normed hidden states (B, P, C) and the selection.
     """
     prune_at = config.selected_layer if config.stage2 and any(spans) else None
+    # Configs without layer_types (Qwen2-VL's text model) use full attention in every layer.
     layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"] * len(lm.layers)
     hidden = embeds
     rope_positions, text_positions = _split_positions(position_ids)
-    masks = _layer_masks(lm, hidden, mask, text_positions, cache)
+    masks = _layer_masks(lm, layer_types, hidden, mask, text_positions, cache)
     rotary = lm.rotary_emb(hidden, rope_positions)
     selection = _keep_all(mask, spans)
     for i, layer in enumerate(lm.layers):
@@ -146,7 +147,7 @@ def prefill(
             if cache is not None:
                 crop_cache(cache, selection.keep, upto_layer=i)
             # Layers after the cut see only the kept tokens: their cache is still empty.
-            masks = _layer_masks(lm, hidden, selection.mask, text_positions, None)
+            masks = _layer_masks(lm, layer_types, hidden, selection.mask, text_positions, None)
             rotary = lm.rotary_emb(hidden, rope_positions)
     return lm.norm(hidden), selection
 
@@ -239,6 +240,7 @@ def _split_positions(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def _layer_masks(
     lm: torch.nn.Module,
+    layer_types: list[str],
     hidden: torch.Tensor,
     mask: torch.Tensor,
     position_ids: torch.Tensor | None,
@@ -253,6 +255,6 @@ def _layer_masks(
         "position_ids": position_ids,
     }
     masks = {"full_attention": create_causal_mask(**kwargs)}
-    if "sliding_attention" in (getattr(lm.config, "layer_types", None) or ()):
+    if "sliding_attention" in layer_types:
         masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
     return masks

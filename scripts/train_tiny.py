@@ -62,6 +62,9 @@ from prunevid.synthetic import (
 from prunevid.testing import tiny_tokenizer
 
 MONITOR_SEED = 999_990_000
+# What the shipped preset file records of each calibration setting (not the per-family intervals).
+TRIED_FIELDS = ("selected_layer", "tau", "cluster_ratio", "alpha", "retention", "stage1_retention",
+                "accuracy", "interval95", "per_family")  # fmt: skip
 AUX_CLASSES = {"colour": len(COLOURS) + 1, "shape": len(SHAPES) + 1, "background": len(BACKGROUNDS)}
 
 
@@ -435,7 +438,11 @@ def export(run: Path, target: Path, frames: int, calibration_videos: int) -> Non
     start = PruneVidConfig(num_frames=frames, selected_layer=max(0, layers * 10 // 28))
     preset, tried = calibrate(Checkpoint(model.eval(), tokenizer, start, size), calibration_videos)
     notes = {
-        "calibration": {"seed_start": CALIBRATION_SEED, "num_videos": calibration_videos, "tried": tried}
+        "calibration": {
+            "seed_start": CALIBRATION_SEED,
+            "num_videos": calibration_videos,
+            "tried": [{k: v for k, v in t.items() if k in TRIED_FIELDS} for t in tried],
+        }
     }
     write_preset(target, preset, size, notes)
     print(f"exported {source} -> {target}; preset {preset}")

@@ -5,7 +5,10 @@
     python scripts/train_tiny.py --out /tmp/tiny_run --minutes 30      # resumes from /tmp/tiny_run/last
     python scripts/train_tiny.py --out /tmp/tiny_run --export prunevid/weights/tiny   # best -> package
     python scripts/train_tiny.py --out /tmp/more --init prunevid/weights/tiny --aux-position \
-        --merge-prob 0.5 --lr 1e-3 --minutes 55 --decay-minutes 12     # continue (the shipped model's phase 2)
+        --merge-prob 0.5 --lr 1e-3 --minutes 55 --decay-minutes 12     # continue (phase 2)
+    python scripts/train_tiny.py --out /tmp/p3 --init prunevid/weights/tiny --aux-position \
+        --merge-prob 0.6 --merge-tau-min 0.75 --drop-prob 0.3 --lr 7e-4 --minutes 70 \
+        --decay-minutes 15 --eval-videos 96                            # phase 3 (the shipped model)
 
 Recipe (what makes a 1-2M-parameter model learn within an hour of one CPU thread):
 * every video is one multi-turn chat holding all seven question families in a seeded random
@@ -20,7 +23,11 @@ Recipe (what makes a 1-2M-parameter model learn within an hour of one CPU thread
   sequence with consecutive positions; settings drawn per video), so the model reads the
   video's content and order rather than fixed offsets, as real video LLMs trained on varying
   token layouts do. Without it the tiny model locates time and place by exact position and
-  stage 1 breaks it (docs/bench_accuracy.md).
+  stage 1 breaks it (docs/bench_accuracy.md);
+* optionally (`--drop-prob P`) a share P of the videos also lose a random share of their visual
+  tokens (token dropout; the newline stays), so no answer hangs on any one token;
+* with `--merge-prob`, checkpoints are selected on the mean of the full model's accuracy and
+  the patched model's at the preset in `--monitor-preset` (stage 1 and 2 as shipped).
 
 Data seeds are `TRAIN_SEED_START + step * batch + i`: deterministic and resumable. Held-out
 accuracy per family is logged on seeds 999_990_000+ (below the training range).
@@ -203,6 +210,7 @@ class Trainer:
             "mask": mask,
             "pixels": pixels,
             "merge": self.merge_configs(seeds),
+            "drop": self.dropouts(seeds),
             **{f"aux_{k}": v for k, v in targets.items()},
         }
 
@@ -226,12 +234,25 @@ class Trainer:
             if rng.random() >= self.args.merge_prob:
                 configs.append(None)
                 continue
-            tau = float(rng.uniform(0.85, 1.0))
+            tau = float(rng.uniform(self.args.merge_tau_min, 1.0))
             ratio = float(rng.choice([0.25, 0.5, 1.0]))
             configs.append(
                 PruneVidConfig(tau=tau, cluster_ratio=ratio, num_frames=self.args.frames, stage2=False)
             )
         return configs
+
+    def dropouts(self, seeds: list[int]) -> list[np.random.Generator | None]:
+        """Per video: the generator that picks which visual tokens it loses, or None."""
+        rngs = [np.random.default_rng([seed, 2]) for seed in seeds]
+        return [rng if rng.random() < self.args.drop_prob else None for rng in rngs]
+
+    @staticmethod
+    def kept(count: int, rng: np.random.Generator | None) -> torch.Tensor:
+        """Indices (in order) of the visual tokens a video keeps: all, or 30-100% of them."""
+        if rng is None:
+            return torch.arange(count)
+        keep = max(1, round(count * rng.uniform(0.3, 1.0)))
+        return torch.from_numpy(np.sort(rng.permutation(count)[:keep]))
 
     def merged(
         self,
@@ -239,30 +260,33 @@ class Trainer:
         labels: torch.Tensor,
         video: torch.Tensor,
         configs: list[PruneVidConfig | None],
+        dropouts: list[np.random.Generator | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch with each video that has a config shortened by stage 1: ids, labels, mask
-        (right padding) and the visual tokens in placeholder order, (sum of M_b + 1, C).
-        Merged tokens are recomputed as plain means of their members so gradients reach every
-        member; stage 1 picks the members on detached features."""
+        """The batch with each video shortened by its stage-1 config and token dropout (either
+        may be None): ids, labels, mask (right padding) and the visual tokens in placeholder
+        order, (sum of M_b + 1, C). Merged tokens are recomputed as plain means of their
+        members so gradients reach every member; stage 1 picks the members on detached features."""
         rows, row_labels, tokens = [], [], []
         video_id = self.ids["<video>"]
         for b, config in enumerate(configs):
             frames = video[b, :-1].view(self.args.frames, -1, video.shape[-1])
             keep = ids[b] != self.tokenizer.pad_token_id
             row, label = ids[b][keep], labels[b][keep]
-            if config is None:
+            dropout = dropouts[b] if dropouts else None
+            if config is None and dropout is None:
                 rows.append(row)
                 row_labels.append(label)
                 tokens.append(video[b])
                 continue
-            with torch.no_grad():
-                result = merge_tokens(frames.detach(), config, self.grid)
-            means = cluster_means(
-                frames.flatten(0, 1)[None], result.assignment.flatten()[None], result.num_tokens
-            )
-            tokens.append(torch.cat([means[0], video[b, -1:]]))
+            visual = frames.flatten(0, 1)
+            if config is not None:
+                with torch.no_grad():
+                    result = merge_tokens(frames.detach(), config, self.grid)
+                visual = cluster_means(visual[None], result.assignment.flatten()[None], result.num_tokens)[0]
+            visual = visual[self.kept(len(visual), dropout)]
+            tokens.append(torch.cat([visual, video[b, -1:]]))
             start = int((row == video_id).nonzero()[0])
-            drop = frames.shape[0] * frames.shape[1] - result.num_tokens
+            drop = frames.shape[0] * frames.shape[1] - len(visual)
             rows.append(torch.cat([row[:start], row[start + drop :]]))
             row_labels.append(torch.cat([label[:start], label[start + drop :]]))
         width = max(len(r) for r in rows)
@@ -277,8 +301,8 @@ class Trainer:
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         video = self.features(batch["pixels"])
         ids, labels, mask = batch["ids"], batch["labels"], batch["mask"]
-        if self.args.merge_prob > 0:
-            ids, labels, mask, tokens = self.merged(ids, labels, video, batch["merge"])
+        if self.args.merge_prob > 0 or self.args.drop_prob > 0:
+            ids, labels, mask, tokens = self.merged(ids, labels, video, batch["merge"], batch["drop"])
             hidden = self.hidden(ids, mask, tokens)
         else:
             hidden = self.hidden(ids, mask, video)
@@ -311,11 +335,8 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(
-        self, num_videos: int, seed_start: int = MONITOR_SEED, merge: PruneVidConfig | None = None
-    ) -> dict[str, float]:
-        """Single-turn held-out accuracy per family (greedy first answer token), on the full
-        video or, given `merge`, on the video as stage 1 leaves it."""
+    def evaluate(self, num_videos: int, seed_start: int = MONITOR_SEED) -> dict[str, float]:
+        """Single-turn held-out accuracy per family (greedy first answer token), full video."""
         self.model.eval()
         correct = {f: 0 for f in FAMILIES}
         for start in range(0, num_videos, 8):
@@ -326,10 +347,8 @@ class Trainer:
                 ids, _ = self.chat([samples[0].questions[f_index]], np.random.default_rng(0))
                 prompt = ids[: len(ids) - 2]
                 ids_t = torch.tensor([prompt] * len(samples))
-                mask, tokens = torch.ones_like(ids_t), video
-                if merge is not None:
-                    ids_t, _, mask, tokens = self.merged(ids_t, ids_t, video, [merge] * len(samples))
-                hidden = self.hidden(ids_t, mask, tokens)
+                mask = torch.ones_like(ids_t)
+                hidden = self.hidden(ids_t, mask, video)
                 last = mask.sum(1) - 1
                 predicted = self.model.lm_head(hidden[torch.arange(len(samples)), last]).argmax(-1)
                 for s, p in zip(samples, predicted.tolist()):
@@ -403,14 +422,28 @@ class Trainer:
                 last_save = time.time()
         self.checkpoint()
 
+    @torch.no_grad()
+    def evaluate_pruned(self, num_videos: int, seed_start: int = MONITOR_SEED) -> dict[str, float]:
+        """Held-out accuracy per family of the patched model at the monitor preset."""
+        from prunevid.accuracy import Checkpoint, Method, encode_videos, evaluate, load_preset
+
+        preset, size = load_preset(self.args.monitor_preset)
+        checkpoint = Checkpoint(self.model.eval(), self.tokenizer, preset, size)
+        samples = [
+            make_sample(s, preset.num_frames, size) for s in range(seed_start, seed_start + num_videos)
+        ]
+        result = evaluate(checkpoint, Method("prunevid", preset), samples, encode_videos(checkpoint, samples))
+        self.model.train()
+        accuracy = {f: float(np.mean(c)) for f, c in result["correct"].items()}
+        return {**accuracy, "mean": float(np.mean(list(accuracy.values()))), "retention": result["retention"]}
+
     def checkpoint(self) -> None:
         accuracy = self.evaluate(self.args.eval_videos)
         score = accuracy["mean"]
-        if self.args.merge_prob > 0:  # select on the full and the merged video alike
-            merge = PruneVidConfig(tau=0.95, cluster_ratio=1.0, num_frames=self.args.frames, stage2=False)
-            merged = self.evaluate(self.args.eval_videos, merge=merge)
-            accuracy.update({f"stage1_{k}": v for k, v in merged.items()})
-            score = (accuracy["mean"] + merged["mean"]) / 2
+        if self.args.merge_prob > 0:  # select on the full and the pruned video alike
+            pruned = self.evaluate_pruned(self.args.eval_videos)
+            accuracy.update({f"prunevid_{k}": v for k, v in pruned.items()})
+            score = (accuracy["mean"] + pruned["mean"]) / 2
         self.history.append({"step": self.step, "time": time.time(), **accuracy})
         print("eval", self.step, json.dumps({k: round(v, 3) for k, v in accuracy.items()}), flush=True)
         if score >= self.best:
@@ -465,6 +498,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--aux-weight", type=float, default=0.5)
     p.add_argument("--aux-position", action="store_true", help="also predict each token's grid row/column")
     p.add_argument("--merge-prob", type=float, default=0.0, help="share of videos shortened by stage 1")
+    p.add_argument("--merge-tau-min", type=float, default=0.85, help="stage-1 tau drawn in [this, 1]")
+    p.add_argument("--drop-prob", type=float, default=0.0, help="share of videos with token dropout")
+    p.add_argument(
+        "--monitor-preset", default="prunevid/weights/tiny", help="folder whose prunevid.json is monitored"
+    )
     p.add_argument("--size", type=int, default=96, help="frame size (new runs only)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--layers", type=int, default=4, help="Qwen2 layers (new runs only)")

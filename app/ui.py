@@ -16,7 +16,7 @@ import gradio as gr
 import numpy as np
 
 from prunevid.config import PruneVidConfig
-from prunevid.pipeline import TINY_MODEL, ModelLoadError, check_question, preset
+from prunevid.pipeline import ModelLoadError, check_question, preset
 from prunevid.video import VideoError
 from visualizations import (
     Layers,
@@ -81,12 +81,12 @@ def inline_html(text: str) -> str:
 
 
 def banner_markdown(model: str, failure: str | None = None) -> str:
-    """The status banner: why a fallback happened (one sentence) and what the tiny model is."""
+    """The status banner: why a fallback happened (one sentence) and what an offline model can do."""
     parts = []
     if failure:
         parts.append(f'<div class="warning">⚠️ {inline_html(failure)}</div>')
-    if model == TINY_MODEL and engine.tiny_note():
-        parts.append(f'<div class="note">ℹ️ {engine.tiny_note()}</div>')
+    if model in engine.MODEL_NOTES:
+        parts.append(f'<div class="note">ℹ️ {engine.MODEL_NOTES[model]}</div>')
     return "\n\n".join(parts)
 
 
@@ -160,8 +160,8 @@ class App:
         except ModelLoadError as error:
             log.warning("%s", error)
             self.failure = str(error)
-            self.model = TINY_MODEL
-            self.registry.get(TINY_MODEL)
+            self.model = engine.OFFLINE_MODEL
+            self.registry.get(engine.OFFLINE_MODEL)
         self.choices = list(engine.MODEL_CHOICES)
         if self.model not in self.choices:
             self.choices.insert(0, self.model)
@@ -262,7 +262,7 @@ class App:
         try:
             self.registry.get(model)
         except ModelLoadError:
-            instead = "the offline tiny demo model" if active == TINY_MODEL else f"`{active}`"
+            instead = "the offline tiny demo model" if active == engine.OFFLINE_MODEL else f"`{active}`"
             message = engine.unavailable_message(model, instead)
             return [active, banner_markdown(active, message), active, *[gr.skip()] * (2 + len(KNOBS))]
         return [model, banner_markdown(model), model, *knob_values(self.preset(model))]
@@ -323,7 +323,10 @@ class App:
                             label="Answer (PruneVid)", lines=3, interactive=False, elem_id="answer-pruned"
                         )
                         baseline_box = gr.Textbox(
-                            label="Answer (unpruned model, when compared)", lines=3, interactive=False
+                            label="Answer (unpruned model, when compared)",
+                            lines=3,
+                            interactive=False,
+                            elem_id="answer-unpruned",
                         )
                     speed = gr.Markdown(
                         "The speed panel appears here after an answer.", label="speed", elem_id="speed-panel"

@@ -20,12 +20,21 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from prunevid.synthetic import QUESTIONS, make_sample  # noqa: E402
 from prunevid.video import load_video, write_video  # noqa: E402
 
 H, W, FPS, SECONDS = 240, 320, 12, 5
 T = FPS * SECONDS
 RED, BLUE, GREEN, YELLOW = (220, 30, 30), (30, 60, 220), (30, 190, 60), (250, 220, 20)
 
+# For the offline tiny-trained model: videos of prunevid.synthetic (held-out seeds), upscaled 3x
+# so that the page shows them larger; the model's processor scales them back to 96 px.
+SYNTHETIC = {
+    "synthetic_first.mp4": (0, "first"),
+    "synthetic_small.mp4": (1, "small"),
+    "synthetic_direction.mp4": (2, "direction"),
+}
+SYNTHETIC_SCALE, SYNTHETIC_FPS = 3, 4
 EXAMPLES = {
     "shapes.mp4": ("What colour is the object moving to the right?", "red"),
     "scene_cut.mp4": ("Does the scene change?", "yes"),
@@ -84,6 +93,22 @@ def small_object() -> np.ndarray:
     return animate(base, draw)
 
 
+def synthetic(seed: int) -> np.ndarray:
+    frames = make_sample(seed).frames
+    return frames.repeat(SYNTHETIC_SCALE, axis=1).repeat(SYNTHETIC_SCALE, axis=2)
+
+
+def synthetic_examples() -> list[dict]:
+    """The generator's question, written as a person would type it, and its true answer."""
+    rows = []
+    for name, (seed, family) in SYNTHETIC.items():
+        question = QUESTIONS[family].replace(" ?", "?")
+        answer = make_sample(seed).answer(family)
+        rows.append({"video": name, "question": question[0].upper() + question[1:], "answer": answer,
+                     "model": "tiny-trained", "seed": seed})  # fmt: skip
+    return rows
+
+
 def bbb_excerpt(source: Path, seconds: float = 6.0, width: int = 320) -> tuple[np.ndarray, float]:
     """First `seconds` of Big Buck Bunny, resized to `width` pixels wide (even height)."""
     frames = []
@@ -126,13 +151,17 @@ def main(argv: list[str] | None = None) -> None:
         ("small_object.mp4", small_object),
     ]:
         write_video(args.out / name, make(), FPS)
+    for name, (seed, _) in SYNTHETIC.items():
+        write_video(args.out / name, synthetic(seed), SYNTHETIC_FPS)
     if args.bbb is not None and args.bbb.is_file():
         frames, fps = bbb_excerpt(args.bbb)
         write_video(args.out / "bbb.mp4", frames, fps)
     else:
         print(f"skipping bbb.mp4: source not given or not found ({args.bbb})")
 
-    examples = []
+    examples = synthetic_examples()
+    for row in examples:
+        print(check(args.out / row["video"]))
     for name, (question, answer) in EXAMPLES.items():
         if (args.out / name).is_file():
             print(check(args.out / name))

@@ -7,7 +7,7 @@ checkpoints (LlavaOnevisionForConditionalGeneration = SigLIP tower + projector +
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
@@ -140,6 +140,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer with the chat special tokens, built in memory (no download)."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + sorted(set(WORDS)) + QWEN_TOKENS)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()  # "What colour?" reads as "what colour ?"
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

@@ -460,6 +460,9 @@ def export(run: Path, target: Path, frames: int, calibration_videos: int) -> Non
     source = run / "best"
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(source)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+    tokenizer.backend_tokenizer.normalizer = (
+        tiny_tokenizer().backend_tokenizer.normalizer
+    )  # older runs lack it
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     model.save_pretrained(target)

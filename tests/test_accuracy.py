@@ -135,3 +135,35 @@ def test_prunevid_at_preset_keeps_the_accuracy(shipped_results):
     full, pruned = shipped_results["full"], shipped_results["prunevid"]
     assert pruned["retention"] <= 0.2
     assert pruned["accuracy"] >= full["accuracy"] - MAX_PRUNEVID_DROP, (full, pruned)
+
+
+@shipped
+def test_the_app_examples_are_answered_right_by_the_offline_model():
+    """The synthetic example videos the page offers (mp4 files, 3x upscaled, H.264) are the
+    generator's frames, and the shipped model answers their questions as the generator says,
+    pruned at its preset and unpruned."""
+    import json
+
+    from prunevid.pipeline import TRAINED_TINY_MODEL, answer, load_model, preset
+    from prunevid.video import load_video
+
+    assets = WEIGHTS.parents[2] / "assets"
+    rows = [
+        r for r in json.loads((assets / "examples.json").read_text()) if r.get("model") == TRAINED_TINY_MODEL
+    ]
+    assert len(rows) == 3
+    loaded, config = load_model(TRAINED_TINY_MODEL), preset(TRAINED_TINY_MODEL)
+    for row in rows:
+        video = load_video(assets / row["video"], config.num_frames)
+        generated = make_sample(row["seed"]).frames.repeat(3, axis=1).repeat(3, axis=2)
+        assert abs(video.frames.astype(float) - generated).mean() < 4  # H.264 noise only
+        for settings in (config, config.replace(stage1=False, stage2=False)):
+            result = answer(loaded, video, row["question"], settings, max_new_tokens=2)
+            assert result.text.strip() == row["answer"], (row, settings)
+
+
+def test_the_tiny_tokenizer_reads_questions_as_typed():
+    tokenizer = tiny_tokenizer()
+    typed = tokenizer("What colour appears FIRST?", add_special_tokens=False)["input_ids"]
+    assert typed == tokenizer("what colour appears first ?", add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in typed

@@ -206,25 +206,26 @@ def test_unavailable_model_gives_one_sentence(client):
     assert LARGE_MODEL in message and "PRUNEVID_MODEL" in message and message.count(". ") == 0
 
 
-def test_startup_falls_back_to_tiny_with_a_banner(monkeypatch):
+def test_startup_falls_back_to_the_trained_tiny_model_with_a_banner(monkeypatch):
     from app.engine import cached_on_disk, unavailable_message
     from app.ui import KNOBS, App, banner_markdown, inline_html
-    from prunevid.pipeline import DEFAULT_MODEL, TINY_MODEL, preset
+    from prunevid.pipeline import DEFAULT_MODEL, TINY_MODEL, TRAINED_TINY_MODEL, preset
 
     if cached_on_disk(DEFAULT_MODEL):
         pytest.skip(f"{DEFAULT_MODEL} is cached on this machine")
     monkeypatch.delenv("PRUNEVID_MODEL", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     app = App()
-    assert app.model == TINY_MODEL and app.failure == unavailable_message(DEFAULT_MODEL)
+    assert app.model == TRAINED_TINY_MODEL and app.failure == unavailable_message(DEFAULT_MODEL)
     banner = banner_markdown(app.model, app.failure)
-    assert DEFAULT_MODEL in banner and "meaningless" in banner
+    assert DEFAULT_MODEL in banner and "trained only on synthetic shape videos" in banner
     # picking an unavailable model later: same sentence, the dropdown goes back, knobs untouched
-    active, banner, dropdown, *_ = app.on_model(DEFAULT_MODEL, TINY_MODEL)
-    assert active == dropdown == TINY_MODEL and inline_html(unavailable_message(DEFAULT_MODEL)) in banner
-    # picking the tiny model loads its preset into the knobs
-    active, banner, dropdown, stage1, stage2, *knobs = app.on_model(TINY_MODEL, TINY_MODEL)
-    assert active == dropdown == TINY_MODEL and DEFAULT_MODEL not in banner
+    active, banner, dropdown, *_ = app.on_model(DEFAULT_MODEL, TRAINED_TINY_MODEL)
+    assert active == dropdown == TRAINED_TINY_MODEL
+    assert inline_html(unavailable_message(DEFAULT_MODEL)) in banner
+    # picking the random tiny model loads its preset into the knobs, and says what it is
+    active, banner, dropdown, stage1, stage2, *knobs = app.on_model(TINY_MODEL, TRAINED_TINY_MODEL)
+    assert active == dropdown == TINY_MODEL and DEFAULT_MODEL not in banner and "meaningless" in banner
     assert (stage1, stage2) == (preset(TINY_MODEL).stage1, preset(TINY_MODEL).stage2)
     assert dict(zip(KNOBS, knobs)) == {name: getattr(preset(TINY_MODEL), name) for name in KNOBS}
 

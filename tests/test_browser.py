@@ -1,8 +1,8 @@
 """The page in a real browser: Debian's Chromium driven by Playwright (no browser download).
 
-Loads the page served by `python app.py` (offline tiny model), shows that a bad request gives one
-readable message, picks an example, answers it, waits for the answer and the overlay gallery, and
-saves a screenshot (also to $PRUNEVID_SCREENSHOT when set, e.g. docs/app.png).
+Loads the page served by `python app.py` (the offline tiny-trained model), shows that a bad request
+gives one readable message, picks the first example, answers it (rightly), waits for the answer and
+the overlay gallery, and saves a screenshot (also to $PRUNEVID_SCREENSHOT when set, e.g. docs/app.png).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    process, url = start_app(tmp_path_factory.mktemp("browser") / "server.log")
+    process, url = start_app(tmp_path_factory.mktemp("browser") / "server.log", PRUNEVID_MODEL="tiny-trained")
     yield url
     stop_app(process)
 
@@ -49,7 +49,7 @@ def test_answer_an_example_in_the_browser(server, browser, tmp_path):
     page.goto(server)
     button = page.locator("#answer-button")
     button.wait_for(timeout=60_000)
-    assert page.get_by_text("its answers are meaningless").is_visible()  # tiny-model notice
+    assert page.get_by_text("trained only on synthetic shape videos").is_visible()  # offline-model notice
 
     # a bad request (no video yet) shows one readable message and the page keeps working
     page.locator("#prunevid-question textarea").fill("What is this?")
@@ -72,7 +72,7 @@ def test_answer_an_example_in_the_browser(server, browser, tmp_path):
     )
     images = page.locator("#overlay-gallery img")
     images.first.wait_for(timeout=60_000)
-    page.wait_for_function("() => document.querySelectorAll('#overlay-gallery img').length >= 16")
+    page.wait_for_function("() => document.querySelectorAll('#overlay-gallery img').length >= 8")
     page.wait_for_timeout(1500)  # let the images and charts finish painting
 
     screenshot = tmp_path / "app.png"
@@ -86,9 +86,10 @@ def test_answer_an_example_in_the_browser(server, browser, tmp_path):
             compact = image.convert("RGB").quantize(256, Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
             compact.save(target, optimize=True)
 
-    answer = page.locator("#answer-pruned textarea").input_value()
-    assert answer.strip()
-    assert images.count() == 16  # num_frames of the tiny model's preset
+    assert example["model"] == "tiny-trained"
+    assert page.locator("#answer-pruned textarea").input_value().strip() == example["answer"]
+    assert page.locator("#answer-unpruned textarea").input_value().strip() == example["answer"]
+    assert images.count() == 8  # num_frames of the model's preset
     speed = page.locator("#speed-panel").inner_text()
     assert "Visual tokens" in speed and "stage 2" in speed and "measured speedup" in speed
     page.close()

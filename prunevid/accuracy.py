@@ -287,10 +287,10 @@ CALIBRATION_SEED = TRAIN_SEED_START + 500_000_000  # training range, far past an
 
 def calibrate(
     checkpoint: Checkpoint,
-    num_videos: int = 48,
-    taus: tuple[float, ...] = (0.8, 0.9, 0.95),
+    num_videos: int = 96,
+    taus: tuple[float, ...] = (0.8, 0.85, 0.9, 0.95),
     cluster_ratios: tuple[float, ...] = (0.5, 0.75, 1.0),
-    alphas: tuple[float, ...] = (0.4, 0.6, 0.8),
+    alphas: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7),
     max_retention: float = 0.2,
     log: Callable = print,
 ) -> tuple[PruneVidConfig, list[dict]]:

@@ -519,7 +519,7 @@ def parse() -> argparse.Namespace:
     p.add_argument(
         "--export", default=None, help="copy OUT/best into this folder, calibrate its preset, exit"
     )
-    p.add_argument("--calibration-videos", type=int, default=32)
+    p.add_argument("--calibration-videos", type=int, default=96)
     return p.parse_args()
 
 

@@ -167,3 +167,20 @@ def test_the_tiny_tokenizer_reads_questions_as_typed():
     typed = tokenizer("What colour appears FIRST?", add_special_tokens=False)["input_ids"]
     assert typed == tokenizer("what colour appears first ?", add_special_tokens=False)["input_ids"]
     assert tokenizer.unk_token_id not in typed
+
+
+@shipped
+def test_calibration_picks_the_most_accurate_setting_within_the_budget():
+    checkpoint = load_checkpoint()
+    grid = dict(taus=(0.8, 0.95), cluster_ratios=(1.0,), alphas=(0.3, 0.6, 0.9))
+    preset, tried = accuracy.calibrate(checkpoint, 8, **grid, max_retention=0.25, log=lambda r: None)
+    layers = checkpoint.model.config.text_config.num_hidden_layers
+    assert len(tried) == (layers - 1) * 2 * 3
+    allowed = [r for r in tried if r["retention"] <= 0.25]
+    assert allowed and len(allowed) < len(tried)  # the budget rules some settings out
+    best = max(r["accuracy"] for r in allowed)
+    assert len({r["accuracy"] for r in tried}) > 1  # a real choice
+    keys = ("selected_layer", "tau", "cluster_ratio", "alpha")
+    chosen = {tuple(r[k] for k in keys) for r in allowed if r["accuracy"] == best}
+    assert tuple(getattr(preset, k) for k in keys) in chosen
+    assert preset.num_frames == checkpoint.preset.num_frames  # the rest of the preset is kept

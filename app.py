@@ -1,7 +1,8 @@
 """Entry point for `python app.py` and Hugging Face Spaces (README front matter: app_file: app.py).
 
-Works offline: without the default model's weights the page falls back to the tiny demo model.
-Environment: PRUNEVID_MODEL picks the model (`tiny` = offline), GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
+Works offline: without the default model's weights the page falls back to the tiny demo model
+trained on synthetic videos. Environment: PRUNEVID_MODEL picks the model (`tiny-trained` = the
+offline one, `tiny` = random weights), GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
 choose where to listen.
 """
 

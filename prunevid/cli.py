@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("video")
         sub.add_argument("question")
         sub.add_argument(
-            "--model", default=None, help="Hub id or local folder ('tiny': offline random model)"
+            "--model",
+            default=None,
+            help="Hub id or local folder ('tiny-trained': offline synthetic-video model, 'tiny': random)",
         )
         add_config_arguments(sub)
         if name == "answer":

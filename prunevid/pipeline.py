@@ -1,6 +1,6 @@
 """Load a model and answer a question about a video with PruneVid: the library's front door.
 
-loaded = load_model("llava-hf/llava-onevision-qwen2-0.5b-ov-hf")   # or "tiny" (offline)
+loaded = load_model("llava-hf/llava-onevision-qwen2-0.5b-ov-hf")   # or "tiny-trained" (offline)
 result = answer(loaded, "clip.mp4", "What happens?", PruneVidConfig())
 result.text, result.trace.num_after_stage2, result.timings["llm_prefill_s"]
 """
@@ -101,7 +101,7 @@ def preset(name: str, num_layers: int | None = None) -> PruneVidConfig:
 def load_model(
     name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str | None = None
 ) -> LoadedModel:
-    """Load a LLaVA-OneVision checkpoint (Hub id or local folder) or the offline "tiny" model."""
+    """Load a LLaVA-OneVision checkpoint (Hub id or local folder) or an offline tiny model ("tiny-trained", "tiny", "tiny-qwen")."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

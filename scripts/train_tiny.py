@@ -491,7 +491,7 @@ def export(run: Path, target: Path, frames: int, calibration_videos: int) -> Non
     print(f"exported {source} -> {target}; preset {preset}")
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="/tmp/prunevid_tiny_run", help="run directory (resumes from OUT/last)")
     p.add_argument(
@@ -525,7 +525,7 @@ def parse() -> argparse.Namespace:
         "--export", default=None, help="copy OUT/best into this folder, calibrate its preset, exit"
     )
     p.add_argument("--calibration-videos", type=int, default=96)
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def main() -> None:

@@ -143,6 +143,7 @@ class Trainer:
             torch.manual_seed(args.seed)
             config = build_config(self.tokenizer, args.size, args.layers, args.hidden)
             self.model = LlavaOnevisionForConditionalGeneration(config)
+        self.first_step = self.step  # a new run warms up afresh (new optimiser state and heads)
         self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         self.model.generation_config.eos_token_id = self.tokenizer.eos_token_id
         hidden = self.model.config.text_config.hidden_size
@@ -160,6 +161,7 @@ class Trainer:
                 self.aux_position.load_state_dict(state["aux_position"])
             self._load_optimizer(state["optimizer"])
             self.step, self.history, self.best = state["step"], state["history"], state["best"]
+            self.first_step = state.get("first_step", 0)
         size = self.model.config.vision_config.image_size
         self.size = size
         self.processing = FrameProcessing(size=(size, size))
@@ -222,6 +224,7 @@ class Trainer:
             "pixels": pixels,
             "merge": self.merge_configs(seeds),
             "drop": self.dropouts(seeds),
+            "seeds": seeds,
             **{f"aux_{k}": v for k, v in targets.items()},
         }
 
@@ -230,12 +233,52 @@ class Trainer:
         """(B, T*N + 1, C): pooled, projected frame tokens and the trailing newline."""
         return self.model.model.get_video_features(pixels, return_dict=True).pooler_output
 
-    def hidden(self, ids: torch.Tensor, mask: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+    def hidden(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        video: torch.Tensor,
+        hidden_from: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last hidden states, (B, S, C). `hidden_from` (B, S) bool: tokens that the layers after
+        `--late-drop-layer` do not see, as stage 2 hides its pruned tokens (a random choice here)."""
         embeds = self.model.get_input_embeddings()(ids)
         is_video = (ids == self.ids["<video>"]).unsqueeze(-1)
         embeds = embeds.masked_scatter(is_video, video.to(embeds.dtype))
-        out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-        return out.last_hidden_state
+        language_model = self.model.model.language_model
+        if hidden_from is None:
+            return language_model(
+                inputs_embeds=embeds, attention_mask=mask, use_cache=False
+            ).last_hidden_state
+        length = ids.shape[1]
+        early = torch.ones(length, length, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
+        late = early & ~hidden_from[:, None, :]
+        lowest = torch.finfo(embeds.dtype).min  # not -inf: a fully hidden row must not give NaN
+        masks = [
+            torch.zeros(m.shape, dtype=embeds.dtype).masked_fill(~m, lowest)[:, None] for m in (early, late)
+        ]
+        positions = torch.arange(length)[None]
+        rotary = language_model.rotary_emb(embeds, positions)
+        states = embeds
+        for index, layer in enumerate(language_model.layers):
+            late_layer = index > self.args.late_drop_layer
+            states = layer(
+                states, attention_mask=masks[late_layer], position_embeddings=rotary, position_ids=positions
+            )
+        return language_model.norm(states)
+
+    def late_drops(self, seeds: list[int], ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, S) bool: visual tokens hidden from the late layers, 20-70% of a video's (not its
+        trailing newline), for a share `--late-drop-prob` of the videos; None if no video has any."""
+        hidden = torch.zeros_like(ids, dtype=torch.bool)
+        for b, seed in enumerate(seeds):
+            rng = np.random.default_rng([seed, 3])
+            if rng.random() >= self.args.late_drop_prob:
+                continue
+            visual = (ids[b] == self.ids["<video>"]).nonzero().squeeze(1)[:-1]
+            count = round(len(visual) * rng.uniform(0.2, 0.7))
+            hidden[b, visual[torch.from_numpy(rng.permutation(len(visual))[:count])]] = True
+        return hidden if hidden.any() else None
 
     def merge_configs(self, seeds: list[int]) -> list[PruneVidConfig | None]:
         """Per video: the stage-1 settings it is merged with, or None (seeded by the video)."""
@@ -314,9 +357,9 @@ class Trainer:
         ids, labels, mask = batch["ids"], batch["labels"], batch["mask"]
         if self.args.merge_prob > 0 or self.args.drop_prob > 0:
             ids, labels, mask, tokens = self.merged(ids, labels, video, batch["merge"], batch["drop"])
-            hidden = self.hidden(ids, mask, tokens)
         else:
-            hidden = self.hidden(ids, mask, video)
+            tokens = video
+        hidden = self.hidden(ids, mask, tokens, self.late_drops(batch["seeds"], ids))
         labels = labels[:, 1:]
         where = labels != -100
         logits = self.model.lm_head(hidden[:, :-1][where])
@@ -381,6 +424,7 @@ class Trainer:
             "aux_position": self.aux_position.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
+            "first_step": self.first_step,
             "history": self.history,
             "best": self.best,
         }
@@ -391,7 +435,7 @@ class Trainer:
 
     def learning_rate(self) -> float:
         args = self.args
-        warm = min(1.0, (self.step + 1) / args.warmup)
+        warm = min(1.0, (self.step - self.first_step + 1) / args.warmup)
         if args.decay_minutes:
             left = (self.deadline - time.time()) / 60
             progress = min(1.0, max(0.0, 1 - left / args.decay_minutes))
@@ -510,6 +554,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--merge-prob", type=float, default=0.0, help="share of videos shortened by stage 1")
     p.add_argument("--merge-tau-min", type=float, default=0.85, help="stage-1 tau drawn in [this, 1]")
     p.add_argument("--drop-prob", type=float, default=0.0, help="share of videos with token dropout")
+    p.add_argument(
+        "--late-drop-prob", type=float, default=0.0, help="share of videos with late-layer token dropout"
+    )
+    p.add_argument("--late-drop-layer", type=int, default=2, help="layers after this one see fewer tokens")
     p.add_argument("--monitor-preset", default=str(WEIGHTS), help="folder whose prunevid.json is monitored")
     p.add_argument("--size", type=int, default=96, help="frame size (new runs only)")
     p.add_argument("--frames", type=int, default=8)

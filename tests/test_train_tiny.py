@@ -58,3 +58,25 @@ def test_shortened_videos_keep_their_layout(train_tiny, tmp_path, drop):
         assert len(first) - 1 < len(merged)
         matches = torch.cdist(first[:-1], merged).argmin(1)
         assert torch.equal(matches, matches.sort().values) and matches.unique().numel() == len(matches)
+
+
+@torch.no_grad()
+def test_late_dropout_forward(train_tiny, tmp_path):
+    """The layer-by-layer forward equals the stock one when it hides nothing; hiding tokens from
+    the late layers changes only what comes after them."""
+    run = trainer(train_tiny, tmp_path, merge=0.0, drop=0.0)
+    run.model.eval()
+    batch = run.batch([TRAIN_SEED_START + i for i in range(2)])
+    video = run.features(batch["pixels"])
+    ids, mask = batch["ids"], batch["mask"]
+    stock = run.hidden(ids, mask, video)
+    nothing = torch.zeros_like(ids, dtype=torch.bool)
+    torch.testing.assert_close(run.hidden(ids, mask, video, nothing), stock, atol=1e-5, rtol=1e-5)
+    hidden = nothing.clone()
+    visual = (ids[0] == run.ids["<video>"]).nonzero().squeeze(1)
+    hidden[0, visual[:100]] = True
+    late = run.hidden(ids, mask, video, hidden)
+    first_hidden = int(visual[0])
+    torch.testing.assert_close(late[:, :first_hidden], stock[:, :first_hidden])  # causal: before them
+    torch.testing.assert_close(late[1], stock[1])  # the other video
+    assert not torch.allclose(late[0, -10:], stock[0, -10:], atol=1e-4)  # the answers see fewer tokens

@@ -8,7 +8,10 @@
         --merge-prob 0.5 --lr 1e-3 --minutes 55 --decay-minutes 12     # continue (phase 2)
     python scripts/train_tiny.py --out /tmp/p3 --init prunevid/weights/tiny --aux-position \
         --merge-prob 0.6 --merge-tau-min 0.75 --drop-prob 0.3 --lr 7e-4 --minutes 68 \
-        --decay-minutes 15 --eval-videos 96                            # phase 3 (the shipped model)
+        --decay-minutes 15 --eval-videos 96                            # phase 3
+    python scripts/train_tiny.py --out /tmp/p4 --init prunevid/weights/tiny --aux-position \
+        --merge-prob 0.6 --merge-tau-min 0.75 --drop-prob 0.2 --late-drop-prob 0.5 --lr 5e-4 \
+        --minutes 40 --decay-minutes 12 --eval-videos 96               # phase 4 (the shipped model)
 
 Recipe (what makes a 1-2M-parameter model learn within an hour of one CPU thread):
 * every video is one multi-turn chat holding all seven question families in a seeded random
@@ -26,6 +29,9 @@ Recipe (what makes a 1-2M-parameter model learn within an hour of one CPU thread
   stage 1 breaks it (docs/bench_accuracy.md);
 * optionally (`--drop-prob P`) a share P of the videos also lose a random share of their visual
   tokens (token dropout; the newline stays), so no answer hangs on any one token;
+* optionally (`--late-drop-prob P`) a share P of the videos have 20-70% of their visual tokens
+  hidden from the layers after `--late-drop-layer`, as stage 2 hides its pruned ones (a random
+  choice here), so the early layers learn to carry what the late ones may lose;
 * with `--merge-prob`, checkpoints are selected on the mean of the full model's accuracy and
   the patched model's at the preset in `--monitor-preset` (stage 1 and 2 as shipped).
 

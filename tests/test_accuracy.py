@@ -1,4 +1,5 @@
 import argparse
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,7 +148,7 @@ def test_the_app_examples_are_answered_right_by_the_offline_model():
     from prunevid.pipeline import TRAINED_TINY_MODEL, answer, load_model, preset
     from prunevid.video import load_video
 
-    assets = WEIGHTS.parents[2] / "assets"
+    assets = Path(__file__).resolve().parents[1] / "assets"
     rows = [
         r for r in json.loads((assets / "examples.json").read_text()) if r.get("model") == TRAINED_TINY_MODEL
     ]

@@ -77,7 +77,6 @@ from prunevid.models.llava_onevision import PROMPT, FrameProcessing, pooled_grid
 from prunevid.synthetic import (
     BACKGROUNDS,
     COLOURS,
-    FAMILIES,
     SHAPES,
     TRAIN_SEED_START,
     cell_labels,
@@ -333,11 +332,6 @@ class Trainer:
             keep = ids[b] != self.tokenizer.pad_token_id
             row, label = ids[b][keep], labels[b][keep]
             dropout = dropouts[b] if dropouts else None
-            if config is None and dropout is None:
-                rows.append(row)
-                row_labels.append(label)
-                tokens.append(video[b])
-                continue
             visual = frames.flatten(0, 1)
             if config is not None:
                 with torch.no_grad():
@@ -361,10 +355,7 @@ class Trainer:
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         video = self.features(batch["pixels"])
         ids, labels, mask = batch["ids"], batch["labels"], batch["mask"]
-        if self.args.merge_prob > 0 or self.args.drop_prob > 0:
-            ids, labels, mask, tokens = self.merged(ids, labels, video, batch["merge"], batch["drop"])
-        else:
-            tokens = video
+        ids, labels, mask, tokens = self.merged(ids, labels, video, batch["merge"], batch["drop"])
         hidden = self.hidden(ids, mask, tokens, self.late_drops(batch["seeds"], ids))
         labels = labels[:, 1:]
         where = labels != -100
@@ -395,28 +386,16 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, num_videos: int, seed_start: int = MONITOR_SEED) -> dict[str, float]:
-        """Single-turn held-out accuracy per family (greedy first answer token), full video."""
-        self.model.eval()
-        correct = {f: 0 for f in FAMILIES}
-        for start in range(0, num_videos, 8):
-            seeds = list(range(seed_start + start, seed_start + min(start + 8, num_videos)))
-            samples = [make_sample(s, self.args.frames, self.size) for s in seeds]
-            video = self.features(torch.stack([self.processing(s.frames) for s in samples]))
-            for f_index, family in enumerate(FAMILIES):
-                ids, _ = self.chat([samples[0].questions[f_index]], np.random.default_rng(0))
-                prompt = ids[: len(ids) - 2]
-                ids_t = torch.tensor([prompt] * len(samples))
-                mask = torch.ones_like(ids_t)
-                hidden = self.hidden(ids_t, mask, video)
-                last = mask.sum(1) - 1
-                predicted = self.model.lm_head(hidden[torch.arange(len(samples)), last]).argmax(-1)
-                for s, p in zip(samples, predicted.tolist()):
-                    correct[family] += int(self.encode(s.answer(family)) == [p])
+    def evaluate(self, config: PruneVidConfig, seed_start: int = MONITOR_SEED) -> dict[str, float]:
+        """Single-turn held-out accuracy per family (greedy first answer token) of the model
+        patched with `config` (both stages off: the stock model), and its retention."""
+        checkpoint = Checkpoint(self.model.eval(), self.tokenizer, config, self.size)
+        seeds = range(seed_start, seed_start + self.args.eval_videos)
+        samples = [make_sample(s, config.num_frames, self.size) for s in seeds]
+        result = evaluate(checkpoint, Method("monitor", config), samples, encode_videos(checkpoint, samples))
         self.model.train()
-        result = {f: correct[f] / num_videos for f in FAMILIES}
-        result["mean"] = float(np.mean(list(result.values())))
-        return result
+        accuracy = {f: float(np.mean(c)) for f, c in result["correct"].items()}
+        return {**accuracy, "mean": float(np.mean(list(accuracy.values()))), "retention": result["retention"]}
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self, name: str) -> None:
@@ -484,24 +463,13 @@ class Trainer:
         if self.step % args.eval_every:  # the last step was not evaluated yet
             self.checkpoint()
 
-    @torch.no_grad()
-    def evaluate_pruned(self, num_videos: int, seed_start: int = MONITOR_SEED) -> dict[str, float]:
-        """Held-out accuracy per family of the patched model at the monitor preset."""
-        preset, size = load_preset(self.args.monitor_preset)
-        checkpoint = Checkpoint(self.model.eval(), self.tokenizer, preset, size)
-        samples = [
-            make_sample(s, preset.num_frames, size) for s in range(seed_start, seed_start + num_videos)
-        ]
-        result = evaluate(checkpoint, Method("prunevid", preset), samples, encode_videos(checkpoint, samples))
-        self.model.train()
-        accuracy = {f: float(np.mean(c)) for f, c in result["correct"].items()}
-        return {**accuracy, "mean": float(np.mean(list(accuracy.values()))), "retention": result["retention"]}
-
     def checkpoint(self) -> None:
-        accuracy = self.evaluate(self.args.eval_videos)
+        preset = load_preset(self.args.monitor_preset)[0]
+        accuracy = self.evaluate(preset.replace(stage1=False, stage2=False, num_frames=self.args.frames))
+        accuracy.pop("retention")
         score = accuracy["mean"]
         if self.args.merge_prob > 0:  # select on the full and the pruned video alike
-            pruned = self.evaluate_pruned(self.args.eval_videos)
+            pruned = self.evaluate(preset)
             accuracy.update({f"prunevid_{k}": v for k, v in pruned.items()})
             score = (accuracy["mean"] + pruned["mean"]) / 2
         self.history.append({"step": self.step, "time": time.time(), **accuracy})

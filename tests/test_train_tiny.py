@@ -80,3 +80,15 @@ def test_late_dropout_forward(train_tiny, tmp_path):
     torch.testing.assert_close(late[:, :first_hidden], stock[:, :first_hidden])  # causal: before them
     torch.testing.assert_close(late[1], stock[1])  # the other video
     assert not torch.allclose(late[0, -10:], stock[0, -10:], atol=1e-4)  # the answers see fewer tokens
+
+
+@torch.no_grad()
+def test_videos_without_merge_or_dropout_pass_unchanged(train_tiny, tmp_path):
+    run = trainer(train_tiny, tmp_path, merge=0.0, drop=0.0)
+    batch = run.batch([TRAIN_SEED_START + i for i in range(2)])
+    video = run.features(batch["pixels"])
+    ids, labels, mask, tokens = run.merged(
+        batch["ids"], batch["labels"], video, batch["merge"], batch["drop"]
+    )
+    assert torch.equal(ids, batch["ids"]) and torch.equal(labels, batch["labels"])
+    assert torch.equal(mask, batch["mask"]) and torch.equal(tokens, video.flatten(0, 1))

@@ -6,7 +6,7 @@ offline one, `tiny` = random weights), GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
 choose where to listen.
 """
 
-from app import launch
+from prunevid.app import launch
 
 if __name__ == "__main__":
     launch()

@@ -18,7 +18,7 @@ import numpy as np
 from prunevid.config import PruneVidConfig
 from prunevid.pipeline import ModelLoadError, check_question, preset
 from prunevid.video import VideoError
-from visualizations import (
+from prunevid.visualizations import (
     Layers,
     budget_figure,
     contact_sheet,

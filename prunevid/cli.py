@@ -56,7 +56,7 @@ def _trace(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from app import launch
+    from .app import launch
 
     launch(server_name=args.host, server_port=args.port, share=args.share)
 

@@ -196,7 +196,7 @@ def test_bad_input_gives_one_readable_message_and_server_keeps_serving(client, t
 
 
 def test_unavailable_model_gives_one_sentence(client):
-    from app.engine import LARGE_MODEL, cached_on_disk
+    from prunevid.app.engine import LARGE_MODEL, cached_on_disk
 
     if cached_on_disk(LARGE_MODEL):
         pytest.skip(f"{LARGE_MODEL} is cached on this machine")
@@ -207,8 +207,8 @@ def test_unavailable_model_gives_one_sentence(client):
 
 
 def test_startup_falls_back_to_the_trained_tiny_model_with_a_banner(monkeypatch):
-    from app.engine import cached_on_disk, unavailable_message
-    from app.ui import KNOBS, App, banner_markdown, inline_html
+    from prunevid.app.engine import cached_on_disk, unavailable_message
+    from prunevid.app.ui import KNOBS, App, banner_markdown, inline_html
     from prunevid.pipeline import DEFAULT_MODEL, TINY_MODEL, TRAINED_TINY_MODEL, preset
 
     if cached_on_disk(DEFAULT_MODEL):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from prunevid.trace import PruningTrace
-from visualizations import (
+from prunevid.visualizations import (
     Layers,
     Style,
     budget_counts,
@@ -20,7 +20,7 @@ from visualizations import (
     static_share,
     timeline_figure,
 )
-from visualizations.overlay import OUTLINE_COLOR, STATIC_COLOR
+from prunevid.visualizations.overlay import OUTLINE_COLOR, STATIC_COLOR
 
 T, H, W = 4, 4, 4  # frames, grid rows, grid cols
 SIDE = 80  # frame pixels: every token cell is 20 x 20

@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--share", action="store_true")
     demo.set_defaults(run=_demo)
 
-    from . import bench
+    from .bench.cli import add_commands
     from .eval_tasks import add_command
 
-    bench.add_commands(commands.add_parser("bench", help="speed and accuracy benchmarks"))
+    add_commands(commands.add_parser("bench", help="speed and accuracy benchmarks"))
     add_command(commands)
 
     args = parser.parse_args(argv)

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunevid import bench, cli
+from prunevid import cli
+from prunevid.bench.archs import ARCHS, BENCH_VOCAB, build_model, randomize
+from prunevid.bench.speed import METHOD_NAMES, calibrate_tau
 from prunevid.config import PruneVidConfig
 from prunevid.merge import merge_tokens
 
@@ -52,7 +54,7 @@ def _methods(quick: dict) -> dict[str, dict]:
 def test_json_schema(quick: dict) -> None:
     result = quick["result"]
     assert isinstance(result["machine"], dict) and result["machine"]["cpu"]
-    assert [m["name"] for m in result["methods"]] == list(bench.METHOD_NAMES)
+    assert [m["name"] for m in result["methods"]] == list(METHOD_NAMES)
     for method in result["methods"]:
         for key in REQUIRED:
             assert isinstance(method[key], int | float), (method["name"], key)
@@ -127,11 +129,11 @@ def test_targets_are_reported(quick: dict) -> None:
     [("qwen2-0.5b", 0.894), ("qwen2.5-vl-3b", 3.755)],
 )
 def test_arch_sizes_match_the_published_models(name: str, billions: float) -> None:
-    arch = bench.ARCHS[name]
+    arch = ARCHS[name]
     with torch.device("meta"):  # shapes only: no memory, no weights
-        model, _ = bench.build_model(arch)
+        model, _ = build_model(arch)
     hidden = arch.text["hidden_size"]
-    full_vocab = sum(p.numel() for p in model.parameters()) + (151_936 - bench.BENCH_VOCAB) * hidden
+    full_vocab = sum(p.numel() for p in model.parameters()) + (151_936 - BENCH_VOCAB) * hidden
     assert full_vocab / 1e9 == pytest.approx(billions, rel=0.01)
 
 
@@ -140,7 +142,7 @@ def test_calibration_hits_the_target() -> None:
     base = torch.randn(1, 36, 16, generator=generator)
     frames = base + 0.3 * torch.randn(8, 36, 16, generator=generator)  # 8 frames, 6 x 6 grid
     config = PruneVidConfig(num_frames=8)
-    calibration = bench.calibrate_tau(frames, config, retention=0.3)
+    calibration = calibrate_tau(frames, config, retention=0.3)
     assert calibration.target == round(0.3 * 8 * 36)
     assert merge_tokens(frames, config.replace(tau=calibration.tau)).num_tokens == calibration.tokens
     assert abs(calibration.tokens - calibration.target) <= 0.05 * calibration.total
@@ -149,7 +151,7 @@ def test_calibration_hits_the_target() -> None:
 def test_randomize_is_deterministic() -> None:
     def make() -> torch.nn.Module:
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-        bench.randomize(model, seed=3)
+        randomize(model, seed=3)
         return model
 
     a, b = make(), make()

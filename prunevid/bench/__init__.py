@@ -1,0 +1,8 @@
+"""Benchmarks (`prunevid bench ...`), one role per file.
+
+- `archs.py`: the models measured (real layer sizes, random weights) and how to build them;
+- `measure.py`: prompts, one timed generate() per method, repeats, memory and cache probes;
+- `speed.py`: `bench speed`'s options, setup, stage-1 calibration and order of measurements;
+- `report.py`: rows, summaries, the markdown table, targets, machine info, CSV and plot;
+- `cli.py`: the subcommands (`add_commands`), wired into `prunevid.cli`.
+"""

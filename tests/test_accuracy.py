@@ -4,11 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunevid import accuracy, baselines
+from prunevid import baselines
 from prunevid.accuracy import (
     WEIGHTS,
     Checkpoint,
     Method,
+    calibrate,
     encode_videos,
     evaluate,
     load_checkpoint,
@@ -17,6 +18,7 @@ from prunevid.accuracy import (
     wilson,
     write_preset,
 )
+from prunevid.bench import accuracy as bench_accuracy
 from prunevid.config import PruneVidConfig
 from prunevid.synthetic import FAMILIES, make_sample
 from prunevid.testing import tiny_model, tiny_tokenizer
@@ -63,7 +65,7 @@ def test_every_method_runs_and_reports_its_retention(random_checkpoint: Checkpoi
     preset = random_checkpoint.preset
     prunevid = evaluate(random_checkpoint, Method("prunevid", preset), samples, features)
     assert 0 < prunevid["retention"] < prunevid["stage1_retention"] < 1
-    for method in accuracy.methods_at(preset, prunevid["retention"]):
+    for method in bench_accuracy.methods_at(preset, prunevid["retention"]):
         result = evaluate(random_checkpoint, method, samples, features)
         assert abs(result["retention"] - prunevid["retention"]) < 0.05, method.name
         record = summarise(method.name, result)
@@ -77,10 +79,10 @@ def test_every_method_runs_and_reports_its_retention(random_checkpoint: Checkpoi
 
 def test_bench_refuses_training_seeds(tmp_path):
     parser = argparse.ArgumentParser()
-    accuracy.add_arguments(parser)
+    bench_accuracy.add_arguments(parser)
     args = parser.parse_args(["--seed-start", str(10**9 - 5), "--num-videos", "10"])
     with pytest.raises(ValueError, match="training"):
-        accuracy.run(args)
+        bench_accuracy.run(args)
 
 
 shipped = pytest.mark.skipif(not (WEIGHTS / "model.safetensors").exists(), reason="no shipped tiny weights")
@@ -174,7 +176,7 @@ def test_the_tiny_tokenizer_reads_questions_as_typed():
 def test_calibration_picks_the_most_accurate_setting_within_the_budget():
     checkpoint = load_checkpoint()
     grid = dict(taus=(0.8, 0.95), cluster_ratios=(1.0,), alphas=(0.3, 0.6, 0.9))
-    preset, tried = accuracy.calibrate(checkpoint, 8, **grid, max_retention=0.25, log=lambda r: None)
+    preset, tried = calibrate(checkpoint, 8, **grid, max_retention=0.25, log=lambda r: None)
     layers = checkpoint.model.config.text_config.num_hidden_layers
     assert len(tried) == (layers - 1) * 2 * 3
     allowed = [r for r in tried if r["retention"] <= 0.25]

@@ -4,5 +4,7 @@
 - `measure.py`: prompts, one timed generate() per method, repeats, memory and cache probes;
 - `speed.py`: `bench speed`'s options, setup, stage-1 calibration and order of measurements;
 - `report.py`: rows, summaries, the markdown table, targets, machine info, CSV and plot;
+- `accuracy.py`: `bench accuracy`'s options, compared methods, sweep, printed table and plot
+  (the scoring it runs is the library's, `prunevid.accuracy`);
 - `cli.py`: the subcommands (`add_commands`), wired into `prunevid.cli`.
 """

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .. import accuracy
-from . import speed
+from . import accuracy, speed
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:

@@ -47,9 +47,10 @@ class Checkpoint:
         return FrameProcessing(size=(self.frame_size, self.frame_size))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Method:
-    """One way of answering: a PruneVid config (+ optional stage-2 rule), or uniform pooling."""
+    """One way of running the model, shared by both benchmarks: a PruneVid config (+ optional
+    stage-2 rule), or uniform pooling of the visual tokens. `config` None is the stock model."""
 
     name: str
     config: PruneVidConfig | None = None

@@ -52,13 +52,27 @@ def paper_defaults(checkpoint: Checkpoint) -> PruneVidConfig:
     return PruneVidConfig(num_frames=checkpoint.preset.num_frames, selected_layer=max(0, layers * 10 // 28))
 
 
+def score(
+    checkpoint: Checkpoint,
+    methods: list[Method],
+    samples: list[Sample],
+    features: torch.Tensor,
+    log: Callable,
+) -> list[dict]:
+    """The record of every method (`summarise`), each logged as soon as it is scored."""
+    records = []
+    for method in methods:
+        records.append(summarise(method.name, evaluate(checkpoint, method, samples, features)))
+        log(records[-1])
+    return records
+
+
 def compare(
     checkpoint: Checkpoint, samples: list[Sample], features: torch.Tensor, log: Callable
 ) -> list[dict]:
     """Full model, PruneVid (preset), stage 1 only, stage 2 only, the paper's defaults (raw and
     centred similarity), then the baselines at PruneVid's retention."""
     preset = checkpoint.preset
-    records = []
     first = [
         Method("full", preset.replace(stage1=False, stage2=False)),
         Method("prunevid", preset),
@@ -68,14 +82,8 @@ def compare(
         # Beyond the paper: the same settings with similarity on centred tokens (one tau for all towers?).
         Method("prunevid_defaults_centred", paper_defaults(checkpoint).replace(centre=True)),
     ]
-    for method in first:
-        records.append(summarise(method.name, evaluate(checkpoint, method, samples, features)))
-        log(records[-1])
-    target = records[1]["retention"]
-    for method in methods_at(preset, target):
-        records.append(summarise(method.name, evaluate(checkpoint, method, samples, features)))
-        log(records[-1])
-    return records
+    records = score(checkpoint, first, samples, features, log)
+    return records + score(checkpoint, methods_at(preset, records[1]["retention"]), samples, features, log)
 
 
 def sweep(
@@ -94,9 +102,9 @@ def sweep(
             result = evaluate(checkpoint, Method("prunevid", config), samples, features)
             records.append(summarise("prunevid", result, alpha=alpha, cluster_ratio=ratio))
             log(records[-1])
-            for method in methods_at(checkpoint.preset, result["retention"]):
-                records.append(summarise(method.name, evaluate(checkpoint, method, samples, features)))
-                log(records[-1])
+            records += score(
+                checkpoint, methods_at(checkpoint.preset, result["retention"]), samples, features, log
+            )
     return records
 
 

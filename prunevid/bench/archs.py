@@ -141,16 +141,21 @@ def build_model(arch: Arch, seed: int = 0) -> tuple[torch.nn.Module, Any]:
     return model, tokenizer
 
 
-def _llava_config(arch: Arch, tokenizer: Any):
-    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
-
-    text = Qwen2Config(
+def _text_config(arch: Arch, tokenizer: Any) -> dict[str, Any]:
+    """The language model's settings: `arch`'s sizes, the cut vocabulary, the tokenizer's ids."""
+    return dict(
         vocab_size=BENCH_VOCAB,
         max_position_embeddings=32768,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         **arch.text,
     )
+
+
+def _llava_config(arch: Arch, tokenizer: Any):
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    text = Qwen2Config(**_text_config(arch, tokenizer))
     return LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(**arch.vision).to_dict(),
         text_config=text.to_dict(),
@@ -166,17 +171,9 @@ def _qwen25_config(arch: Arch, tokenizer: Any):
     from transformers import Qwen2_5_VLConfig
 
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(
-        vocab_size=BENCH_VOCAB,
-        max_position_embeddings=32768,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.pad_token_id,
-        **arch.text,
-    )
     return Qwen2_5_VLConfig(
         vision_config=arch.vision,
-        text_config=text,
+        text_config={**_text_config(arch, tokenizer), "bos_token_id": tokenizer.pad_token_id},
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),

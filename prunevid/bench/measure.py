@@ -1,12 +1,13 @@
 """One measurement of `prunevid bench speed`: a generate() call of one method, timed and probed.
 
-A `Method` is one way to run the model (stock, or patched with a config and a stage-2 rule). A
-`Prompt` is a clip's model inputs without the pixels plus the vision features generate() takes
-in their place, so that every call measures the language model only. `run_once` runs one
-generate() and returns a `Sample`: LM prefill seconds (to the first new token), decode ms/token,
-KV-cache bytes right after the prefill (a forward hook), peak RSS (/proc) and the trace's token
-counts and stage timings. `measure` repeats that over all methods, warm-up first, the order
-rotated every round. The vision tower, which no method changes, is timed apart (`VisionCost`).
+A `Method` (`prunevid.accuracy`'s, shared with the accuracy benchmark) is one way to run the
+model: stock, or patched with a config and a stage-2 rule. A `Prompt` is a clip's model inputs
+without the pixels plus the vision features generate() takes in their place, so that every call
+measures the language model only. `run_once` runs one generate() and returns a `Sample`: LM
+prefill seconds (to the first new token), decode ms/token, KV-cache bytes right after the
+prefill (a forward hook), peak RSS (/proc) and the trace's token counts and stage timings.
+`measure` repeats that over all methods, warm-up first, the order rotated every round. The
+vision tower, which no method changes, is timed apart (`VisionCost`).
 """
 
 from __future__ import annotations
@@ -23,24 +24,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..accuracy import Method
 from ..api import family_of, last_trace, patch, unpatch
-from ..config import PruneVidConfig
-from ..models.decoder import Rule
 from ..models.llava_onevision import pooled_grid
 
 DEFAULT_QUESTION = "What animal is in the video?"
 
 
-@dataclass(frozen=True)
-class Method:
-    """One way to run the model: `config` None is the stock (unpatched) model."""
-
-    name: str
-    config: PruneVidConfig | None = None
-    rule: Rule | None = None
-
-
 def apply(model: torch.nn.Module, method: Method) -> None:
+    """Run `method` from now on: the stock model (`config` None) or PruneVid with its rule."""
     if method.config is None:
         unpatch(model)
     else:
@@ -210,6 +202,11 @@ def rss_bytes(field_name: str = "VmRSS") -> int:
     return 0
 
 
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages (None where the platform has none)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def reset_peak_rss() -> None:
     """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
     try:
@@ -266,7 +263,7 @@ def _sample(
         kv_tokens=probe.tokens,
         peak_rss=rss_bytes("VmHWM"),
         rss_before=rss_before,
-        load=os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
+        load=(load_average() or [0.0])[0],
     )
     if method.config is None:
         sample.stage1_tokens = sample.visual_tokens = prompt.visual_tokens

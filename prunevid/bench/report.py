@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..flops import DecoderShape, prefill_flops
-from .measure import Method, Prompt, Sample, VisionCost
+from .measure import Method, Prompt, Sample, VisionCost, load_average
 
 MIB = 2**20
 
@@ -227,7 +227,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_start": load_average(),
     }
 
 

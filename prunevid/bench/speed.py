@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from .measure import (
     Method,
     Prompt,
     VisionCost,
+    load_average,
     make_prompt,
     measure,
     model_inputs,
@@ -367,7 +367,7 @@ def _floats(text: str) -> list[float]:
 
 def _result(setup: Setup, args: argparse.Namespace, rows: list[Row]) -> dict[str, Any]:
     machine = machine_info()
-    machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    machine["load_average_end"] = load_average()
     stock = rows[0]
     return {
         "machine": machine,

@@ -81,8 +81,6 @@ FULL = dict(
     sweep_alphas="0.1,0.2,0.4,0.7,1.0",
     sweep_cluster_ratios="0.25,0.5,0.75",
 )
-
-
 QUICK = dict(arch="tiny", repeats=1, new_tokens=4, sweep_alphas="0.4,1.0", sweep_cluster_ratios="0.5")
 
 
@@ -143,6 +141,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--stage1-retention must be in (0, 1], got {args.stage1_retention}")
     if args.vision_frames is not None and not 1 <= args.vision_frames <= args.frames:
         raise ValueError(f"--vision-frames must be in [1, {args.frames}], got {args.vision_frames}")
+
+
+# ----------------------------------------------------------------------------- setup (measured once)
 
 
 @dataclass
@@ -255,6 +256,9 @@ def _vision_cost(
     return VisionCost(preprocess_s, seconds, timed, total, args.dtype)
 
 
+# ----------------------------------------------------------------------------- stage-1 calibration
+
+
 @dataclass
 class Calibration:
     """tau chosen by bisection so that stage 1 keeps about `target` of the clip's tokens."""
@@ -310,6 +314,9 @@ def stage2_kept(frames: torch.Tensor, config: PruneVidConfig, grid: tuple[int, i
     return len(keep_by_budget(torch.zeros(merge.num_tokens), merge.groups.cpu(), config.alpha))
 
 
+# ----------------------------------------------------------------------------- methods and runs
+
+
 def default_methods(base: PruneVidConfig, ratio: float, seed: int = 0) -> list[Method]:
     """The six methods of the table. base: PruneVid's settings (calibrated tau);
     ratio: PruneVid's final visual retention, which FastV and random pruning match."""
@@ -363,6 +370,9 @@ def run_sweep(
 
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
+
+
+# ----------------------------------------------------------------------------- the result
 
 
 def _result(setup: Setup, args: argparse.Namespace, rows: list[Row]) -> dict[str, Any]:

@@ -46,14 +46,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import baselines
 from .api import family_of, last_trace, patch, unpatch
 from .config import PruneVidConfig
 from .flops import DecoderShape, prefill_flops
 from .merge import merge_tokens
-from .models.decoder import Rule
 from .models.llava_onevision import pooled_grid
-from .select import keep_by_budget
+from .select import keep_counts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VIDEO = "assets/bbb.mp4"
@@ -421,7 +419,7 @@ def calibrate_tau(
 def stage2_kept(frames: torch.Tensor, config: PruneVidConfig, grid: tuple[int, int] | None = None) -> int:
     """Visual tokens PruneVid keeps after both stages (the budget does not depend on the scores)."""
     merge = merge_tokens(frames, config, grid)
-    return len(keep_by_budget(torch.zeros(merge.num_tokens), merge.groups.cpu(), config.alpha))
+    return int(keep_counts(merge.groups, config, frames.shape[:2].numel()).sum())
 
 
 # ----------------------------------------------------------------------------- methods and prompts
@@ -429,11 +427,12 @@ def stage2_kept(frames: torch.Tensor, config: PruneVidConfig, grid: tuple[int, i
 
 @dataclass(frozen=True)
 class Method:
-    """One way to run the model: `config` None is the stock (unpatched) model."""
+    """One way to run the model: `config` None is the stock (unpatched) model; `method` one of
+    `prunevid.baselines.METHODS`."""
 
     name: str
     config: PruneVidConfig | None = None
-    rule: Rule | None = None
+    method: str = "prunevid"
 
 
 def default_methods(base: PruneVidConfig, ratio: float, seed: int = 0) -> list[Method]:
@@ -445,8 +444,8 @@ def default_methods(base: PruneVidConfig, ratio: float, seed: int = 0) -> list[M
         Method("stage1", base.replace(stage2=False)),
         Method("stage2", single),
         Method("prunevid", base),
-        Method("fastv", single, baselines.fastv(ratio)),
-        Method("random", single, baselines.random(ratio, seed)),
+        Method("fastv", single.replace(retention=ratio), "fastv"),
+        Method("random", single.replace(retention=ratio), "random"),
     ]
 
 
@@ -463,7 +462,7 @@ def apply(model: torch.nn.Module, method: Method) -> None:
     if method.config is None:
         unpatch(model)
     else:
-        patch(model, method.config, method.rule)
+        patch(model, method.config, method.method)
 
 
 @dataclass

@@ -111,7 +111,7 @@ def patch_inner(
     """Make `inner` an instance of a subclass of its class that mixes in `pruned`'s forward and
     give it a runtime; patching again only changes the settings (cached stage-1 results stay).
     `config` is the method's own (`Method.configure`)."""
-    if config.selected_layer >= num_layers:
+    if config.stage2 and config.selected_layer >= num_layers:
         raise ValueError(
             f"selected_layer must be in [0, {num_layers - 1}] for this model ({num_layers} decoder layers), "
             f"got {config.selected_layer}"

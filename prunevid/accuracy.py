@@ -25,8 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .api import last_traces, patch, unpatch
 from .config import PruneVidConfig
-from .models.decoder import Rule
-from .models.llava_onevision import PROMPT, FrameProcessing, pooled_grid
+from .models.llava_onevision import PROMPT, FrameProcessing
 from .synthetic import FAMILIES, QUESTIONS, TRAIN_SEED_START, Sample, make_sample
 
 WEIGHTS = Path(__file__).parent / "weights" / "tiny"
@@ -49,13 +48,12 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class Method:
-    """One way of running the model, shared by both benchmarks: a PruneVid config (+ optional
-    stage-2 rule), or uniform pooling of the visual tokens. `config` None is the stock model."""
+    """One way of running the model, shared by both benchmarks: a method of
+    `prunevid.baselines.METHODS` with its settings; `config` None is the stock model, unpatched."""
 
     name: str
     config: PruneVidConfig | None = None
-    rule: Rule | None = None
-    pool_to: float | None = None  # uniform pooling to this retention (no patch)
+    method: str = "prunevid"
 
 
 def load_preset(path: str | Path = WEIGHTS) -> tuple[PruneVidConfig, int]:
@@ -89,27 +87,6 @@ def encode_videos(checkpoint: Checkpoint, samples: list[Sample], batch: int = 8)
     return torch.cat(chunks)
 
 
-def uniform_pool(features: torch.Tensor, grid: tuple[int, int], retention: float) -> torch.Tensor:
-    """Average-pool (V, T*N + 1, C) tokens over time (groups of frames) and space (a smaller
-    grid) to the pooled count nearest `retention * T*N`; the newline token stays last."""
-    videos, length, channels = features.shape
-    per_frame = grid[0] * grid[1]
-    frames = (length - 1) // per_frame
-    target = retention * frames * per_frame
-    options = [
-        (abs(frames // k * g * g - target), -g, k, g)
-        for k in range(1, frames + 1)
-        if frames % k == 0
-        for g in range(1, min(grid) + 1)
-    ]
-    _, _, k, g = min(options)
-    tokens = features[:, :-1].reshape(videos, frames // k, k, grid[0], grid[1], channels).mean(2)
-    tokens = tokens.flatten(0, 1).permute(0, 3, 1, 2)
-    tokens = torch.nn.functional.adaptive_avg_pool2d(tokens, (g, g)).permute(0, 2, 3, 1)
-    tokens = tokens.reshape(videos, -1, channels)
-    return torch.cat([tokens, features[:, -1:]], 1)
-
-
 def _prompt_ids(checkpoint: Checkpoint, question: str, num_video: int, rows: int) -> torch.Tensor:
     tokenizer = checkpoint.tokenizer
     video = tokenizer.convert_ids_to_tokens(checkpoint.model.config.video_token_id)
@@ -138,15 +115,11 @@ def evaluate(
     """Correctness per family (lists of 0/1) and the mean retention of one method, after
     stage 2 and after stage 1."""
     model = checkpoint.model
-    grid = pooled_grid(model.config)
-    total = (features.shape[1] - 1) // (grid[0] * grid[1]) * grid[0] * grid[1]
-    if method.pool_to is not None:
+    if method.config is None:
         unpatch(model)
-        features = uniform_pool(features, grid, method.pool_to)
-        retentions = stage1 = [(features.shape[1] - 1) / total]
     else:
-        patch(model, method.config, method.rule)
-        retentions, stage1 = [], []
+        patch(model, method.config, method.method)
+    retentions, stage1 = [], []
     correct: dict[str, list[int]] = {f: [] for f in FAMILIES}
     answer_ids = {f: [_single_token(checkpoint, s.answer(f)) for s in samples] for f in FAMILIES}
     for family in FAMILIES:
@@ -154,15 +127,15 @@ def evaluate(
             chunk = features[start : start + batch]
             predicted = _answer(checkpoint, QUESTIONS[family], chunk).tolist()
             correct[family] += [int(p == a) for p, a in zip(predicted, answer_ids[family][start:])]
-            if method.pool_to is None:
+            if method.config is not None:
                 traces = last_traces(model)
                 retentions += [t.num_after_stage2 / t.num_visual_tokens for t in traces]
                 stage1 += [t.num_after_stage1 / t.num_visual_tokens for t in traces]
     unpatch(model)
     return {
         "correct": correct,
-        "retention": float(np.mean(retentions)),
-        "stage1_retention": float(np.mean(stage1)),
+        "retention": float(np.mean(retentions or [1.0])),
+        "stage1_retention": float(np.mean(stage1 or [1.0])),
     }
 
 

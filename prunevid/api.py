@@ -6,10 +6,9 @@ from types import ModuleType
 
 import torch
 
+from .baselines import Method, get_method
 from .config import PruneVidConfig
 from .models.base import patch_inner, restore_class
-from .models.decoder import Rule
-from .select import question_guided
 from .trace import PruningTrace
 
 
@@ -32,16 +31,26 @@ def family_of(model: torch.nn.Module) -> ModuleType:
 
 
 def patch(
-    model: torch.nn.Module, config: PruneVidConfig | None = None, rule: Rule | None = None
+    model: torch.nn.Module,
+    config: PruneVidConfig | None = None,
+    method: str | Method = "prunevid",
+    retention: float | None = None,
 ) -> torch.nn.Module:
     """Make `model` run PruneVid in every forward/generate with a video (in place; returns it).
 
-    `rule` swaps stage 2's selection rule (default: PruneVid's; see `prunevid.baselines`).
-    Patching a patched model replaces its settings. `unpatch` restores the stock model.
+    `method` runs another rule instead (`prunevid.baselines.METHODS`: prunevid, stage1, stage2,
+    fastv, random, uniform, evs, dycoke); `retention` is short for
+    `config.replace(retention=...)`: exactly max(1, round(retention * N)) of a video's N visual
+    tokens go on past `selected_layer`. Patching a patched model replaces its settings.
+    `unpatch` restores the stock model.
     """
     pruned = family_of(model).PrunedModel
     layers = model.config.text_config.num_hidden_layers
-    patch_inner(model.model, pruned, config or PruneVidConfig(), rule or question_guided, layers)
+    config = config or PruneVidConfig()
+    if retention is not None:
+        config = config.replace(retention=retention)
+    method = get_method(method)
+    patch_inner(model.model, pruned, method.configure(config), method, layers)
     return model
 
 

@@ -1,43 +1,237 @@
-"""Stage-2 rules of the baselines PruneVid is compared with, at a fixed retention.
+"""Every way of shortening the visual tokens that PruneVid is compared with, and PruneVid's own,
+behind one registry (`METHODS`) that `prunevid.patch(model, config, method=...)` and the
+benchmarks use.
 
-Each returns a `Rule` for `prunevid.patch(model, config, rule=...)`: it sees the attention of the
-question rows over the n visual tokens, (H, nq, n), and keeps round(ratio * n) of them.
+A method is a rule at one of two places (or both):
+
+* before the language model, a `Reduce`: (T, N, C) video tokens -> `MergeResult` (which token
+  went where; -1 for a token dropped), with exactly `budget.stage1_count(T * N, config)` tokens
+  under `config.retention`;
+* inside it, at `selected_layer`, a `Rule` (see `prunevid.select`): the question rows'
+  attention over the visual tokens -> the kept ones.
+
+| name      | before the LLM                                         | at `selected_layer`          |
+|-----------|--------------------------------------------------------|------------------------------|
+| prunevid  | PruneVid stage 1 (`merge.merge_tokens`)                | PruneVid stage 2             |
+| stage1    | PruneVid stage 1                                       | -                            |
+| stage2    | -                                                      | PruneVid stage 2             |
+| fastv     | -                                                      | FastV-style: last token's attention |
+| random    | -                                                      | seeded random tokens         |
+| uniform   | average pooling of each frame over a grid of cells     | -                            |
+| evs       | EVS-style: the tokens that changed most since the previous frame | -                  |
+| dycoke    | DyCoke-style: tokens merged into their window's first frame | -                       |
+
+The baselines are written from their papers' descriptions (FastV, ECCV 2024; EVS, as vLLM's
+`--video-pruning-rate`; DyCoke, CVPR 2025, its temporal merging only); no code of theirs.
+`uniform`, `evs` and `dycoke` have no count of their own: they need a retention.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
-from .models.decoder import Rule
+from .budget import allocate, stage1_count
+from .cluster import cluster_means
+from .config import PruneVidConfig
+from .merge import MergeResult, merge_tokens
+from .select import Rule, question_guided
+
+# (features (T, N, C), config, grid (H, W)) -> MergeResult
+Reduce = Callable[[torch.Tensor, PruneVidConfig, tuple[int, int]], MergeResult]
+DYCOKE_WINDOW = 4  # frames per window in DyCoke's temporal merging
 
 
-def _top(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class Method:
+    """A named way of pruning: `reduce` runs before the language model, `select` at
+    `selected_layer`; None where the method does nothing."""
+
+    name: str
+    reduce: Reduce | None = None
+    select: Rule | None = None
+    needs_retention: bool = False
+
+    def configure(self, config: PruneVidConfig) -> PruneVidConfig:
+        """The settings this method runs with: a stage runs where the method has a rule and
+        `config` leaves it on (so the budget knows which stages share the reduction)."""
+        if self.needs_retention and config.retention is None:
+            raise ValueError(f"the {self.name} method needs a retention, e.g. retention=0.1")
+        return config.replace(
+            stage1=config.stage1 and self.reduce is not None,
+            stage2=config.stage2 and self.select is not None,
+        )
+
+
+# ---- rules inside the language model -------------------------------------------------------
+
+
+def fastv(
+    attention: torch.Tensor, groups: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FastV-style: rank by the attention the last prompt token pays, averaged over heads, and
+    keep counts.sum() tokens overall (the sets do not matter)."""
+    scores = attention[:, -1].mean(0)
+    return scores, _top(scores, int(counts.sum()))
+
+
+def random_tokens(
+    attention: torch.Tensor, groups: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """counts.sum() uniformly random tokens, the same ones for the same number of tokens."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(attention.shape[-1], generator=generator).to(attention.device)
+    return scores, _top(scores, int(counts.sum()))
+
+
+def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
     kept = torch.zeros_like(scores, dtype=torch.bool)
-    count = min(len(scores), max(1, round(ratio * len(scores))))
-    kept[scores.topk(count).indices] = True
+    kept[scores.topk(min(count, len(scores))).indices] = True
     return kept
 
 
-def fastv(ratio: float) -> Rule:
-    """FastV-style: rank by the attention the last prompt token pays, averaged over heads."""
-
-    def rule(
-        attention: torch.Tensor, groups: torch.Tensor, alpha: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = attention[:, -1].mean(0)
-        return scores, _top(scores, ratio)
-
-    return rule
+# ---- rules before the language model -------------------------------------------------------
 
 
-def random(ratio: float, seed: int = 0) -> Rule:
-    """Uniformly random tokens (seeded: the same call keeps the same tokens)."""
+def uniform_pool(features: torch.Tensor, config: PruneVidConfig, grid: tuple[int, int]) -> MergeResult:
+    """Average pooling: the budget shared evenly among the frames, each frame cut into that
+    many near-equal rectangles of its grid (`grid_cells`), one token per rectangle. With fewer
+    tokens than frames, runs of consecutive frames pool into one token each."""
+    num_frames, num_tokens, _ = features.shape
+    count = stage1_count(num_frames * num_tokens, config)
+    if count >= num_frames:
+        per_frame = allocate([num_tokens] * num_frames, count)
+        starts = torch.tensor(per_frame).cumsum(0) - torch.tensor(per_frame)
+        labels = torch.stack([grid_cells(grid, k) + s for k, s in zip(per_frame, starts.tolist())])
+        segments = torch.arange(num_frames)
+    else:
+        segments = _runs_of_frames(num_frames, count)
+        labels = segments[:, None].expand(-1, num_tokens)
+    return _reduced(features, labels, segments, grid)
 
-    def rule(
-        attention: torch.Tensor, groups: torch.Tensor, alpha: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = torch.Generator().manual_seed(seed)
-        scores = torch.rand(attention.shape[-1], generator=generator).to(attention.device)
-        return scores, _top(scores, ratio)
 
-    return rule
+def evs(features: torch.Tensor, config: PruneVidConfig, grid: tuple[int, int]) -> MergeResult:
+    """EVS-style pruning: every token of the first frame, then the tokens of later frames that
+    differ most (1 - cosine) from the same position in the previous frame; the rest are dropped.
+    A budget below one frame keeps that many tokens of the first frame, evenly spread."""
+    num_frames, num_tokens, _ = features.shape
+    count = stage1_count(num_frames * num_tokens, config)
+    if count <= num_tokens:
+        kept = torch.arange(count) * num_tokens // count
+    else:
+        unit = F.normalize(features.float(), dim=-1, eps=1e-12)
+        change = 1 - (unit[1:] * unit[:-1]).sum(-1)  # (T - 1, N)
+        later = change.flatten().sort(descending=True, stable=True).indices[: count - num_tokens].cpu()
+        kept = torch.cat([torch.arange(num_tokens), later + num_tokens]).sort().values
+    labels = torch.full((num_frames * num_tokens,), -1, dtype=torch.long)
+    labels[kept] = torch.arange(count)
+    labels = labels.view(num_frames, num_tokens)
+    return _reduced(features, labels, torch.arange(num_frames), grid)
+
+
+def dycoke(features: torch.Tensor, config: PruneVidConfig, grid: tuple[int, int]) -> MergeResult:
+    """DyCoke-style temporal merging: frames form windows of `DYCOKE_WINDOW` (fewer, longer ones
+    when the budget holds fewer first frames); the tokens most similar (cosine) to the same
+    position in their window's first frame are merged into it (a merged token is the mean of
+    its members) until the budget is met. A budget below one frame merges every later frame
+    into the first and pools that frame over `grid_cells`."""
+    num_frames, num_tokens, _ = features.shape
+    total = num_frames * num_tokens
+    count = stage1_count(total, config)
+    windows = max(1, min(math.ceil(num_frames / DYCOKE_WINDOW), count // num_tokens))
+    segments = _runs_of_frames(num_frames, windows)
+    first = torch.searchsorted(segments, segments)  # (T,) first frame of each frame's window
+    flat = torch.arange(total).view(num_frames, num_tokens)
+    anchor = flat[first]  # (T, N) the token each token may merge into
+    unit = F.normalize(features.float(), dim=-1, eps=1e-12).cpu()
+    similarity = (unit * unit[first]).sum(-1).masked_fill(anchor == flat, -torch.inf)
+    merged = similarity.flatten().sort(descending=True, stable=True).indices[: total - max(count, num_tokens)]
+    owner = flat.flatten().clone()
+    owner[merged] = anchor.flatten()[merged]
+    if count < num_tokens:  # one window: pool its first frame's grid, which holds every token now
+        cells = grid_cells(grid, count)
+        first_of_cell = torch.full((count,), num_tokens).scatter_reduce(
+            0, cells, torch.arange(num_tokens), "amin"
+        )
+        owner = first_of_cell[cells[owner % num_tokens]]
+    labels = owner.unique(return_inverse=True)[1].view(num_frames, num_tokens)
+    return _reduced(features, labels, segments, grid)
+
+
+def grid_cells(grid: tuple[int, int], count: int) -> torch.Tensor:
+    """(H * W,) cell of each position when an H x W grid is cut into `count` near-equal
+    rectangles: bands of rows, each cut into runs of columns; cells numbered row-major."""
+    height, width = grid
+    if not 1 <= count <= height * width:
+        raise ValueError(f"cannot cut a {height} x {width} grid into {count} cells")
+    bands = min(height, count, max(1, round(math.sqrt(count * height / width))))
+    while bands * width < count:
+        bands += 1
+    cells = torch.empty(height, width, dtype=torch.long)
+    start = 0
+    for rows, band_cells in zip(
+        torch.tensor_split(torch.arange(height), bands), allocate([width] * bands, count)
+    ):
+        for c, cols in enumerate(torch.tensor_split(torch.arange(width), band_cells)):
+            cells[rows[:, None], cols] = start + c
+        start += band_cells
+    return cells.flatten()
+
+
+def _runs_of_frames(num_frames: int, runs: int) -> torch.Tensor:
+    """(T,) run index of each frame when T frames are cut into `runs` near-equal runs."""
+    return torch.cat(
+        [torch.full((len(r),), i) for i, r in enumerate(torch.tensor_split(torch.arange(num_frames), runs))]
+    )
+
+
+def _reduced(
+    features: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor, grid: tuple[int, int]
+) -> MergeResult:
+    """The MergeResult of a labelling. labels: (T, N) the token each original token goes into,
+    numbered in the order of their first members, -1 where it is dropped; segments: (T,).
+    Each token is the mean of its members, static when they span more than one frame, and in
+    the budget set of its first member's frame."""
+    num_frames, num_tokens, channels = features.shape
+    labels, segments = labels.to(features.device), segments.to(features.device)
+    flat = labels.flatten()
+    kept = flat >= 0
+    count = int(flat.max()) + 1
+    tokens = cluster_means(features.reshape(1, -1, channels)[:, kept], flat[kept][None], count)[0]
+    frame = torch.arange(num_frames, device=flat.device).repeat_interleave(num_tokens)[kept]
+    first = torch.full((count,), num_frames, device=flat.device).scatter_reduce(0, flat[kept], frame, "amin")
+    last = torch.zeros(count, dtype=torch.long, device=flat.device).scatter_reduce(
+        0, flat[kept], frame, "amax"
+    )
+    static = (last > first)[labels.clamp(min=0)] & (labels >= 0)
+    return MergeResult(tokens, labels, segments, static, first, grid)
+
+
+# ---- the registry --------------------------------------------------------------------------
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method("prunevid", merge_tokens, question_guided),
+        Method("stage1", merge_tokens, None),
+        Method("stage2", None, question_guided),
+        Method("fastv", None, fastv),
+        Method("random", None, random_tokens),
+        Method("uniform", uniform_pool, None, needs_retention=True),
+        Method("evs", evs, None, needs_retention=True),
+        Method("dycoke", dycoke, None, needs_retention=True),
+    )
+}
+
+
+def get_method(method: str | Method) -> Method:
+    """A method by name (or itself); an unknown name is an error listing the known ones."""
+    if isinstance(method, Method):
+        return method
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method]

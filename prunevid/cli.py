@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .baselines import METHODS
 from .config import PruneVidConfig
 
 _KNOBS = [f for f in PruneVidConfig.__dataclass_fields__.values() if f.name not in ("stage1", "stage2")]
@@ -16,8 +17,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         flag = f"--{f.name.replace('_', '-')}"
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=None)
+        else:  # the optional knobs (retention) are numbers too
+            parser.add_argument(flag, type=float if f.default is None else type(f.default), default=None)
+    parser.add_argument(
+        "--method",
+        default="prunevid",
+        choices=list(METHODS),
+        help="PruneVid, one of its stages, or a baseline at the same --retention",
+    )
     parser.add_argument("--no-stage1", action="store_true", help="disable spatial-temporal merging")
     parser.add_argument("--no-stage2", action="store_true", help="disable question-guided pruning")
 
@@ -36,7 +43,9 @@ def _answer(args: argparse.Namespace) -> None:
 
     loaded = load_model(args.model)
     config = config_from_arguments(args, preset(args.model, loaded.num_layers))
-    result = answer(loaded, args.video, args.question, config, max_new_tokens=args.max_new_tokens)
+    result = answer(
+        loaded, args.video, args.question, config, max_new_tokens=args.max_new_tokens, method=args.method
+    )
     trace = result.trace
     print(result.text)
     print(

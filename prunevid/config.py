@@ -19,8 +19,11 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "selected_layer": (0, math.inf, True, False),
     "alpha": (0.0, 1.0, False, True),
     "num_frames": (1, 1024, True, True),
+    "retention": (0.0, 1.0, False, True),
+    "stage1_share": (0.0, 1.0, True, True),
 }
 _INTEGER_FIELDS = {"k", "spatial_merge_threshold", "seed", "selected_layer", "num_frames"}
+_OPTIONAL_FIELDS = {"retention"}  # None switches the feature off
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,15 @@ class PruneVidConfig:
     centre: measure stage 1's static similarity on tokens minus the video's mean token (an
         option beyond the paper: towers whose tokens share a large common component make every
         raw cosine high, so a raw tau is model-specific; off reproduces the paper).
+    retention: a token budget (beyond the paper): exactly max(1, round(retention * N)) of a
+        video's N visual tokens reach the decoder layers after `selected_layer` (or the whole
+        language model when stage 2 is off). Stage 1's cluster counts and stage 2's keep counts
+        are then derived from it (`prunevid.budget`), and `cluster_ratio`, `alpha` and
+        `spatial_merge_threshold` are not used; `tau` still decides what is static. None: the
+        paper's behaviour, where the count is an outcome of the knobs.
+    stage1_share: with `retention`, stage 1's share of the reduction on a log scale: stage 1
+        keeps retention ** stage1_share of the tokens, stage 2 the rest. 0.5 splits it evenly,
+        as the paper's defaults do (~40% after stage 1, ~40% of that after stage 2).
     """
 
     stage1: bool = True
@@ -57,6 +69,8 @@ class PruneVidConfig:
     alpha: float = 0.4
     num_frames: int = 16
     centre: bool = False
+    retention: float | None = None
+    stage1_share: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("stage1", "stage2", "centre"):
@@ -64,6 +78,8 @@ class PruneVidConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, (low, high, low_in, high_in) in _RANGES.items():
             value = getattr(self, name)
+            if value is None and name in _OPTIONAL_FIELDS:
+                continue
             kind = "an integer" if name in _INTEGER_FIELDS else "a number"
             is_int = isinstance(value, int) and not isinstance(value, bool)
             if name in _INTEGER_FIELDS and not is_int:

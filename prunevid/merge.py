@@ -15,6 +15,7 @@ from itertools import pairwise
 
 import torch
 
+from .budget import allocate, stage1_count
 from .cluster import cluster_means, dpc_knn
 from .config import PruneVidConfig
 
@@ -23,8 +24,11 @@ from .config import PruneVidConfig
 class MergeResult:
     """What stage 1 did to one video.
 
-    tokens: (M, C) merged tokens, in the order they enter the language model.
-    assignment: (T, N) index into `tokens` of the merged token each original token went into.
+    tokens: (M, C) merged tokens, in the order they enter the language model (the time order
+        of their first members).
+    assignment: (T, N) index into `tokens` of the merged token each original token went into;
+        -1 for a token dropped before the language model (pruning baselines such as EVS; stage 1
+        itself drops nothing).
     segments: (T,) temporal segment id of each frame (0, 1, ... in time order).
     static: (T, N) whether each original token was merged over time as static.
     groups: (M,) stage-2 budget set of each merged token: one set per segment for its static
@@ -43,6 +47,15 @@ class MergeResult:
     def num_tokens(self) -> int:
         return self.tokens.shape[0]
 
+    def first_members(self) -> torch.Tensor:
+        """(M,) flat index t * N + n of each merged token's first member (earliest frame, then
+        row-major): the member whose position a merged token takes."""
+        flat = self.assignment.flatten()
+        kept = flat >= 0
+        index = torch.arange(flat.numel(), device=flat.device)
+        first = torch.full((self.num_tokens,), flat.numel(), dtype=torch.long, device=flat.device)
+        return first.scatter_reduce(0, flat[kept], index[kept], "amin")
+
 
 def merge_tokens(
     features: torch.Tensor, config: PruneVidConfig, grid: tuple[int, int] | None = None
@@ -50,7 +63,9 @@ def merge_tokens(
     """Stage 1 on one video. features: (T, N, C) per-frame tokens (row-major H x W grid).
 
     With `config.stage1` off the tokens pass through unchanged and every frame is its own
-    segment and budget set. `grid` defaults to a square grid.
+    segment and budget set. With `config.retention` the output has exactly
+    `budget.stage1_count(T * N, config)` tokens (see `_budget_plan`). `grid` defaults to a
+    square grid.
     """
     num_tokens = features.shape[1]
     grid = grid or _square_grid(num_tokens)
@@ -63,11 +78,18 @@ def merge_tokens(
     # Centring matters to cosines only: the clustering's Euclidean distances do not depend on it.
     reference = features - features.mean((0, 1), keepdim=True) if config.centre else features
     segments = temporal_segments(features.mean(1), config, noise)
+    frames = [(segments == s).nonzero().squeeze(1) for s in segments.unique_consecutive()]
+    similarity = [static_similarity(reference[f]) for f in frames]
+    if config.retention is None:
+        plans = [_paper_plan(f, s > config.tau, config) for f, s in zip(frames, similarity)]
+    else:
+        plans = _budget_plan(frames, similarity, config, num_tokens)
+        segments = torch.cat([torch.full_like(p.frames, i) for i, p in enumerate(plans)])
+
     parts, assignment, static, groups = [], [], [], []
     offset = 0
-    for segment in segments.unique_consecutive():
-        frames = (segments == segment).nonzero().squeeze(1)
-        part = _merge_segment(features[frames], reference[frames], config, noise)
+    for plan in plans:
+        part = _merge_segment(features[plan.frames], plan, config, noise)
         parts.append(part.tokens)
         assignment.append(part.assignment + offset)
         static.append(part.static)
@@ -81,6 +103,100 @@ def merge_tokens(
         groups=torch.cat(groups),
         grid=grid,
     )
+
+
+@dataclass
+class _SegmentPlan:
+    """How one segment is merged. frames: (W,) its frame indices; static: (N,) its static
+    positions; static_clusters / dynamic_clusters: the cluster count of its static set and of
+    each frame's dynamic set, None where a set is kept as it is."""
+
+    frames: torch.Tensor
+    static: torch.Tensor
+    static_clusters: int | None
+    dynamic_clusters: list[int | None]
+
+
+def _paper_plan(frames: torch.Tensor, static: torch.Tensor, config: PruneVidConfig) -> _SegmentPlan:
+    """ALGORITHM.md §4: sets above `spatial_merge_threshold` keep int(n * cluster_ratio) clusters."""
+
+    def clusters(n: int) -> int | None:
+        return max(1, int(n * config.cluster_ratio)) if n > config.spatial_merge_threshold else None
+
+    num_static = int(static.sum())
+    dynamic = clusters(len(static) - num_static)
+    return _SegmentPlan(frames, static, clusters(num_static), [dynamic] * len(frames))
+
+
+def _budget_plan(
+    frames: list[torch.Tensor], similarity: list[torch.Tensor], config: PruneVidConfig, num_tokens: int
+) -> list[_SegmentPlan]:
+    """Plans whose token counts add up to exactly `budget.stage1_count(T * N, config)`.
+
+    tau marks the static positions; when averaging them over time would leave fewer tokens than
+    the budget, the least similar of them turn dynamic until it fits. The count is then shared
+    among the static and per-frame dynamic sets in proportion to their sizes. When the budget is
+    smaller than the number of sets (fewer tokens than frames, say), the whole video becomes one
+    segment whose every position is static.
+    frames: per segment (W,) frame indices; similarity: per segment (N,) static similarity.
+    """
+    widths = [len(f) for f in frames]
+    total = sum(widths) * num_tokens
+    target = stage1_count(total, config)
+    static = _fit_static(similarity, widths, config.tau, total - target)
+    sizes, owners = [], []  # every set's size, and its (segment, frame or None for static)
+    for w, (width, mask) in enumerate(zip(widths, static)):
+        num_static = int(mask.sum())
+        if num_static:
+            sizes.append(num_static)
+            owners.append((w, None))
+        if num_static < num_tokens:
+            sizes += [num_tokens - num_static] * width
+            owners += [(w, i) for i in range(width)]
+    if len(sizes) > target:
+        if target > num_tokens:
+            raise ValueError(
+                f"a stage-1 budget of {target} tokens is below one token per frame and above one frame's "
+                f"{num_tokens}: ask for a larger or a smaller retention"
+            )
+        everything = torch.cat(frames)
+        static = torch.ones(num_tokens, dtype=torch.bool, device=everything.device)
+        return [_SegmentPlan(everything, static, _below(target, num_tokens), [None] * len(everything))]
+    counts = allocate(sizes, target)
+    plans = [_SegmentPlan(f, m, None, [None] * len(f)) for f, m in zip(frames, static)]
+    for (w, frame), size, count in zip(owners, sizes, counts):
+        if frame is None:
+            plans[w].static_clusters = _below(count, size)
+        else:
+            plans[w].dynamic_clusters[frame] = _below(count, size)
+    return plans
+
+
+def _fit_static(
+    similarity: list[torch.Tensor], widths: list[int], tau: float, room: int
+) -> list[torch.Tensor]:
+    """Static masks (N,) per segment: similarity above tau, unless averaging them over time
+    would save more than `room` tokens (T * N minus the budget); then the least similar static
+    positions turn dynamic until it does not (one in a segment of W frames gives back W - 1)."""
+    static = [s > tau for s in similarity]
+    excess = sum((width - 1) * int(m.sum()) for width, m in zip(widths, static)) - room
+    if excess <= 0:
+        return static
+    device = similarity[0].device
+    segment = torch.cat([torch.full((len(s),), w, device=device) for w, s in enumerate(similarity)])
+    position = torch.cat([torch.arange(len(s), device=device) for s in similarity])
+    gain = torch.tensor(widths, device=device)[segment] - 1
+    values = torch.cat(similarity).masked_fill(~torch.cat(static), torch.inf)  # static ones first
+    order = values.sort(stable=True).indices
+    needed = int((gain[order].cumsum(0) < excess).sum()) + 1
+    for w, p in zip(segment[order[:needed]].tolist(), position[order[:needed]].tolist()):
+        static[w][p] = False
+    return static
+
+
+def _below(count: int, size: int) -> int | None:
+    """A set's cluster count, None when it keeps all its tokens."""
+    return count if count < size else None
 
 
 def temporal_segments(
@@ -134,66 +250,81 @@ def make_contiguous(labels: list[int]) -> list[int]:
     return [int(v) for v in out]  # type: ignore[arg-type]
 
 
-def static_positions(frames: torch.Tensor, tau: float) -> torch.Tensor:
-    """Static grid positions of one segment. frames: (W, N, C) -> (N,) bool.
-
-    Mean pairwise cosine similarity over the W frames, self-pairs excluded, strictly above tau.
-    """
+def static_similarity(frames: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise cosine similarity of each grid position over a segment's frames, self-pairs
+    excluded. frames: (W, N, C) -> (N,) float32; -inf for a one-frame segment (nothing is static)."""
     num_frames = frames.shape[0]
     if num_frames < 2:
-        return torch.zeros(frames.shape[1], dtype=torch.bool, device=frames.device)
+        return torch.full((frames.shape[1],), -torch.inf, device=frames.device)
     unit = torch.nn.functional.normalize(frames.float(), dim=-1, eps=1e-12)
     gram = torch.einsum("anc,bnc->nab", unit, unit)  # (N, W, W)
     off_diagonal = gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
-    return off_diagonal / (num_frames * (num_frames - 1)) > tau
+    return off_diagonal / (num_frames * (num_frames - 1))
+
+
+def static_positions(frames: torch.Tensor, tau: float) -> torch.Tensor:
+    """Static grid positions of one segment: similarity strictly above tau. (W, N, C) -> (N,) bool."""
+    return static_similarity(frames) > tau
 
 
 def merge_spatial(
-    tokens: torch.Tensor, config: PruneVidConfig, noise: _Noise | None = None
+    tokens: torch.Tensor, num_clusters: int | None, k: int, noise: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ALGORITHM.md §4: merge each of B sets of n tokens by DPC-KNN when n > threshold.
+    """ALGORITHM.md §4: merge each of B sets of n tokens into `num_clusters` by DPC-KNN.
 
-    tokens: (B, n, C) -> (merged (B, K, C), labels (B, n)); small sets pass through with
-    labels = arange(n).
+    tokens: (B, n, C) -> (merged (B, K, C), labels (B, n)); `num_clusters` None keeps the sets
+    as they are (labels = arange(n)). noise: (B, n) tie-break values or None.
     """
     batch, n, _ = tokens.shape
-    if n <= config.spatial_merge_threshold:
+    if num_clusters is None:
         return tokens, torch.arange(n, device=tokens.device).expand(batch, -1)
-    num_clusters = max(1, int(n * config.cluster_ratio))
-    draw = noise(batch, n) if noise is not None else None
-    labels = dpc_knn(tokens, num_clusters, config.k, draw)
+    labels = dpc_knn(tokens, num_clusters, k, noise)
     return cluster_means(tokens, labels, num_clusters), labels
 
 
 def _merge_segment(
-    frames: torch.Tensor, reference: torch.Tensor, config: PruneVidConfig, noise: _Noise
+    frames: torch.Tensor, plan: _SegmentPlan, config: PruneVidConfig, noise: _Noise
 ) -> MergeResult:
-    """Stage 1 inside one segment. frames: (W, N, C); reference: the tokens static similarity
-    is measured on (`frames`, or centred). Indices in the result are segment-local."""
+    """Stage 1 inside one segment, as `plan` says. frames: (W, N, C). Indices in the result are
+    segment-local."""
     width, num_tokens, _ = frames.shape
-    static = static_positions(reference, config.tau)  # (N,)
+    static = plan.static
     static_idx, dynamic_idx = static.nonzero().squeeze(1), (~static).nonzero().squeeze(1)
     assignment = torch.empty(width, num_tokens, dtype=torch.long, device=frames.device)
 
     # Static positions: the mean over time, then one spatial merge for the whole segment.
-    static_tokens, static_labels = merge_spatial(frames[:, static_idx].mean(0, keepdim=True), config, noise)
+    static_set = frames[:, static_idx].mean(0, keepdim=True)
+    draw = noise(1, len(static_idx)) if plan.static_clusters is not None else None
+    static_tokens, static_labels = merge_spatial(static_set, plan.static_clusters, config.k, draw)
     num_static = static_tokens.shape[1]
     assignment[:, static_idx] = static_labels
 
-    # Dynamic positions: one spatial merge per frame, batched over the segment's frames.
-    dynamic_tokens, dynamic_labels = merge_spatial(frames[:, dynamic_idx], config, noise)
-    num_dynamic = dynamic_tokens.shape[1]
-    frame_offsets = num_static + num_dynamic * torch.arange(width, device=frames.device)
-    assignment[:, dynamic_idx] = dynamic_labels + frame_offsets[:, None]
+    # Dynamic positions: one spatial merge per frame, batched over the frames that get the same
+    # cluster count (all of them, but under a budget), with one noise draw for the segment.
+    dynamic_set = frames[:, dynamic_idx]  # (W, n_d, C)
+    clustered = any(c is not None for c in plan.dynamic_clusters)
+    draw = noise(width, len(dynamic_idx)) if clustered else None
+    per_frame: list[torch.Tensor] = [dynamic_set[0, :0]] * width  # (K_i, C) merged tokens of frame i
+    labels = torch.empty(width, len(dynamic_idx), dtype=torch.long, device=frames.device)
+    for count in dict.fromkeys(plan.dynamic_clusters):
+        rows = [i for i, c in enumerate(plan.dynamic_clusters) if c == count]
+        merged, labels[rows] = merge_spatial(
+            dynamic_set[rows], count, config.k, None if draw is None else draw[rows]
+        )
+        for i, tokens in zip(rows, merged):
+            per_frame[i] = tokens
+    sizes = torch.tensor([len(tokens) for tokens in per_frame])
+    starts = num_static + sizes.cumsum(0) - sizes
+    assignment[:, dynamic_idx] = labels + starts.to(frames.device)[:, None]
 
     groups = torch.cat(
         [
             torch.zeros(num_static, dtype=torch.long),
-            torch.arange(width).repeat_interleave(num_dynamic) + (1 if num_static else 0),
+            torch.arange(width).repeat_interleave(sizes) + (1 if num_static else 0),
         ]
     ).to(frames.device)
     return MergeResult(
-        tokens=torch.cat([static_tokens[0], dynamic_tokens.flatten(0, 1)]),
+        tokens=torch.cat([static_tokens[0], *per_frame]),
         assignment=assignment,
         segments=torch.zeros(width, dtype=torch.long, device=frames.device),
         static=static.expand(width, -1),

@@ -174,10 +174,12 @@ def answer(
     max_new_tokens: int = 64,
     features: Any = None,
     streamer: Any = None,
+    method: str = "prunevid",
 ) -> Result:
     """Answer `question` about `video` (a path, a loaded Video or (T, H, W, 3) uint8 frames).
 
-    `features` (from `encode_video` on the same frames) skips the vision tower. Greedy decoding.
+    `features` (from `encode_video` on the same frames) skips the vision tower; `method` runs a
+    baseline instead of PruneVid (`prunevid.baselines.METHODS`). Greedy decoding.
     """
     config = config or preset(loaded.name, loaded.num_layers)
     question = check_question(question)
@@ -194,7 +196,7 @@ def answer(
         timings["vision_s"] = 0.0
     del inputs["pixel_values_videos"]
 
-    patch(loaded.model, config)
+    patch(loaded.model, config, method)
     clock = _FirstTokenClock(streamer)
     tic = time.perf_counter()
     out = loaded.model.generate(

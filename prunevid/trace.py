@@ -17,12 +17,16 @@ class PruningTrace:
 
     segment: (T,) temporal segment of each frame.
     static: (T, H, W) merged over time as static in stage 1.
-    merged_index: (T, H, W) index of the stage-1 token it went into (0 .. num_after_stage1 - 1).
-    kept: (T, H, W) whether that merged token survived stage 2.
+    merged_index: (T, H, W) index of the stage-1 token it went into (0 .. num_after_stage1 - 1),
+        -1 when a method dropped it before the language model (EVS-style pruning).
+    kept: (T, H, W) whether that merged token survived stage 2 (False for dropped tokens).
     score: (T, H, W) stage-2 relevance of that merged token (NaN when stage 2 is off).
     timings: seconds per stage: "stage1_s", "stage2_s" (scoring and selection) and
         "llm_prefill_s" (the decoder prefill, stage 2 included, stage 1 not).
     stage1_reused: stage 1's result was reused from an earlier call on the same features.
+    method: the method that ran (`prunevid.baselines.METHODS`); stage 1 / stage 2 above mean its
+        rules before and inside the language model.
+    num_layers: decoder layers of the model (for the layer-averaged retention), if known.
     """
 
     segment: np.ndarray
@@ -33,6 +37,8 @@ class PruningTrace:
     timings: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     stage1_reused: bool = False
+    method: str = "prunevid"
+    num_layers: int | None = None
 
     @property
     def num_frames(self) -> int:
@@ -54,6 +60,22 @@ class PruningTrace:
     def num_after_stage2(self) -> int:
         return int(np.unique(self.merged_index[self.kept]).size)
 
+    @property
+    def retention(self) -> float:
+        """Visual tokens that reach the last layers, as a share of the video's."""
+        return self.num_after_stage2 / self.num_visual_tokens
+
+    @property
+    def layer_retention(self) -> float | None:
+        """Visual tokens averaged over all decoder layers, as a share of the video's: the
+        stage-1 count up to `selected_layer`, the final count after it (what FLOPs follow)."""
+        if self.num_layers is None:
+            return None
+        before = self.config.get("selected_layer", 0) + 1 if self.config.get("stage2") else self.num_layers
+        before = min(before, self.num_layers)
+        tokens = before * self.num_after_stage1 + (self.num_layers - before) * self.num_after_stage2
+        return tokens / (self.num_layers * self.num_visual_tokens)
+
     @classmethod
     def from_stages(
         cls,
@@ -63,6 +85,8 @@ class PruningTrace:
         timings: dict[str, float] | None = None,
         config: dict[str, Any] | None = None,
         stage1_reused: bool = False,
+        method: str = "prunevid",
+        num_layers: int | None = None,
     ) -> PruningTrace:
         """Combine stage 1's result with stage 2's per-merged-token kept mask and scores (M,)."""
         shape = (merge.assignment.shape[0], *merge.grid)
@@ -70,24 +94,30 @@ class PruningTrace:
         num_merged = merge.num_tokens
         kept = np.ones(num_merged, dtype=bool) if kept is None else np.asarray(kept, dtype=bool)
         scores = np.full(num_merged, np.nan, dtype=np.float32) if scores is None else np.asarray(scores)
+        dropped = index < 0  # gone before the language model: not kept, no score
         return cls(
             segment=merge.segments.cpu().numpy(),
             static=merge.static.cpu().numpy().reshape(shape),
             merged_index=index,
-            kept=kept[index],
-            score=scores.astype(np.float32)[index],
+            kept=np.where(dropped, False, kept[index]),
+            score=np.where(dropped, np.nan, scores.astype(np.float32)[index]),
             timings=dict(timings or {}),
             config=dict(config or {}),
             stage1_reused=stage1_reused,
+            method=method,
+            num_layers=num_layers,
         )
 
     def summary(self) -> dict[str, Any]:
         """Counts, retention and timings: the small part that UIs and benchmarks print."""
         return {
+            "method": self.method,
             "num_visual_tokens": self.num_visual_tokens,
             "num_after_stage1": self.num_after_stage1,
             "num_after_stage2": self.num_after_stage2,
-            "retention": self.num_after_stage2 / self.num_visual_tokens,
+            "retention_target": self.config.get("retention"),
+            "retention": self.retention,
+            "retention_layer_averaged": self.layer_retention,
             "num_segments": int(self.segment.max()) + 1,
             "stage1_reused": self.stage1_reused,
             "timings": dict(self.timings),
@@ -101,6 +131,7 @@ class PruningTrace:
             **self.summary(),
             "grid": list(self.grid),
             "num_frames": self.num_frames,
+            "num_layers": self.num_layers,
             "config": self.config,
             "segment_of_frame": self.segment.tolist(),
             "tokens": {
@@ -136,6 +167,8 @@ class PruningTrace:
             timings=dict(data.get("timings", {})),
             config=dict(data.get("config", {})),
             stage1_reused=bool(data.get("stage1_reused", False)),
+            method=data.get("method", "prunevid"),
+            num_layers=data.get("num_layers"),
         )
 
     @classmethod

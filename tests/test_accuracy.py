@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunevid import baselines
 from prunevid.accuracy import (
     WEIGHTS,
     Checkpoint,
@@ -14,7 +13,6 @@ from prunevid.accuracy import (
     evaluate,
     load_checkpoint,
     summarise,
-    uniform_pool,
     wilson,
     write_preset,
 )
@@ -34,18 +32,6 @@ def test_wilson_interval_contains_the_estimate():
     assert low < 0.8 < high
     assert low > 0.70 and high < 0.88
     assert wilson(0, 0) == (0.0, 1.0)
-
-
-def test_uniform_pool_reaches_the_requested_retention():
-    features = torch.randn(2, 8 * 36 + 1, 16)
-    pooled = uniform_pool(features, (6, 6), 0.25)
-    assert pooled.shape == (2, 72 + 1, 16)
-    assert torch.equal(pooled[:, -1], features[:, -1])
-    assert uniform_pool(features, (6, 6), 1.0).shape == features.shape
-    # temporal pooling of identical frames changes nothing
-    same = torch.randn(1, 1, 36, 16).expand(1, 8, 36, 16).reshape(1, -1, 16)
-    same = torch.cat([same, torch.zeros(1, 1, 16)], 1)
-    assert torch.allclose(uniform_pool(same, (6, 6), 1 / 8)[:, :-1], same[:, :36], atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +89,7 @@ def shipped_results():
         Method("stage2", preset.replace(stage1=False)),
     ]
     results = {m.name: summarise(m.name, evaluate(checkpoint, m, samples, features)) for m in methods}
-    random = Method(
-        "random", preset.replace(stage1=False), baselines.random(results["prunevid"]["retention"])
-    )
+    random = Method("random", preset.replace(retention=results["prunevid"]["retention"]), "random")
     results["random"] = summarise("random", evaluate(checkpoint, random, samples, features))
     results["preset"] = preset
     return results

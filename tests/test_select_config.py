@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prunevid import PruneVidConfig, merge_tokens
-from prunevid.select import keep_by_budget, question_attention, visual_scores
+from prunevid.select import keep_by_budget, keep_counts, question_attention, visual_scores
 
 EXAMPLE = Path(__file__).parent / "data" / "stage1_stage2_example.npz"
 
@@ -16,7 +16,8 @@ def test_budget_matches_worked_example():
     data = np.load(EXAMPLE)
     merged = merge_tokens(torch.from_numpy(data["input"]), PruneVidConfig(dpc_noise=0.0))
     scores = visual_scores(torch.from_numpy(data["stage2_attn"])[0])
-    keep = keep_by_budget(scores, merged.groups, 0.4)
+    counts = keep_counts(merged.groups, PruneVidConfig(alpha=0.4), 16 * 196)
+    keep = keep_by_budget(scores, merged.groups, counts)
     assert keep.tolist() == data["stage2_keep_idx_sorted"].tolist()
 
 
@@ -24,11 +25,16 @@ def test_budget_per_set_with_floor_of_one():
     scores = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.8, 0.2, 0.7])
     groups = torch.tensor([0, 0, 0, 0, 0, 1, 2])
     # set 0: int(0.4 * 5) = 2 -> indices 1 (0.9) and 4 (0.8); sets 1 and 2 keep their one token
-    assert keep_by_budget(scores, groups, 0.4).tolist() == [1, 4, 5, 6]
+    counts = keep_counts(groups, PruneVidConfig(alpha=0.4), 7)
+    assert counts.tolist() == [2, 1, 1]
+    assert keep_by_budget(scores, groups, counts).tolist() == [1, 4, 5, 6]
 
 
 def test_budget_ties_keep_the_lower_index():
-    assert keep_by_budget(torch.ones(5), torch.zeros(5, dtype=torch.long), 0.4).tolist() == [0, 1]
+    assert keep_by_budget(torch.ones(5), torch.zeros(5, dtype=torch.long), torch.tensor([2])).tolist() == [
+        0,
+        1,
+    ]
 
 
 def test_question_attention_grouped_query_matches_explicit_loop():

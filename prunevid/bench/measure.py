@@ -36,7 +36,7 @@ def apply(model: torch.nn.Module, method: Method) -> None:
     if method.config is None:
         unpatch(model)
     else:
-        patch(model, method.config, method.rule)
+        patch(model, method.config, method.method)
 
 
 @dataclass

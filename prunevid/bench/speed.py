@@ -37,11 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import baselines
 from ..config import PruneVidConfig
 from ..flops import DecoderShape
 from ..merge import merge_tokens
-from ..select import keep_by_budget
+from ..select import keep_counts
 from .archs import ARCHS, Arch, build_model
 from .measure import (
     DEFAULT_QUESTION,
@@ -311,7 +310,7 @@ def calibrate_tau(
 def stage2_kept(frames: torch.Tensor, config: PruneVidConfig, grid: tuple[int, int] | None = None) -> int:
     """Visual tokens PruneVid keeps after both stages (the budget does not depend on the scores)."""
     merge = merge_tokens(frames, config, grid)
-    return len(keep_by_budget(torch.zeros(merge.num_tokens), merge.groups.cpu(), config.alpha))
+    return int(keep_counts(merge.groups, config, frames.shape[:2].numel()).sum())
 
 
 # ----------------------------------------------------------------------------- methods and runs
@@ -326,8 +325,8 @@ def default_methods(base: PruneVidConfig, ratio: float, seed: int = 0) -> list[M
         Method("stage1", base.replace(stage2=False)),
         Method("stage2", single),
         Method("prunevid", base),
-        Method("fastv", single, baselines.fastv(ratio)),
-        Method("random", single, baselines.random(ratio, seed)),
+        Method("fastv", single.replace(retention=ratio), "fastv"),
+        Method("random", single.replace(retention=ratio), "random"),
     ]
 
 

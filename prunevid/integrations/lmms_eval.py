@@ -6,8 +6,10 @@
 
 `--model_args` take the checkpoint (`pretrained`: Hub id, local folder or "tiny"; any family
 `prunevid.patch` supports), every `PruneVidConfig` knob (stage1, stage2, tau, ..., num_frames;
-defaults: the model's preset) and `prune=false` for the full-model baseline (the stock model,
-unpatched). Data parallel: every process holds the whole model and answers its share of the
+defaults: the model's preset; `retention=0.1` asks for exactly 10% of the visual tokens),
+`method` (prunevid, or a baseline of `prunevid.baselines.METHODS` such as fastv or evs, at the
+same `retention`) and `prune=false` for the full-model baseline (the stock model, unpatched).
+Data parallel: every process holds the whole model and answers its share of the
 documents (lmms-eval splits them).
 
 Each request is one video (sampled to `num_frames`) and the task's text as the question, in the
@@ -70,6 +72,7 @@ class PruneVid(lmms):
         self,
         pretrained: str = DEFAULT_MODEL,
         prune: bool = True,
+        method: str = "prunevid",
         device: str | None = None,
         dtype: str = "auto",
         batch_size: int | str = 1,
@@ -90,8 +93,9 @@ class PruneVid(lmms):
         self._world_size = self.accelerator.num_processes
         self._videos: OrderedDict[tuple[str, int], tuple[np.ndarray, Any]] = OrderedDict()
         self._video_cache = int(video_cache)
+        self.method = str(method)
         if self.prune:
-            patch(self.model, self.config)
+            patch(self.model, self.config, self.method)
         else:
             unpatch(self.model)
 
@@ -281,6 +285,8 @@ class PruneVid(lmms):
         log["retention"] = counts[2] / counts[0]
         return {
             "prune": self.prune,
+            "method": self.method if self.prune else None,
+            "retention_target": self.config.retention if self.prune else None,
             "rank": self.rank,
             "video_placeholders": placeholders,
             **log,
@@ -399,7 +405,7 @@ def _check_arguments(knobs: dict[str, Any], batch_size: int | str) -> None:
     unknown = sorted(set(knobs) - KNOBS)
     if unknown:
         raise ValueError(
-            f"unknown prunevid model_args: {', '.join(unknown)} (known: pretrained, prune, device, dtype, "
+            f"unknown prunevid model_args: {', '.join(unknown)} (known: pretrained, prune, method, device, dtype, "
             f"batch_size, max_new_tokens, video_cache and the PruneVidConfig fields {', '.join(sorted(KNOBS))})"
         )
     if str(batch_size) != "1":

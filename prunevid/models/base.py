@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
+from ..baselines import METHODS, Method
 from ..cluster import cluster_means
 from ..config import PruneVidConfig
 from ..merge import MergeResult, merge_tokens
-from ..select import question_guided
+from ..select import keep_counts, question_guided
 from ..trace import PruningTrace
-from .decoder import DecodeState, Rule, VisualSpan, positions_from_mask, prefill
+from .decoder import DecodeState, VisualSpan, positions_from_mask, prefill
 
 STAGE1_FIELDS = (
     "stage1",
@@ -34,16 +35,19 @@ STAGE1_FIELDS = (
     "dpc_noise",
     "seed",
     "centre",
+    "retention",
+    "stage1_share",
+    "stage2",  # under a retention, stage 1's count depends on whether stage 2 runs
 )
 
 
 @dataclass
 class Runtime:
-    """What a patched model carries: its settings, the decode state, the last traces and a few
-    recent stage-1 results (stage 1 does not depend on the question)."""
+    """What a patched model carries: its settings and method, the decode state, the last traces
+    and a few recent stage-1 results (stage 1 does not depend on the question)."""
 
     config: PruneVidConfig
-    rule: Rule = question_guided
+    method: Method = METHODS["prunevid"]
     state: DecodeState | None = None
     traces: list[PruningTrace | None] | None = None
     stage1_cache: OrderedDict = field(default_factory=OrderedDict)
@@ -62,9 +66,10 @@ class Runtime:
         """Stage 1 on (T, N, C) tokens, reused when the same feature tensor comes back (an app
         asking a follow-up question passes its cached features; never under `torch.inference_mode`,
         whose tensors keep no version counter). Returns (result, reused)."""
+        reduce = self.method.reduce if self.config.stage1 and self.method.reduce else merge_tokens
         if tokens.is_inference():
-            return merge_tokens(tokens, self.config, grid), False
-        settings = tuple(getattr(self.config, name) for name in STAGE1_FIELDS)
+            return reduce(tokens, self.config, grid), False
+        settings = (self.method.name, *(getattr(self.config, name) for name in STAGE1_FIELDS))
         # The entry holds `tokens`, so its memory cannot be reused by another tensor meanwhile;
         # `_version` changes on every in-place write, so a refilled buffer is not taken for the old one.
         key = (
@@ -79,7 +84,7 @@ class Runtime:
         if key in self.stage1_cache:
             self.stage1_cache.move_to_end(key)
             return self.stage1_cache[key][1], True
-        merge = merge_tokens(tokens, self.config, grid)
+        merge = reduce(tokens, self.config, grid)
         self.stage1_cache[key] = (tokens, merge)
         while len(self.stage1_cache) > self.stage1_cache_size:
             self.stage1_cache.popitem(last=False)
@@ -101,22 +106,23 @@ class VideoGrid:
 
 
 def patch_inner(
-    inner: torch.nn.Module, pruned: type, config: PruneVidConfig, rule: Rule, num_layers: int
+    inner: torch.nn.Module, pruned: type, config: PruneVidConfig, method: Method, num_layers: int
 ) -> None:
     """Make `inner` an instance of a subclass of its class that mixes in `pruned`'s forward and
-    give it a runtime; patching again only changes the settings (cached stage-1 results stay)."""
-    if config.selected_layer >= num_layers:
+    give it a runtime; patching again only changes the settings (cached stage-1 results stay).
+    `config` is the method's own (`Method.configure`)."""
+    if config.stage2 and config.selected_layer >= num_layers:
         raise ValueError(
             f"selected_layer must be in [0, {num_layers - 1}] for this model ({num_layers} decoder layers), "
             f"got {config.selected_layer}"
         )
     if isinstance(inner, pruned):
-        inner._prunevid.config, inner._prunevid.rule = config, rule
+        inner._prunevid.config, inner._prunevid.method = config, method
         return
     stock = type(inner)
     inner._prunevid_stock_class = stock
     inner.__class__ = pruned if pruned.__bases__ == (stock,) else _mixed(pruned, stock)
-    inner._prunevid = Runtime(config, rule)
+    inner._prunevid = Runtime(config, method)
 
 
 @functools.cache
@@ -168,7 +174,7 @@ def video_prefill(
         tic = _clock(embeds)
         merge, reused = runtime.merge(video.tokens, video.grid)
         stage1_s.append((_clock(embeds) - tic, reused))
-        row, span = _splice(embeds[b], real, is_video[b], pos, video, merge)
+        row, span = _splice(embeds[b], real, is_video[b], pos, video, merge, config)
         rows.append(row)
         spans.append(span)
         merges.append(merge)
@@ -192,7 +198,8 @@ def video_prefill(
     if cache is None and use_cache is not False:
         cache = DynamicCache(config=lm.config)
     tic = _clock(embeds)
-    hidden, selection = prefill(lm, embeds, mask, positions, cache, spans, config, runtime.rule, residuals)
+    rule = runtime.method.select or question_guided
+    hidden, selection = prefill(lm, embeds, mask, positions, cache, spans, config, rule, residuals)
     prefill_s = _clock(embeds) - tic
 
     last = positions[..., -1]  # every row ends with a real token (left padding)
@@ -213,6 +220,8 @@ def video_prefill(
                 timings={"stage1_s": seconds, "stage2_s": selection.seconds, "llm_prefill_s": prefill_s},
                 config=config.to_dict(),
                 stage1_reused=reused,
+                method=runtime.method.name,
+                num_layers=len(lm.layers),
             )
         )
     return hidden, cache
@@ -253,6 +262,7 @@ def _splice(
     positions: torch.Tensor | None,
     video: VideoGrid,
     merge: MergeResult,
+    config: PruneVidConfig,
 ) -> tuple[_Row, VisualSpan]:
     """Replace one sample's video placeholders by stage 1's merged tokens.
 
@@ -264,7 +274,7 @@ def _splice(
     """
     runs = runs_of(is_video)
     num_frames = video.tokens.shape[0]
-    first = _representatives(merge)  # (M,) flat t * N + n of each merged token's first member
+    first = merge.first_members()  # (M,) flat t * N + n of each merged token's first member
     if len(runs) == 1:
         run_of = torch.zeros_like(first)
     elif len(runs) == num_frames:
@@ -309,7 +319,8 @@ def _splice(
     # Stage 1 emits tokens in time order of their first member, so the runs take consecutive
     # merged tokens and the visual tokens stay in merged-token order (as the trace assumes).
     assert bool((run_of.diff() >= 0).all()), "stage-1 output must be in time order"
-    span = VisualSpan(torch.cat(visual).to(embeds.device), merge.groups, length)
+    counts = keep_counts(merge.groups, config, video.tokens.shape[:2].numel())
+    span = VisualSpan(torch.cat(visual).to(embeds.device), merge.groups, counts, length)
     row = _Row(
         torch.cat(pieces), None if positions is None else torch.cat(piece_positions, dim=1), row_extras
     )
@@ -335,20 +346,14 @@ def merged_means(features: torch.Tensor, merge: MergeResult) -> torch.Tensor:
     """(T * N, C) per-original-token features -> (M, C) the plain mean over each merged token's
     members: what stage 1 does to the tokens themselves (a merged token is its members' mean)."""
     index = merge.assignment.flatten().to(features.device)
-    return cluster_means(features[None], index[None], merge.num_tokens)[0]
+    kept = index >= 0
+    return cluster_means(features[kept][None], index[kept][None], merge.num_tokens)[0]
 
 
 def runs_of(flags: torch.Tensor) -> list[tuple[int, int]]:
     """(start, end) of each maximal run of True in a (L,) bool tensor."""
     edges = torch.diff(F.pad(flags.long(), (1, 1))).nonzero().squeeze(1).tolist()
     return list(zip(edges[::2], edges[1::2]))
-
-
-def _representatives(merge: MergeResult) -> torch.Tensor:
-    """For each merged token, the flat (t * N + n) index of its first member."""
-    flat = merge.assignment.flatten()
-    first = torch.full((merge.num_tokens,), flat.numel(), dtype=torch.long, device=flat.device)
-    return first.scatter_reduce(0, flat, torch.arange(flat.numel(), device=flat.device), "amin")
 
 
 def _left_pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -13,7 +13,6 @@ only, each sample left-padded to the batch's longest.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +20,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..config import PruneVidConfig
-from ..select import question_attention, question_guided
-
-# (attention (H, nq, n) of the question rows over the n visual tokens, groups (n,), alpha)
-#   -> (scores (n,), kept (n,) bool)
-Rule = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+from ..select import Rule, question_attention, question_guided
 
 
 @dataclass
@@ -33,16 +28,18 @@ class VisualSpan:
     """Where one sample's visual tokens sit in the logical prompt.
 
     index: (n,) their positions in the row, increasing (one run, or one run per time step when
-    the model puts text between frames); groups: (n,) stage-2 budget set of each;
-    question_start: first token after the video, i.e. the first query row.
+    the model puts text between frames); groups: (n,) stage-2 budget set of each; counts: (S,)
+    tokens stage 2 keeps per set; question_start: first token after the video, i.e. the first
+    query row.
     """
 
     index: torch.Tensor
     groups: torch.Tensor
+    counts: torch.Tensor
     question_start: int
 
     def shifted(self, offset: int) -> VisualSpan:
-        return VisualSpan(self.index + offset, self.groups, self.question_start + offset)
+        return VisualSpan(self.index + offset, self.groups, self.counts, self.question_start + offset)
 
 
 @dataclass
@@ -138,7 +135,7 @@ def prefill(
         if residuals is not None and i < len(residuals):
             hidden = hidden + residuals[i]
         if i == prune_at:
-            selection = select_tokens(layer, layer_input, mask, spans, config.alpha, rule)
+            selection = select_tokens(layer, layer_input, mask, spans, rule)
             index = selection.keep[:, :, None].expand(-1, -1, hidden.shape[2])
             hidden = hidden.gather(1, index)
             residuals = None if residuals is None else [r.gather(1, index) for r in residuals]
@@ -158,7 +155,6 @@ def select_tokens(
     hidden: torch.Tensor,
     mask: torch.Tensor,
     spans: list[VisualSpan | None],
-    alpha: float,
     rule: Rule = question_guided,
 ) -> Selection:
     """Stage 2 (ALGORITHM.md §5.2-5.4) from `layer`'s own query/key projections of its input.
@@ -183,9 +179,8 @@ def select_tokens(
         queries = _heads(attn, "q", normed[b, question])
         keys = _heads(attn, "k", normed[b, real])
         visual = torch.isin(real, span.index.to(real.device))
-        score, kept = rule(
-            question_attention(queries, keys)[:, :, visual], span.groups.to(keys.device), alpha
-        )
+        attention = question_attention(queries, keys)[:, :, visual]
+        score, kept = rule(attention, span.groups.to(keys.device), span.counts)
         keeps.append(torch.cat([real[~visual], real[visual][kept]]).sort().values)
         kept_masks.append(kept)
         scores.append(score)

@@ -119,7 +119,7 @@ def evaluate(
         unpatch(model)
     else:
         patch(model, method.config, method.method)
-    retentions, stage1 = [], []
+    retentions, stage1, layers = [], [], []
     correct: dict[str, list[int]] = {f: [] for f in FAMILIES}
     answer_ids = {f: [_single_token(checkpoint, s.answer(f)) for s in samples] for f in FAMILIES}
     for family in FAMILIES:
@@ -131,11 +131,13 @@ def evaluate(
                 traces = last_traces(model)
                 retentions += [t.num_after_stage2 / t.num_visual_tokens for t in traces]
                 stage1 += [t.num_after_stage1 / t.num_visual_tokens for t in traces]
+                layers += [t.layer_retention for t in traces]
     unpatch(model)
     return {
         "correct": correct,
         "retention": float(np.mean(retentions or [1.0])),
         "stage1_retention": float(np.mean(stage1 or [1.0])),
+        "layer_retention": float(np.mean(layers or [1.0])),
     }
 
 
@@ -165,6 +167,7 @@ def summarise(name: str, result: dict, **extra) -> dict:
         "name": name,
         "retention": round(result["retention"], 4),
         "stage1_retention": round(result["stage1_retention"], 4),
+        "retention_layer_averaged": round(result["layer_retention"], 4),
         "accuracy": round(float(np.mean(everything)), 4),
         "interval95": [round(low, 4), round(high, 4)],
         "num_questions": len(everything),

@@ -16,6 +16,7 @@ from prunevid.accuracy import (
     wilson,
     write_preset,
 )
+from prunevid.baselines import METHODS
 from prunevid.bench import accuracy as bench_accuracy
 from prunevid.config import PruneVidConfig
 from prunevid.synthetic import FAMILIES, make_sample
@@ -61,6 +62,25 @@ def test_every_method_runs_and_reports_its_retention(random_checkpoint: Checkpoi
         random_checkpoint, Method("full", preset.replace(stage1=False, stage2=False)), samples, features
     )
     assert full["retention"] == full["stage1_retention"] == 1.0
+
+
+def test_every_method_is_scored_at_exactly_each_budget(random_checkpoint: Checkpoint):
+    samples = [make_sample(s, 8, 112) for s in range(2)]
+    features = encode_videos(random_checkpoint, samples)
+    full = summarise("full", evaluate(random_checkpoint, Method("full"), samples, features))
+    records = bench_accuracy.budgets(random_checkpoint, samples, features, [0.2, 0.05], full, lambda r: None)
+    total = 8 * 7 * 7  # 8 frames of the tiny model's 7 x 7 pooled grid
+    assert [(r["name"], r["retention_target"]) for r in records] == [
+        (name, target) for target in (0.2, 0.05) for name in METHODS
+    ]
+    for record in records:
+        assert record["retention"] == pytest.approx(
+            round(record["retention_target"] * total) / total, abs=1e-4
+        )
+        if full["accuracy"]:  # a random model may answer nothing right
+            assert record["of_full"] == pytest.approx(record["accuracy"] / full["accuracy"], abs=1e-3)
+    table = bench_accuracy.budget_markdown(records, full).splitlines()
+    assert table[0] == "| method | 20% | 5% |" and len(table) == 3 + len(METHODS)
 
 
 def test_bench_refuses_training_seeds(tmp_path):

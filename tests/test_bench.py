@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from prunevid import cli
+from prunevid.baselines import METHODS
 from prunevid.bench.archs import ARCHS, BENCH_VOCAB, build_model, randomize
 from prunevid.bench.speed import METHOD_NAMES, calibrate_tau
 from prunevid.config import PruneVidConfig
@@ -34,6 +35,8 @@ def quick(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         "--arch",
         request.param,
         "--sweep",
+        "--retentions",
+        "0.1",
         "--json",
         str(folder / "speed.json"),
     ]
@@ -74,6 +77,27 @@ def test_token_counts_are_consistent(quick: dict) -> None:
     assert by["fastv"]["visual_tokens"] == by["random"]["visual_tokens"] == by["prunevid"]["visual_tokens"]
     # Stage 2 alone keeps int(alpha * N) tokens of each time step.
     assert by["stage2"]["visual_tokens"] == steps * int(0.4 * per_step)
+
+
+def test_every_method_runs_at_exactly_each_budget(quick: dict) -> None:
+    budgets = quick["result"]["budgets"]
+    steps, per_step = GRIDS[quick["arch"]]
+    total, layers, selected = steps * per_step, 4, 1  # the tiny models: 4 decoder layers, stage 2 at 1
+    assert budgets[0]["name"] == "stock"
+    assert [(r["name"], r["retention_target"]) for r in budgets[1:]] == [(name, 0.1) for name in METHODS]
+    for record in budgets[1:]:
+        final = round(record["retention_target"] * total)
+        assert record["visual_tokens"] == final, record["label"]
+        before = total if record["name"] in ("stage2", "fastv", "random") else record["stage1_tokens"]
+        if record["name"] in ("prunevid", "stage2", "fastv", "random"):  # pruned after layer 1 of 4
+            averaged = ((selected + 1) * before + (layers - selected - 1) * final) / (layers * total)
+        else:  # before the language model: every layer sees the final count
+            averaged = final / total
+        assert record["retention_layer_averaged"] == pytest.approx(averaged), record["label"]
+    # Every method leaves the same cache: the text and the kept tokens.
+    assert (
+        len({r["kv_tokens"] for r in budgets[1:]}) == 1 and budgets[1]["kv_tokens"] < budgets[0]["kv_tokens"]
+    )
 
 
 def test_cache_matches_the_sequence(quick: dict) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..accuracy import WEIGHTS, Checkpoint, Method, encode_videos, evaluate, load_checkpoint, summarise
+from ..baselines import METHODS
 from ..config import PruneVidConfig
 from ..synthetic import FAMILIES, TRAIN_SEED_START, Sample, make_sample
 
@@ -103,35 +104,93 @@ def sweep(
     return records
 
 
+# RGB colour of each method in the accuracy-vs-retention plot.
+COLOURS = {
+    "prunevid": (20, 60, 200),
+    "stage1": (90, 150, 240),
+    "stage2": (0, 170, 200),
+    "fastv": (30, 140, 30),
+    "random": (200, 40, 40),
+    "uniform": (160, 0, 160),
+    "evs": (230, 140, 0),
+    "dycoke": (120, 80, 40),
+}
+
+
+def budgets(
+    checkpoint: Checkpoint,
+    samples: list[Sample],
+    features: torch.Tensor,
+    retentions: list[float],
+    full: dict,
+    log: Callable,
+) -> list[dict]:
+    """Every method of `prunevid.baselines.METHODS` at every budget, the preset's other settings
+    unchanged; each record has its `retention_target` and its accuracy as a share of `full`'s."""
+    records = []
+    for retention in retentions:
+        config = checkpoint.preset.replace(retention=retention)
+        for name in METHODS:
+            result = evaluate(checkpoint, Method(name, config, name), samples, features)
+            record = summarise(name, result, retention_target=retention)
+            record["of_full"] = round(record["accuracy"] / full["accuracy"], 4) if full["accuracy"] else None
+            records.append(record)
+            log(record)
+    return records
+
+
+def budget_markdown(records: list[dict], full: dict) -> str:
+    """Methods down, budgets across: accuracy, its 95% interval and its share of the full model's."""
+    targets = sorted({r["retention_target"] for r in records}, reverse=True)
+    head = " | ".join(f"{100 * t:g}%" for t in targets)
+    lines = [f"| method | {head} |", "|---|" + "---|" * len(targets)]
+    low, high = full["interval95"]
+    lines.append(
+        f"| full model (100%) | {full['accuracy']:.3f} [{low:.3f}, {high:.3f}] |" + " |" * (len(targets) - 1)
+    )
+    for name in dict.fromkeys(r["name"] for r in records):
+        cells = []
+        for target in targets:
+            r = next(r for r in records if r["name"] == name and r["retention_target"] == target)
+            low, high = r["interval95"]
+            share = "" if r["of_full"] is None else f" ({100 * r['of_full']:.1f}%)"
+            cells.append(f"{r['accuracy']:.3f} [{low:.3f}, {high:.3f}]{share}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(records: list[dict], path: str | Path, full: float | None = None) -> None:
-    """Accuracy vs retention, one colour per method, drawn with OpenCV into a PNG."""
+    """Accuracy vs retention, one colour per method, drawn with OpenCV into a PNG; the axes
+    span the points (retention from 0, accuracy from the nearest tenth below the lowest)."""
     import cv2
 
-    width, height, margin = 640, 420, 60
+    width, height, margin = 720, 460, 60
     image = np.full((height, width, 3), 255, np.uint8)
-    colours = {
-        "prunevid": (200, 60, 20),
-        "fastv": (30, 140, 30),
-        "random": (40, 40, 200),
-        "uniform": (160, 0, 160),
-    }
+    colours = {name: rgb[::-1] for name, rgb in COLOURS.items() if any(r["name"] == name for r in records)}
+    right = min(1.0, np.ceil(max(r["retention"] for r in records) * 12) / 10)
+    bottom = np.floor(min(r["accuracy"] for r in records) * 10) / 10
 
     def point(retention: float, accuracy: float) -> tuple[int, int]:
-        x = margin + retention * (width - 2 * margin)
-        y = height - margin - accuracy * (height - 2 * margin)
+        x = margin + retention / right * (width - 2 * margin)
+        y = height - margin - (accuracy - bottom) / (1 - bottom) * (height - 2 * margin)
         return round(x), round(y)
 
-    cv2.rectangle(image, point(0, 0), point(1, 1), (0, 0, 0), 1)
-    for tick in np.linspace(0, 1, 6):
-        cv2.putText(image, f"{tick:.1f}", (*point(tick, 0)[0:1], height - margin + 18), 0, 0.4, (0, 0, 0), 1)
-        cv2.putText(image, f"{tick:.1f}", (margin - 35, point(0, tick)[1] + 4), 0, 0.4, (0, 0, 0), 1)
+    cv2.rectangle(image, point(0, bottom), point(right, 1), (0, 0, 0), 1)
+    for tick in np.linspace(0, right, 6):
+        cv2.putText(
+            image, f"{tick:.2f}", (point(tick, bottom)[0] - 12, height - margin + 18), 0, 0.4, (0, 0, 0), 1
+        )
+    for tick in np.linspace(bottom, 1, 6):
+        cv2.putText(image, f"{tick:.2f}", (margin - 42, point(0, tick)[1] + 4), 0, 0.4, (0, 0, 0), 1)
     cv2.putText(
         image, "retention (visual tokens kept)", (width // 2 - 110, height - 15), 0, 0.5, (0, 0, 0), 1
     )
     cv2.putText(image, "accuracy", (5, margin - 20), 0, 0.5, (0, 0, 0), 1)
     if full is not None:
-        cv2.line(image, point(0, full), point(1, full), (120, 120, 120), 1)
-        cv2.putText(image, "full", (*point(0.9, full)[0:1], point(0, full)[1] - 5), 0, 0.4, (90, 90, 90), 1)
+        cv2.line(image, point(0, full), point(right, full), (120, 120, 120), 1)
+        cv2.putText(
+            image, "full model", (point(0, full)[0] + 5, point(0, full)[1] - 5), 0, 0.4, (90, 90, 90), 1
+        )
     for name, colour in colours.items():
         points = sorted(point(r["retention"], r["accuracy"]) for r in records if r["name"] == name)
         for a, b in itertools.pairwise(points):
@@ -155,7 +214,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-videos", type=int, default=64)
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.2, 0.4, 0.7])
     parser.add_argument("--cluster-ratios", type=float, nargs="+", default=[0.25, 0.5])
-    parser.add_argument("--plot", default=None, help="accuracy-vs-retention PNG (needs --sweep)")
+    parser.add_argument(
+        "--retentions",
+        default=None,
+        help="also score every method at these budgets (final retention), e.g. 0.25,0.2,0.15,0.1",
+    )
+    parser.add_argument(
+        "--plot",
+        default=None,
+        help="accuracy-vs-retention PNG of the budgets (--retentions), else of --sweep",
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -180,8 +248,12 @@ def run(args: argparse.Namespace) -> dict:
         result["sweep"] = sweep(
             checkpoint, few, features[: len(few)], args.alphas, args.cluster_ratios, _print_row
         )
-        if args.plot:
-            plot(result["sweep"], args.plot, full=methods[0]["accuracy"])
+    if args.retentions:
+        retentions = [float(v) for v in args.retentions.split(",") if v.strip()]
+        result["budgets"] = budgets(checkpoint, samples, features, retentions, methods[0], _print_row)
+        print("\n" + budget_markdown(result["budgets"], methods[0]))
+    if args.plot and ("budgets" in result or "sweep" in result):
+        plot(result.get("budgets") or result["sweep"], args.plot, full=methods[0]["accuracy"])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

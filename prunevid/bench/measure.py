@@ -149,6 +149,7 @@ class Sample:
     decoder_s: float | None = None
     stage1_tokens: int | None = None
     visual_tokens: int | None = None
+    layer_retention: float = 1.0  # visual tokens averaged over the decoder layers, share of all
     load: float = 0.0
 
 
@@ -270,6 +271,7 @@ def _sample(
         return sample
     trace = last_trace(model)
     sample.stage1_tokens, sample.visual_tokens = trace.num_after_stage1, trace.num_after_stage2
+    sample.layer_retention = trace.layer_retention
     sample.stage1_s = trace.timings.get("stage1_s", 0.0)
     sample.stage2_s = trace.timings.get("stage2_s", 0.0)
     sample.decoder_s = trace.timings.get("llm_prefill_s")

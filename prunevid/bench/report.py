@@ -60,6 +60,7 @@ class Row:
     ttft_speedup: float = 1.0
     cpu_speedup: float = 1.0
     kv_ratio: float = 1.0
+    layer_retention: float = 1.0
     samples: list[float] = field(default_factory=list)
 
     @property
@@ -137,6 +138,7 @@ def _row(
         peak_rss=max(s.peak_rss for s in runs),
         rss_delta=max(s.peak_rss - s.rss_before for s in runs),
         flops=flops,
+        layer_retention=first.layer_retention,
         samples=prefill,
     )
 
@@ -260,6 +262,7 @@ def row_json(row: Row) -> dict[str, Any]:
         "stage1_tokens": row.stage1_tokens,
         "total_visual_tokens": row.total_visual,
         "retention": row.retention,
+        "retention_layer_averaged": row.layer_retention,
         "sequence_tokens": [row.seq_before, row.seq_after],
         "llm_prefill_s": row.llm_prefill_s,
         "llm_prefill_min_s": row.prefill_min,
@@ -293,6 +296,32 @@ def sweep_record(row: Row, method: Method) -> dict[str, Any]:
         **{k: v for k, v in row_json(row).items() if k not in ("llm_prefill_samples_s", "name")},
         "name": row.name,
     }
+
+
+def budget_record(row: Row, method: Method) -> dict[str, Any]:
+    """One method at one budget: `name` is the method, `retention_target` the budget (None: stock)."""
+    record = {k: v for k, v in row_json(row).items() if k != "llm_prefill_samples_s"}
+    config = method.config
+    return {**record, "name": method.method if config else "stock", "label": row.name,
+            "retention_target": None if config is None else config.retention}  # fmt: skip
+
+
+def budget_table(records: Sequence[dict[str, Any]]) -> str:
+    """Every method at every budget: tokens kept (after the selected layer, and averaged over the
+    layers), LM prefill speedup against stock (FLOPs-predicted) and KV cache after prefill."""
+    lines = [
+        "| budget | method | visual tokens kept | layer-averaged | LM prefill speedup (FLOPs-predicted) | KV cache |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        if r["retention_target"] is None:
+            continue
+        lines.append(
+            f"| {100 * r['retention_target']:g}% | {r['name']} | {r['visual_tokens']} ({100 * r['retention']:.1f}%) "
+            f"| {100 * r['retention_layer_averaged']:.1f}% | {r['speedup']:.2f}x ({r['flops_speedup']:.2f}x) "
+            f"| {100 * r['kv_ratio']:.1f}% |"
+        )
+    return "\n".join(lines)
 
 
 def write_csv(records: Sequence[dict[str, Any]], path: str) -> None:
@@ -355,6 +384,9 @@ def report_markdown(result: dict[str, Any]) -> str:
         "Targets:",
         *[Target(**t).line() for t in result["targets"]],
     ]
+    if "budgets" in result:
+        lines += ["", "Every method at the same budgets (one new token: prefill only):", "",
+                  budget_table(result["budgets"])]  # fmt: skip
     return "\n".join(lines)
 
 

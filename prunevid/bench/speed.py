@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..baselines import METHODS
 from ..config import PruneVidConfig
 from ..flops import DecoderShape
 from ..merge import merge_tokens
@@ -57,6 +58,7 @@ from .measure import (
 )
 from .report import (
     Row,
+    budget_record,
     check_targets,
     machine_info,
     markdown_table,
@@ -115,6 +117,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-cluster-ratios", default=None, help=f"default {FULL['sweep_cluster_ratios']}")
     p.add_argument("--sweep-csv", default="bench_sweep.csv")
     p.add_argument("--sweep-png", default="bench_sweep.png")
+    p.add_argument("--retentions", default=None,
+                   help="also run every method at these budgets (final retention), e.g. 0.25,0.2,0.15,0.1")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny model, 1 repeat, seconds (CI)")
 
 
@@ -138,6 +142,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--repeats and --new-tokens must be >= 1 and --frames >= 2")
     if not 0 < args.stage1_retention <= 1:
         raise ValueError(f"--stage1-retention must be in (0, 1], got {args.stage1_retention}")
+    if args.retentions is not None:
+        for value in _floats(args.retentions):
+            PruneVidConfig(retention=value)  # one sentence for a budget out of (0, 1]
     if args.vision_frames is not None and not 1 <= args.vision_frames <= args.frames:
         raise ValueError(f"--vision-frames must be in [1, {args.frames}], got {args.vision_frames}")
 
@@ -352,7 +359,25 @@ def benchmark(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         records, sweep_rows = run_sweep(setup, args, shape)
         result["sweep"] = records
         result["targets"] = [dataclasses.asdict(t) for t in check_targets(rows, sweep_rows)]
+    if args.retentions:
+        result["budgets"] = run_budgets(setup, args, shape)
     return result
+
+
+def run_budgets(setup: Setup, args: argparse.Namespace, shape: DecoderShape) -> list[dict[str, Any]]:
+    """Prefill only (one new token) of every method of `prunevid.baselines.METHODS` at each
+    budget, stock interleaved. PruneVid's tau stays the calibrated one: under a budget it only
+    decides which tokens are static, not how many tokens there are."""
+    methods = [Method("stock")] + [
+        Method(f"{name} @ {retention:g}", setup.base.replace(retention=retention), name)
+        for retention in _floats(args.retentions)
+        for name in METHODS
+    ]
+    samples = measure(
+        setup.model, methods, setup.prompt, args.sweep_repeats or args.repeats, 1, setup.warmup, "budgets"
+    )
+    rows = summarize(methods, samples, setup.prompt, shape, None)
+    return [budget_record(r, m) for r, m in zip(rows, methods)]
 
 
 def run_sweep(
@@ -408,6 +433,8 @@ def command_line(args: argparse.Namespace) -> str:
         value = getattr(args, name)
         if value is not None:
             parts.append(f"--{name.replace('_', '-')} {value}")
+    if args.retentions:
+        parts.append(f"--retentions {args.retentions}")
     if args.sweep:
         parts += [
             "--sweep",

@@ -33,8 +33,9 @@ from . import engine
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-ASSETS = next((p for p in (ROOT / "assets", Path.cwd() / "assets") if p.is_dir()), ROOT / "assets")
+# The example videos sit beside the page's folder in both layouts: assets/ next to app/ in a checkout
+# (and a Space), prunevid/assets/ next to prunevid/app/ in an installed wheel (pyproject.toml maps both).
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 KNOBS = [f.name for f in dataclasses.fields(PruneVidConfig) if f.name not in ("stage1", "stage2")]
 KNOB_HELP = {
     "tau": "static threshold: cosine similarity above which a position is static in a segment [-1, 1]",

@@ -33,9 +33,15 @@ from . import engine
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-ASSETS = next((p for p in (ROOT / "assets", Path.cwd() / "assets") if p.is_dir()), ROOT / "assets")
-KNOBS = [f.name for f in dataclasses.fields(PruneVidConfig) if f.name not in ("stage1", "stage2")]
+# The example videos sit beside the page's folder in both layouts: assets/ next to app/ in a checkout
+# (and a Space), prunevid/assets/ next to prunevid/app/ in an installed wheel (pyproject.toml maps both).
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# The budget (retention, stage1_share) has its own controls; the rest are the paper's knobs.
+KNOBS = [
+    f.name
+    for f in dataclasses.fields(PruneVidConfig)
+    if f.name not in ("stage1", "stage2", "retention", "stage1_share")
+]
 KNOB_HELP = {
     "tau": "static threshold: cosine similarity above which a position is static in a segment [-1, 1]",
     "temporal_segment_ratio": "temporal segments = frames x ratio (0, 1]",

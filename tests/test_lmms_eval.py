@@ -116,6 +116,18 @@ def test_model_args_reach_the_config():
     assert lm.device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def test_a_baseline_at_a_budget_from_model_args(docs):
+    """`method=evs,retention=0.1`: EVS-style pruning to exactly 10% of the tokens, logged per request."""
+    lm = plugin.PruneVid.create_from_arg_string("pretrained=tiny,method=evs,retention=0.1")
+    assert lm.config.retention == 0.1 and lm.method == "evs"
+    result = lm.respond(docs[0]["question"], str(VIDEOS / docs[0]["video"]), {"max_new_tokens": 2})
+    log = result.token_counts.prunevid
+    assert log["method"] == "evs" and log["retention_target"] == 0.1
+    assert log["after_stage2"] == round(0.1 * log["visual_tokens"])
+    with pytest.raises(ValueError, match="unknown method 'tome'"):
+        plugin.PruneVid(pretrained="tiny", method="tome")
+
+
 def test_task_text_and_chat_messages_become_one_question_and_video():
     assert plugin.question_text(" <video>\nwhat ? ") == "what ?"
     turn = {

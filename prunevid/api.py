@@ -7,7 +7,7 @@ from types import ModuleType
 import torch
 
 from .config import PruneVidConfig
-from .models.base import patch_inner, restore_class
+from .models.base import guard_generate, patch_inner, restore_class
 from .models.decoder import Rule
 from .select import question_guided
 from .trace import PruningTrace
@@ -42,12 +42,14 @@ def patch(
     pruned = family_of(model).PrunedModel
     layers = model.config.text_config.num_hidden_layers
     patch_inner(model.model, pruned, config or PruneVidConfig(), rule or question_guided, layers)
+    guard_generate(model)
     return model
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     family_of(model)  # the same error as patch for a model of another kind
     restore_class(model.model)
+    restore_class(model)
     return model
 
 

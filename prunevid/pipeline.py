@@ -129,7 +129,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
         # The processor's chat template (legacy chat_template.json) knows the video item; the
         # tokenizer's own may be the language model's text-only one.
-        template = _checkpoint_file(name, "chat_template.json")
+        template = _checkpoint_file(name, "chat_template.json", local_only=offline)
         if template is not None:
             with open(template) as f:
                 tokenizer.chat_template = json.load(f)["chat_template"]
@@ -140,7 +140,7 @@ def load_model(
             "holding the checkpoint."
         ) from error
     family_of(model)  # an unsupported architecture fails here, with the supported list
-    return LoadedModel(name, model, tokenizer, _processing(name, model))
+    return LoadedModel(name, model, tokenizer, _processing(name, model, local_only=offline))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -239,23 +239,26 @@ def _frames(video: str | os.PathLike | np.ndarray | Video, num_frames: int) -> n
     return load_video(video, num_frames).frames
 
 
-def _processing(name: str, model) -> Any:
+def _processing(name: str, model, local_only: bool = True) -> Any:
     """The family's frame preprocessing, with the checkpoint's own settings where it ships them."""
     settings = family_of(model).Preprocessing
     for filename in ("video_preprocessor_config.json", "preprocessor_config.json"):
-        path = _checkpoint_file(name, filename)
+        path = _checkpoint_file(name, filename, local_only)
         if path is not None:
             return settings.from_json(path)
     return settings.for_config(model.config)
 
 
-def _checkpoint_file(name: str, filename: str) -> str | None:
-    """A file of a local checkpoint folder or of a cached Hub checkpoint; None where it has none."""
+def _checkpoint_file(name: str, filename: str, local_only: bool = True) -> str | None:
+    """A file of a local checkpoint folder or of a Hub checkpoint (cached, or downloaded unless
+    `local_only`); None where it has none. The model and tokenizer loaders never fetch these files."""
     from huggingface_hub import hf_hub_download
 
-    local = os.path.join(name, filename)
+    if os.path.isdir(name):
+        path = os.path.join(name, filename)
+        return path if os.path.isfile(path) else None
     try:
-        return local if os.path.isfile(local) else hf_hub_download(name, filename, local_files_only=True)
+        return hf_hub_download(name, filename, local_files_only=local_only)
     except Exception:  # not in this checkpoint, or not cached
         return None
 

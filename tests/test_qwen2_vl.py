@@ -4,7 +4,7 @@ deepstack features) against the stock models and a slow masked reference."""
 import numpy as np
 import pytest
 import torch
-from helpers import greedy
+from helpers import QWEN_PATCHIFY, greedy
 from reference import patched_kept, slow_logits, stage2_reference, stock_positions
 
 import prunevid
@@ -13,15 +13,7 @@ from prunevid.models.qwen2_vl import VideoPatchify, build_batch, build_inputs
 from prunevid.testing import tiny_qwen_vl, tiny_tokenizer
 
 # Frames sized to 8 x 8 patches, 4 x 4 tokens per time step: 112 px for 14 px patches, 128 for 16.
-SMALL = VideoPatchify(min_pixels=112 * 112, max_pixels=112 * 112)
-SMALL_QWEN3 = VideoPatchify(
-    min_pixels=16 * 128 * 128,
-    max_pixels=16 * 128 * 128,
-    patch=16,
-    mean=(0.5,) * 3,
-    std=(0.5,) * 3,
-    video_budget=True,
-)
+SMALL, SMALL_QWEN3 = QWEN_PATCHIFY["qwen2_5_vl"], QWEN_PATCHIFY["qwen3_vl"]
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,10 @@
 """The LLaVA-OneVision patch against the stock model and a slow masked reference (tiny random models)."""
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 from helpers import greedy
 from reference import patched_kept, slow_logits, stage2_reference
-from transformers import TextIteratorStreamer
 
 import prunevid
 from prunevid import PruneVidConfig
@@ -192,26 +189,6 @@ def test_batch_with_padding_equals_each_prompt_alone(model, tokenizer):
         for a, b in zip(together.logits, alone.logits):
             torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=0)
         assert traces[row].num_after_stage2 == prunevid.last_trace(model).num_after_stage2
-
-
-def test_streaming_and_max_new_tokens(model, tokenizer, inputs):
-    prunevid.patch(model, PruneVidConfig(selected_layer=1))
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    out = {}
-
-    def run():
-        with torch.no_grad():
-            out["ids"] = model.generate(
-                **inputs, max_new_tokens=7, min_new_tokens=7, do_sample=False, streamer=streamer
-            )
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    streamed = "".join(streamer)
-    thread.join()
-    new = out["ids"][0, inputs["input_ids"].shape[1] :]
-    assert len(new) == 7
-    assert streamed.split() == tokenizer.decode(new, skip_special_tokens=True).split()
 
 
 def test_defaults_keep_at_most_a_fifth_of_visual_tokens(model, inputs):

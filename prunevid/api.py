@@ -8,7 +8,7 @@ import torch
 
 from .baselines import Method, get_method
 from .config import PruneVidConfig
-from .models.base import patch_inner, restore_class
+from .models.base import guard_generate, patch_inner, restore_class
 from .trace import PruningTrace
 
 
@@ -51,12 +51,14 @@ def patch(
         config = config.replace(retention=retention)
     method = get_method(method)
     patch_inner(model.model, pruned, method.configure(config), method, layers)
+    guard_generate(model)
     return model
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     family_of(model)  # the same error as patch for a model of another kind
     restore_class(model.model)
+    restore_class(model)
     return model
 
 

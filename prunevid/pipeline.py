@@ -7,6 +7,7 @@ result.text, result.trace.num_after_stage2, result.timings["llm_prefill_s"]
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -126,6 +127,12 @@ def load_model(
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, local_files_only=offline)
         model = model.to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+        # The processor's chat template (legacy chat_template.json) knows the video item; the
+        # tokenizer's own may be the language model's text-only one.
+        template = _checkpoint_file(name, "chat_template.json", local_only=offline)
+        if template is not None:
+            with open(template) as f:
+                tokenizer.chat_template = json.load(f)["chat_template"]
     except Exception as error:  # OSError, hub errors, bad configs: all mean "no usable checkpoint here"
         raise ModelLoadError(
             f"Could not load the model '{name}' ({type(error).__name__}): its weights are neither cached nor "
@@ -133,7 +140,7 @@ def load_model(
             "holding the checkpoint."
         ) from error
     family_of(model)  # an unsupported architecture fails here, with the supported list
-    return LoadedModel(name, model, tokenizer, _processing(name, model))
+    return LoadedModel(name, model, tokenizer, _processing(name, model, local_only=offline))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -234,19 +241,28 @@ def _frames(video: str | os.PathLike | np.ndarray | Video, num_frames: int) -> n
     return load_video(video, num_frames).frames
 
 
-def _processing(name: str, model) -> Any:
+def _processing(name: str, model, local_only: bool = True) -> Any:
     """The family's frame preprocessing, with the checkpoint's own settings where it ships them."""
-    from huggingface_hub import hf_hub_download
-
     settings = family_of(model).Preprocessing
     for filename in ("video_preprocessor_config.json", "preprocessor_config.json"):
-        local = os.path.join(name, filename)
-        try:
-            path = local if os.path.isfile(local) else hf_hub_download(name, filename, local_files_only=True)
-        except Exception:  # not in this checkpoint (or not cached): try the next, then the defaults
-            continue
-        return settings.from_json(path)
+        path = _checkpoint_file(name, filename, local_only)
+        if path is not None:
+            return settings.from_json(path)
     return settings.for_config(model.config)
+
+
+def _checkpoint_file(name: str, filename: str, local_only: bool = True) -> str | None:
+    """A file of a local checkpoint folder or of a Hub checkpoint (cached, or downloaded unless
+    `local_only`); None where it has none. The model and tokenizer loaders never fetch these files."""
+    from huggingface_hub import hf_hub_download
+
+    if os.path.isdir(name):
+        path = os.path.join(name, filename)
+        return path if os.path.isfile(path) else None
+    try:
+        return hf_hub_download(name, filename, local_files_only=local_only)
+    except Exception:  # not in this checkpoint, or not cached
+        return None
 
 
 class _FirstTokenClock:

@@ -1,16 +1,14 @@
 """The LLaVA-OneVision patch against the stock model and a slow masked reference (tiny random models)."""
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 from helpers import greedy
-from transformers import TextIteratorStreamer
+from reference import patched_kept, slow_logits, stage2_reference
 
 import prunevid
-from prunevid import PruneVidConfig, merge_tokens
-from prunevid.models.llava_onevision import build_batch, build_inputs, pooled_grid
+from prunevid import PruneVidConfig
+from prunevid.models.llava_onevision import build_batch, build_inputs
 from prunevid.testing import tiny_model, tiny_tokenizer
 
 LAYERS = 4
@@ -66,11 +64,13 @@ def test_stages_off_equal_stock_logits_and_tokens(model, inputs):
 
 def test_unpatch_restores_stock(model, inputs):
     stock = greedy(model, inputs, steps=6)
-    stock_class = type(model.model)
+    stock_class, stock_inner = type(model), type(model.model)
     prunevid.patch(model, PruneVidConfig(selected_layer=1))
+    assert type(model).__name__ == stock_class.__name__, "a saved config keeps its architecture name"
     pruned = greedy(model, inputs, steps=6)
     prunevid.unpatch(model)
-    assert type(model.model) is stock_class and not hasattr(model.model, "_prunevid")
+    assert type(model) is stock_class and type(model.model) is stock_inner
+    assert not hasattr(model.model, "_prunevid") and not hasattr(model, "_prunevid_stock_class")
     restored = greedy(model, inputs, steps=6)
     assert torch.equal(restored.sequences, stock.sequences)
     assert not all(torch.equal(a, b) for a, b in zip(pruned.logits, stock.logits)), "pruning changed nothing"
@@ -93,66 +93,22 @@ def test_sampling_with_stages_off_matches_stock_sampling(model, inputs):
 # ---------------------------------------------------------------- fast path == slow masked path
 
 
-def slow_reference(model, inputs, config, new_tokens):
-    """Logits of each generated step from a full recomputation without a KV cache: every
-    token stays in the sequence and pruned visual tokens are only masked out as keys, in
-    layers after `selected_layer` and, for generated tokens, in every layer."""
-    inner = model.model
-    lm = inner.language_model
-    ids = inputs["input_ids"][0]
-    with torch.no_grad():
-        features = inner.get_video_features(inputs["pixel_values_videos"], return_dict=True).pooler_output[0]
-        grid = pooled_grid(model.config)
-        merge = merge_tokens(features[:-1].view(-1, grid[0] * grid[1], features.shape[-1]), config, grid)
-        trace = prunevid.last_trace(model)
-        kept_merged = torch.zeros(merge.num_tokens, dtype=torch.bool)
-        kept_merged[torch.from_numpy(trace.merged_index[trace.kept])] = True
-
-        where = (ids == model.config.video_token_id).nonzero().squeeze(1)
-        start, end = int(where[0]), int(where[-1]) + 1
-        embed = lm.embed_tokens
-        prompt = torch.cat([embed(ids[:start]), merge.tokens, features[-1:], embed(ids[end:])])
-        keep = torch.cat(
-            [
-                torch.ones(start, dtype=torch.bool),
-                kept_merged,
-                torch.ones(1 + len(ids) - end, dtype=torch.bool),
-            ]
-        )
-        n_prompt = len(prompt)
-
-        logits = []
-        for step in range(len(new_tokens)):
-            hidden = torch.cat([prompt, embed(new_tokens[:step])])[None]
-            n = hidden.shape[1]
-            positions = torch.arange(n)[None]
-            causal = torch.ones(n, n, dtype=torch.bool).tril()
-            key_kept = torch.cat([keep, torch.ones(step, dtype=torch.bool)])
-            late = causal & key_kept
-            early = causal.clone()
-            early[n_prompt:] &= key_kept
-            if not config.stage2:
-                late = early = causal
-            rotary = lm.rotary_emb(hidden, positions)
-            for i, layer in enumerate(lm.layers):
-                mask = (early if i <= config.selected_layer else late)[None, None]
-                hidden = layer(
-                    hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions
-                )
-            logits.append(model.lm_head(lm.norm(hidden))[0, -1])
-    return logits
-
-
 @pytest.mark.parametrize("stage1", [False, True])
 @pytest.mark.parametrize("selected_layer", [0, 1, LAYERS - 1])
 def test_fast_path_equals_slow_masked_path(model, inputs, stage1, selected_layer):
+    """Stage 2 keeps exactly the tokens the independent reference (tests/reference.py, from the
+    stock model) keeps, with the same scores; and the pruned fast path's logits equal the slow
+    masked recomputation with that independent kept set, for 5 generated steps."""
     config = PruneVidConfig(stage1=stage1, selected_layer=selected_layer)
+    scores, kept, prompt = stage2_reference(model, inputs, config)
     prunevid.patch(model, config)
     fast = greedy(model, inputs, steps=5)
-    trace = prunevid.last_trace(model)
-    assert trace.num_after_stage2 < trace.num_after_stage1
+    patched, patched_scores = patched_kept(prunevid.last_trace(model))
+    assert 0 < int(kept.sum()) < len(kept)
+    assert torch.equal(patched, kept), "stage 2 keeps what the reference from the stock model keeps"
+    torch.testing.assert_close(patched_scores, scores, atol=1e-6, rtol=1e-5)
     new_tokens = fast.sequences[0, inputs["input_ids"].shape[1] :]
-    slow = slow_reference(model, inputs, config, new_tokens)
+    slow = slow_logits(model, prompt, config, kept, new_tokens)
     for step, (f, s) in enumerate(zip(fast.logits, slow)):
         torch.testing.assert_close(f[0], s, atol=1e-4, rtol=0, msg=f"step {step}")
 
@@ -235,37 +191,23 @@ def test_batch_with_padding_equals_each_prompt_alone(model, tokenizer):
         assert traces[row].num_after_stage2 == prunevid.last_trace(model).num_after_stage2
 
 
-def test_streaming_and_max_new_tokens(model, tokenizer, inputs):
-    prunevid.patch(model, PruneVidConfig(selected_layer=1))
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    out = {}
-
-    def run():
-        with torch.no_grad():
-            out["ids"] = model.generate(
-                **inputs, max_new_tokens=7, min_new_tokens=7, do_sample=False, streamer=streamer
-            )
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    streamed = "".join(streamer)
-    thread.join()
-    new = out["ids"][0, inputs["input_ids"].shape[1] :]
-    assert len(new) == 7
-    assert streamed.split() == tokenizer.decode(new, skip_special_tokens=True).split()
-
-
 def test_defaults_keep_at_most_a_fifth_of_visual_tokens(model, inputs):
     prunevid.patch(model, PruneVidConfig(selected_layer=1))  # the paper's defaults, layer scaled to 4
+    seen = []
+    hook = model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, args: seen.append(args[0])
+    )
     with torch.no_grad():
-        model(**inputs)
+        out = model(**inputs)
+    hook.remove()
     trace = prunevid.last_trace(model)
     assert trace.num_visual_tokens == 16 * 49
     assert trace.num_after_stage2 / trace.num_visual_tokens <= 0.20
-    # The counts add up: every original token maps to one merged token, kept or not.
-    assert len(np.unique(trace.merged_index)) == trace.num_after_stage1
-    kept_merged = np.unique(trace.merged_index[trace.kept])
-    assert not np.isin(kept_merged, np.unique(trace.merged_index[~trace.kept])).any()
+    # The trace's counts are what the language model really ran on: layer 0 saw the text, the
+    # stage-1 tokens and the newline; the cache of every layer holds only the stage-2 survivors.
+    text = inputs["input_ids"].shape[1] - (16 * 49 + 1)
+    assert seen[0].shape[1] == text + trace.num_after_stage1 + 1
+    assert {layer.keys.shape[2] for layer in out.cache.layers} == {text + trace.num_after_stage2 + 1}
     assert prunevid.PruningTrace.from_json(trace.to_json()).summary() == trace.summary()
 
 

@@ -9,6 +9,8 @@ Two kinds of test:
   no working torchvision): `FrameProcessing` against transformers' `LlavaOnevisionVideoProcessor`
   with the llava-hf/llava-onevision-qwen2-*-ov-hf settings, and `build_inputs` against
   `LlavaOnevisionProcessor`. docs/processing_check.md says how to make such an environment.
+
+What runs everywhere against the processors' own outputs is tests/test_processor_fixtures.py.
 """
 
 from __future__ import annotations

@@ -4,23 +4,16 @@ deepstack features) against the stock models and a slow masked reference."""
 import numpy as np
 import pytest
 import torch
-from helpers import greedy
+from helpers import QWEN_PATCHIFY, greedy
+from reference import patched_kept, slow_logits, stage2_reference, stock_positions
 
 import prunevid
-from prunevid import PruneVidConfig, merge_tokens
-from prunevid.models.qwen2_vl import VideoPatchify, build_inputs
+from prunevid import PruneVidConfig
+from prunevid.models.qwen2_vl import VideoPatchify, build_batch, build_inputs
 from prunevid.testing import tiny_qwen_vl, tiny_tokenizer
 
 # Frames sized to 8 x 8 patches, 4 x 4 tokens per time step: 112 px for 14 px patches, 128 for 16.
-SMALL = VideoPatchify(min_pixels=112 * 112, max_pixels=112 * 112)
-SMALL_QWEN3 = VideoPatchify(
-    min_pixels=16 * 128 * 128,
-    max_pixels=16 * 128 * 128,
-    patch=16,
-    mean=(0.5,) * 3,
-    std=(0.5,) * 3,
-    video_budget=True,
-)
+SMALL, SMALL_QWEN3 = QWEN_PATCHIFY["qwen2_5_vl"], QWEN_PATCHIFY["qwen3_vl"]
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +42,6 @@ def inputs_for(model, tokenizer, seed=0):
     )
 
 
-def stock_positions(model, inputs):
-    """get_rope_index on the unpruned prompt: (3, L)."""
-    timing = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}
-    positions, _ = model.model.get_rope_index(
-        inputs["input_ids"], inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"], **timing
-    )
-    return positions[:, 0]
-
-
 def test_stages_off_equal_stock_and_unpatch_restores(model, tokenizer):
     inputs = inputs_for(model, tokenizer)
     with torch.no_grad():
@@ -73,86 +57,51 @@ def test_stages_off_equal_stock_and_unpatch_restores(model, tokenizer):
     assert torch.equal(greedy(model, inputs, steps=8).sequences, stock.sequences)
 
 
-def slow_reference(model, inputs, config, new_tokens):
-    """Full recomputation without a cache: the stage-1 prompt with every token, 3-D positions
-    from get_rope_index on the unpruned prompt (merged tokens: their first member's), pruned
-    tokens masked out as keys after `selected_layer` and for every generated token. Qwen3-VL:
-    each merged token sits in the frame run of its first member, and the deepstack features,
-    averaged over each merged token's members, are added after their layers."""
-    inner, lm = model.model, model.model.language_model
-    ids = inputs["input_ids"][0]
-    positions = stock_positions(model, inputs)
-    is_video = ids == model.config.video_token_id
-    t, h, w = (int(v) for v in inputs["video_grid_thw"][0])
-    grid = (h // 2, w // 2)
-    per_frame = grid[0] * grid[1]
-    with torch.no_grad():
-        encoded = inner.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
-        features = encoded.pooler_output[0]
-        merge = merge_tokens(features.view(t, per_frame, -1), config, grid)
-        assignment = merge.assignment.flatten()
-        first_member = [int((assignment == m).nonzero()[0]) for m in range(merge.num_tokens)]
-        members = torch.nn.functional.one_hot(assignment, merge.num_tokens).T.float()  # (M, T * N)
-        deepstack = [layer[0] for layer in getattr(encoded, "deepstack_features", None) or []]
-        deepstack = [members @ x / members.sum(1, keepdim=True) for x in deepstack]
-        trace = prunevid.last_trace(model)
-        kept = torch.zeros(merge.num_tokens, dtype=torch.bool)
-        kept[torch.from_numpy(trace.merged_index[trace.kept])] = True
-
-        # Walk the prompt: text stays, each run of video placeholders takes its merged tokens.
-        runs = torch.diff(torch.nn.functional.pad(is_video.long(), (1, 1))).nonzero().squeeze(1).view(-1, 2)
-        run_of = [0 if len(runs) == 1 else first_member[m] // per_frame for m in range(merge.num_tokens)]
-        video_positions = positions[:, is_video]
-        embed = lm.embed_tokens
-        pieces, piece_positions, keep, visual_slots, visual_order, cursor = [], [], [], [], [], 0
-        for r, (start, end) in enumerate(runs.tolist()):
-            mine = [m for m in range(merge.num_tokens) if run_of[m] == r]
-            pieces += [embed(ids[cursor:start]), merge.tokens[mine]]
-            piece_positions += [
-                positions[:, cursor:start],
-                video_positions[:, [first_member[m] for m in mine]],
-            ]
-            keep += [True] * (start - cursor) + [bool(kept[m]) for m in mine]
-            offset = sum(len(p) for p in pieces) - len(mine)
-            visual_slots += list(range(offset, offset + len(mine)))
-            visual_order += mine
-            cursor = end
-        pieces.append(embed(ids[cursor:]))
-        piece_positions.append(positions[:, cursor:])
-        keep = torch.tensor(keep + [True] * (len(ids) - cursor))
-        prompt, prompt_positions = torch.cat(pieces), torch.cat(piece_positions, dim=1)
-
-        logits = []
-        for step in range(len(new_tokens)):
-            hidden = torch.cat([prompt, embed(new_tokens[:step])])[None]
-            n, n_prompt = hidden.shape[1], len(prompt)
-            generated = positions[:, -1:] + 1 + torch.arange(step)
-            pos = torch.cat([prompt_positions, generated], dim=1)[:, None]  # (3, 1, n)
-            causal = torch.ones(n, n, dtype=torch.bool).tril()
-            key_kept = torch.cat([keep, torch.ones(step, dtype=torch.bool)])
-            late, early = causal & key_kept, causal.clone()
-            early[n_prompt:] &= key_kept
-            rotary = lm.rotary_emb(hidden, pos)
-            for i, layer in enumerate(lm.layers):
-                mask = (early if i <= config.selected_layer else late)[None, None]
-                hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary)
-                if i < len(deepstack):
-                    hidden[0, visual_slots] += deepstack[i][visual_order]
-            logits.append(model.lm_head(lm.norm(hidden))[0, -1])
-    return logits
-
-
 @pytest.mark.parametrize("stage1", [False, True])
 @pytest.mark.parametrize("selected_layer", [0, 3])
 def test_fast_path_equals_slow_masked_path(model, tokenizer, stage1, selected_layer):
+    """Stage 2 keeps what the independent reference from the stock model keeps (Qwen3-VL: with
+    its q_norm / k_norm and deepstack features), and the fast path's logits equal the slow
+    masked recomputation with that kept set (tests/reference.py)."""
     inputs = inputs_for(model, tokenizer)
     config = PruneVidConfig(stage1=stage1, selected_layer=selected_layer)
+    scores, kept, prompt = stage2_reference(model, inputs, config)
     prunevid.patch(model, config)
     fast = greedy(model, inputs, steps=5)
-    assert prunevid.last_trace(model).num_after_stage2 < prunevid.last_trace(model).num_after_stage1
-    slow = slow_reference(model, inputs, config, fast.sequences[0, inputs["input_ids"].shape[1] :])
+    patched, patched_scores = patched_kept(prunevid.last_trace(model))
+    assert 0 < int(kept.sum()) < len(kept)
+    assert torch.equal(patched, kept), "stage 2 keeps what the reference from the stock model keeps"
+    torch.testing.assert_close(patched_scores, scores, atol=1e-6, rtol=1e-5)
+    slow = slow_logits(model, prompt, config, kept, fast.sequences[0, inputs["input_ids"].shape[1] :])
     for step, (f, s) in enumerate(zip(fast.logits, slow)):
         torch.testing.assert_close(f[0], s, atol=1e-4, rtol=0, msg=f"step {step}")
+
+
+def test_batch_with_padding_equals_each_prompt_alone(model, tokenizer):
+    """Two videos of different lengths and sizes and two questions of different lengths, in one
+    left-padded batch, both stages on: each row's logits and greedy tokens equal the prompt alone."""
+    qwen3 = model.config.model_type == "qwen3_vl"
+    patchify = (
+        VideoPatchify(min_pixels=4 * 64 * 64, max_pixels=8 * 128 * 128, patch=16, video_budget=True)
+        if qwen3
+        else VideoPatchify(min_pixels=56 * 56, max_pixels=112 * 140)
+    )
+    videos = [scene(1, frames=16, size=112), scene(2, frames=8, size=140)]
+    questions = ["what colour is the object ?", "is the object moving left or right or up or down ?"]
+    prunevid.patch(model, PruneVidConfig(selected_layer=1))
+    batch = build_batch(tokenizer, model.config, videos, questions, patchify, seconds_per_frame=0.5)
+    assert (batch["attention_mask"] == 0).any(), "the test needs padding"
+    assert batch["video_grid_thw"][0].tolist() != batch["video_grid_thw"][1].tolist()
+    together = greedy(model, batch, steps=6)
+    traces = prunevid.last_traces(model)
+    n = batch["input_ids"].shape[1]
+    for row, (video, question) in enumerate(zip(videos, questions)):
+        alone = greedy(model, build_inputs(tokenizer, model.config, video, question, patchify, 0.5), steps=6)
+        assert together.sequences[row, n:].tolist() == alone.sequences[0, -6:].tolist()
+        for a, b in zip(together.logits, alone.logits):
+            torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=0)
+        assert traces[row].num_after_stage2 < traces[row].num_after_stage1
+        assert np.array_equal(traces[row].kept, prunevid.last_trace(model).kept)
 
 
 def rotary_positions(model, inputs, steps=3):

@@ -12,6 +12,8 @@ Two kinds of test:
   defaults, with and without `cap_pixels_per_frame`, the cap's rule with a small
   `max_video_tokens`, and `build_inputs` against `Qwen2_5_VLProcessor` / `Qwen2VLProcessor`.
   docs/processing_check.md gives the numbers and how to make such an environment.
+
+What runs everywhere against the processors' own outputs is tests/test_processor_fixtures.py.
 """
 
 from __future__ import annotations

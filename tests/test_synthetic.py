@@ -1,6 +1,10 @@
+import argparse
+
 import numpy as np
 import pytest
 
+from prunevid import accuracy
+from prunevid.bench import accuracy as bench_accuracy
 from prunevid.synthetic import (
     ANSWERS,
     FAMILIES,
@@ -74,8 +78,14 @@ def test_cell_labels_mark_the_objects():
     assert (labels["colour"] == 0).any()
 
 
-def test_training_seeds_are_reserved():
-    assert TRAIN_SEED_START == 1_000_000_000
+def test_evaluation_refuses_training_seeds():
+    """Held-out accuracy never scores a video the tiny model may have been trained on."""
+    parser = argparse.ArgumentParser()
+    bench_accuracy.add_arguments(parser)
+    args = parser.parse_args(["--seed-start", str(TRAIN_SEED_START - 10), "--num-videos", "11"])
+    with pytest.raises(ValueError, match=f"evaluation seeds must stay below {TRAIN_SEED_START}"):
+        bench_accuracy.run(args)
+    assert accuracy.CALIBRATION_SEED >= TRAIN_SEED_START, "the preset is calibrated on training seeds"
 
 
 @pytest.mark.parametrize("bad", [dict(num_frames=2), dict(size=16)])

@@ -125,14 +125,16 @@ def test_write_video_rejects_bad_frames(tmp_path: Path) -> None:
         write_video(tmp_path / "x.mp4", np.zeros((2, 8, 8, 3), np.uint8), 0)
 
 
-def test_pyav_fallback_matches_decord(video_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    expected = load_video(video_path, num_frames=6)
+def test_pyav_fallback_decodes_the_written_frames(video_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without decord, PyAV returns the frames that were written, at the sampled indices: H.264
+    (crf 23) on the smooth gradient is ~1.4 levels off on average, a neighbouring frame ~4."""
     monkeypatch.setitem(sys.modules, "decord", None)  # makes `import decord` raise ImportError
-    fallback = load_video(video_path, num_frames=6)
-    assert fallback.frames.shape == expected.frames.shape
-    assert np.abs(fallback.frames.astype(int) - expected.frames).mean() < 2
-    np.testing.assert_allclose(fallback.timestamps, expected.timestamps, atol=1e-3)
-    assert fallback.fps == pytest.approx(expected.fps)
+    video = load_video(video_path, num_frames=6)
+    indices = sample_indices(T, 6)
+    error = np.abs(video.frames.astype(int) - pattern()[indices])
+    assert error.mean() < 2.5 and error.max() <= 16
+    np.testing.assert_allclose(video.timestamps, indices / FPS, atol=1e-3)
+    assert video.fps == pytest.approx(FPS)
 
 
 # --- bad inputs -----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..baselines import METHODS, Method
 from ..cluster import cluster_means
@@ -130,11 +130,42 @@ def _mixed(pruned: type, stock: type) -> type:
     return type(f"PruneVid{stock.__name__}", (pruned, stock), {})
 
 
-def restore_class(inner: torch.nn.Module) -> None:
-    stock = getattr(inner, "_prunevid_stock_class", None)
+class GenerateGuard:
+    """Mixed into the outer model by `patch`: `generate(use_cache=False)` would run a full
+    prefill at every step, pruning the video again with the tokens generated so far counted as
+    question, and so silently decode differently from the cached path; it fails instead."""
+
+    def generate(self, *args, **kwargs):
+        settings = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("use_cache", settings.use_cache) is False:
+            raise ValueError(
+                "PruneVid needs generate() with use_cache=True: it prunes the KV cache once, and "
+                "without a cache every step would prune the video again with the generated tokens as question."
+            )
+        return super().generate(*args, **kwargs)
+
+
+def guard_generate(model: torch.nn.Module) -> None:
+    """Mix `GenerateGuard` into `model`'s class, under the stock class's name (a saved config
+    keeps its architecture); `restore_class` undoes it."""
+    if isinstance(model, GenerateGuard):
+        return
+    model._prunevid_stock_class = stock = type(model)
+    model.__class__ = _guarded(stock)
+
+
+@functools.cache
+def _guarded(stock: type) -> type:
+    return type(stock.__name__, (GenerateGuard, stock), {"__module__": stock.__module__})
+
+
+def restore_class(module: torch.nn.Module) -> None:
+    stock = getattr(module, "_prunevid_stock_class", None)
     if stock is not None:
-        inner.__class__ = stock
-        del inner._prunevid, inner._prunevid_stock_class
+        module.__class__ = stock
+        del module._prunevid_stock_class
+        if "_prunevid" in module.__dict__:
+            del module._prunevid
 
 
 def video_prefill(
@@ -158,6 +189,7 @@ def video_prefill(
     states (B, P, C) of the kept tokens and the cache.
     """
     config = runtime.config
+    check_cache(cache)
     if mask is None:
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
     rows, spans, merges, stage1_s = [], [], [], []
@@ -225,6 +257,36 @@ def video_prefill(
             )
         )
     return hidden, cache
+
+
+def check_cache(cache) -> None:
+    """Stage 2 crops the cache in place and decoding reads it through a 2-D mask: only a
+    DynamicCache of full-attention layers can do that (a StaticCache, e.g. from
+    `generate(cache_implementation="static")`, gets a 4-D mask and fixed slots)."""
+    if cache is not None and not all(type(layer) is DynamicLayer for layer in cache.layers):
+        kinds = sorted({type(layer).__name__ for layer in cache.layers})
+        raise ValueError(
+            f"PruneVid needs a DynamicCache of full-attention layers, not a {type(cache).__name__} "
+            f"({', '.join(kinds)}): leave generate()'s cache_implementation unset."
+        )
+
+
+def chat_prompt(tokenizer, question: str, video: str, fallback: str) -> str:
+    """The user turn (one video, then `question`) and the assistant's tag, as text.
+
+    In the checkpoint's own chat template when the tokenizer carries one that renders the
+    video item as `video` exactly once; otherwise (no template, or a text-only one, as the
+    language model's tokenizer often carries) in our built-in `fallback` format.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # a text-only template that cannot render a list of content items
+            text = ""
+        if isinstance(text, str) and text.count(video) == 1:
+            return text
+    return fallback.format(question=question)
 
 
 def resize_uint8(frames: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

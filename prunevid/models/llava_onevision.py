@@ -24,12 +24,14 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 from .base import (
     Runtime,
     VideoGrid,
+    chat_prompt,
     normalize,
     resize_uint8,
     video_prefill,
 )
 
-# The chat format of the llava-hf LLaVA-OneVision checkpoints (their processor's template).
+# The chat format of the llava-hf LLaVA-OneVision checkpoints (their processor's template): the
+# fallback for a tokenizer without a chat template of its own.
 PROMPT = "<|im_start|>user <video>\n{question}<|im_end|><|im_start|>assistant\n"
 
 
@@ -170,19 +172,22 @@ def build_batch(
 ) -> dict[str, torch.Tensor]:
     """A left-padded batch of (video, question) prompts; all videos need the same frame count and size."""
     processing = processing or FrameProcessing.for_config(config)
-    video_token = tokenizer.convert_ids_to_tokens(config.video_token_id)
-    prompts = [
-        PROMPT.format(question=q).replace("<video>", video_token * tokens_per_video(config, len(v)))
-        for v, q in zip(videos, questions)
-    ]
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    prompts = [video_prompt(tokenizer, config, len(v), q) for v, q in zip(videos, questions)]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     pixels = torch.stack([processing(v) for v in videos])
     return {
         "input_ids": encoded["input_ids"],
         "attention_mask": encoded["attention_mask"],
         "pixel_values_videos": pixels,
     }
+
+
+def video_prompt(tokenizer, config, num_frames: int, question: str) -> str:
+    """The prompt text for a video of `num_frames` frames and a question: the tokenizer's chat
+    template (else `PROMPT`), its one video token expanded to the video's placeholders."""
+    video_token = tokenizer.convert_ids_to_tokens(config.video_token_id)
+    prompt = chat_prompt(tokenizer, question, video_token, PROMPT.replace("<video>", video_token))
+    return prompt.replace(video_token, video_token * tokens_per_video(config, num_frames))
 
 
 Preprocessing = FrameProcessing

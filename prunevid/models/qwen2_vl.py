@@ -22,17 +22,20 @@ from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast
 from .base import (
     Runtime,
     VideoGrid,
+    chat_prompt,
     normalize,
     resize_uint8,
     runs_of,
     video_prefill,
 )
 
-# Qwen-VL chat format for one video and a question (Qwen3-VL: the video part is one run per frame).
+# Qwen-VL chat format for one video and a question (Qwen2-VL / Qwen2.5-VL template): the
+# fallback for a tokenizer without a chat template of its own.
 PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
     "<|vision_start|><|video_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
 )
+VIDEO_SLOT = "<|vision_start|><|video_pad|><|vision_end|>"  # what the chat templates write for a video
 VIDEO_MODALITY = 2  # mm_token_type_ids: text 0, image 1, video 2
 
 
@@ -202,6 +205,7 @@ class VideoPatchify:
             mean=tuple(data.get("image_mean", cls.mean)),
             std=tuple(data.get("image_std", cls.std)),
             rescale=data.get("rescale_factor", cls.rescale),
+            video_budget=data.get("video_processor_type") == "Qwen3VLVideoProcessor",
         )
 
     def target_size(self, height: int, width: int, num_frames: int = 1) -> tuple[int, int]:
@@ -253,36 +257,68 @@ def build_inputs(
     between sampled frames) second_per_grid_ts, which spaces the temporal positions as its
     processor does (Qwen3-VL: the timestamps written before each frame). Without it the model
     assumes one second per temporal patch."""
+    return build_batch(tokenizer, config, [frames], [question], patchify, seconds_per_frame)
+
+
+def build_batch(
+    tokenizer,
+    config,
+    videos: list[np.ndarray],
+    questions: list[str],
+    patchify: VideoPatchify | None = None,
+    seconds_per_frame: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """A left-padded batch of (video, question) prompts, laid out as the processor lays out a
+    batch: every video's patches concatenated in `pixel_values_videos`, one `video_grid_thw`
+    row each. Videos may differ in frame count and size."""
     patchify = patchify or VideoPatchify.for_config(config)
-    pixels, thw = patchify(frames)
-    merge = config.vision_config.spatial_merge_size
-    video_token = tokenizer.convert_ids_to_tokens(config.video_token_id)
-    prompt = PROMPT.format(question=question)
-    if config.model_type == "qwen3_vl":
-        # One run per temporal patch, each after its timestamp (its frames' mean time), as
-        # Qwen3-VL's processor lays the video out.
-        seconds = seconds_per_frame or 1.0
-        per_step = int(thw[1:].prod()) // merge**2
-        video = "".join(
-            f"<{(patchify.temporal_patch * t + (patchify.temporal_patch - 1) / 2) * seconds:.1f} seconds>"
-            f"<|vision_start|>{video_token * per_step}<|vision_end|>"
-            for t in range(int(thw[0]))
-        )
-        prompt = prompt.replace("<|vision_start|><|video_pad|><|vision_end|>", video)
-    else:
-        prompt = prompt.replace("<|video_pad|>", video_token * (int(thw.prod()) // merge**2))
-    encoded = tokenizer([prompt], return_tensors="pt")
+    patched = [patchify(frames) for frames in videos]
+    prompts = [
+        video_prompt(tokenizer, config, thw, question, seconds_per_frame, patchify.temporal_patch)
+        for (_, thw), question in zip(patched, questions)
+    ]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     ids = encoded["input_ids"]
     inputs = {
         "input_ids": ids,
         "attention_mask": encoded["attention_mask"],
         "mm_token_type_ids": (ids == config.video_token_id).long() * VIDEO_MODALITY,
-        "pixel_values_videos": pixels,
-        "video_grid_thw": thw[None],
+        "pixel_values_videos": torch.cat([pixels for pixels, _ in patched]),
+        "video_grid_thw": torch.stack([thw for _, thw in patched]),
     }
     if seconds_per_frame is not None and config.model_type == "qwen2_5_vl":
-        inputs["second_per_grid_ts"] = torch.tensor([patchify.temporal_patch * seconds_per_frame])
+        inputs["second_per_grid_ts"] = torch.full((len(videos),), patchify.temporal_patch * seconds_per_frame)
     return inputs
+
+
+def video_prompt(
+    tokenizer,
+    config,
+    grid_thw: torch.Tensor,
+    question: str,
+    seconds_per_frame: float | None = None,
+    temporal_patch: int = 2,
+) -> str:
+    """The prompt text for one video of patch grid (t, h, w) and a question: the tokenizer's
+    chat template (else `PROMPT`) with its video slot expanded to t * h * w / merge^2
+    placeholders; Qwen3-VL: one run per temporal patch, each after its timestamp (its frames'
+    mean time), replacing the whole slot as Qwen3-VL's own processor did (transformers 5 keeps
+    the slot's outer start/end tokens around the runs; docs/processing_check.md)."""
+    merge = config.vision_config.spatial_merge_size
+    video_token = tokenizer.convert_ids_to_tokens(config.video_token_id)
+    prompt = chat_prompt(tokenizer, question, VIDEO_SLOT, PROMPT)
+    t, h, w = (int(v) for v in grid_thw)
+    per_step = h * w // merge**2
+    if config.model_type == "qwen3_vl":
+        seconds = seconds_per_frame or 1.0
+        video = "".join(
+            f"<{(temporal_patch * i + (temporal_patch - 1) / 2) * seconds:.1f} seconds>"
+            f"<|vision_start|>{video_token * per_step}<|vision_end|>"
+            for i in range(t)
+        )
+    else:
+        video = f"<|vision_start|>{video_token * (t * per_step)}<|vision_end|>"
+    return prompt.replace(VIDEO_SLOT, video)
 
 
 Preprocessing = VideoPatchify

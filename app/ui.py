@@ -243,6 +243,8 @@ class App:
         except Exception as error:
             log.exception("drawing failed")
             raise fail(RuntimeError(engine.describe_failure(error, "drawing the pictures"))) from None
+        finally:
+            engine.release_memory()  # the full-size frames of this answer are gone: return their pages
 
     def render(self, outcome: engine.Outcome, layer_names: list[str]) -> tuple:
         trace, video = outcome.trace, outcome.video
@@ -462,6 +464,7 @@ def launch(
     """Build the page and serve it (blocks unless prevent_thread_lock=True); uploads larger than
     PRUNEVID_MAX_UPLOAD_MB are refused by Gradio before they reach the server's disk."""
     max_bytes = int(engine.Limits.from_env().max_upload_mb * 2**20)
+    engine.bound_heap()
     demo = build_demo()
     demo.launch(
         server_name=server_name,

@@ -88,7 +88,9 @@ def test_missing_model_is_one_sentence():
         load_model("/nonexistent/prunevid-model")
     message = str(error.value)
     assert error.value.kind == "missing"
-    assert message.startswith("The model `/nonexistent/prunevid-model` is neither cached nor downloadable here")
+    assert message.startswith(
+        "The model `/nonexistent/prunevid-model` is neither cached nor downloadable here"
+    )
     assert "\n" not in message and message.count(". ") == 0 and message.endswith(".")
 
 

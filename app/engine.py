@@ -453,8 +453,15 @@ class ScratchFolders:
         return len(self._folders)
 
 
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes (the upload's name changes every time; its content does not)."""
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (the upload's name changes every time; its content does not),
+    computed once per file version (the wait estimate and the question both ask)."""
+    stat = os.stat(path)
+    return _digest(os.fspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

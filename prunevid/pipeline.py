@@ -8,6 +8,7 @@ result.text, result.trace.num_after_stage2, result.timings["llm_prefill_s"]
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import socket
 import time
@@ -37,6 +38,7 @@ MODELS = [
 MAX_QUESTION_CHARS = 2000
 TRANSFORMERS_SUPPORTED = ("5.24", "6")  # [low, high): the 5.x API this code is written against
 GIB = 2**30
+log = logging.getLogger(__name__)
 
 # Per-model defaults: thresholds such as tau depend on how alike a model's visual tokens are.
 PRESETS: dict[str, PruneVidConfig] = {
@@ -164,14 +166,29 @@ def _load_checkpoint(name: str, dtype: str | torch.dtype, device: str, offline: 
 
     check_transformers()
     config = AutoConfig.from_pretrained(name, local_files_only=offline)
-    with torch.device("meta"):  # the architecture without memory: which class, how many weights
-        skeleton = AutoModelForImageTextToText.from_config(config)
-    family_of(skeleton)
-    check_fits(name, sum(p.numel() for p in skeleton.parameters()), dtype, device)
+    skeleton = _skeleton(AutoModelForImageTextToText, config)
+    if skeleton is not None:
+        family_of(skeleton)
+        check_fits(name, sum(p.numel() for p in skeleton.parameters()), dtype, device)
     model = AutoModelForImageTextToText.from_pretrained(
         name, config=config, dtype=dtype, local_files_only=offline
     )
     return model.to(device).eval()
+
+
+def _skeleton(auto_class: Any, config: Any) -> torch.nn.Module | None:
+    """The model's architecture on PyTorch's meta device (no memory): its class and its number of
+    weights. A config no image-text-to-text class takes raises (ValueError); if the skeleton
+    cannot be built for another reason (a torch that intercepts devices, as ZeroGPU's does), the
+    checks it serves are skipped and the load itself decides."""
+    try:
+        with torch.device("meta"):
+            return auto_class.from_config(config)
+    except ValueError:
+        raise
+    except Exception as error:
+        log.warning("skipped the architecture and memory checks (%s: %s)", type(error).__name__, error)
+        return None
 
 
 def check_transformers() -> None:

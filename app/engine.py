@@ -124,7 +124,8 @@ class Limits:
             except ValueError:
                 value = None
             if value is None or not value > 0:
-                raise ValueError(f"{variable} must be a {kind.__name__} above 0, got {text!r}")
+                number = "a whole number" if kind is int else "a number"
+                raise ValueError(f"{variable} must be {number} above 0, got {text!r}")
             values[name] = value
         return cls(**values)
 

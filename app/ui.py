@@ -233,6 +233,8 @@ class App:
             )  # fmt: skip
         except (ValueError, ModelLoadError) as error:  # VideoError is a ValueError
             raise fail(error) from None
+        except gr.Error:  # already a message for the page (e.g. ZeroGPU's quota notices)
+            raise
         except Exception as error:  # keep serving; say what broke in one line
             log.exception("answer failed")
             raise fail(RuntimeError(engine.describe_failure(error, "answering"))) from None

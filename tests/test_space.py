@@ -264,7 +264,7 @@ def test_limits_come_from_the_environment_and_bad_values_are_one_sentence(monkey
     assert (limits.max_models, limits.max_upload_mb, limits.max_video_minutes) == (2, 50.0, 10.0)
     assert App("tiny").registry.max_real == 2
     monkeypatch.setenv("PRUNEVID_MAX_MODELS", "many")
-    with pytest.raises(ValueError, match=r"^PRUNEVID_MAX_MODELS must be a int above 0, got 'many'$"):
+    with pytest.raises(ValueError, match=r"^PRUNEVID_MAX_MODELS must be a whole number above 0, got 'many'$"):
         engine.Limits.from_env()
 
 

@@ -112,7 +112,12 @@ def test_on_zero_gpu_each_answer_runs_through_spaces_gpu_and_still_answers_on_cp
     monkeypatch.setattr(engine, "zero_gpu", lambda: True)
     app = App("tiny-trained")
     assert app.registry.speeds == {}, "no warm-up in ZeroGPU's main process (CUDA lives in the worker)"
-    first = ask(app, "tiny-trained", EXAMPLE, progress=Recorder())
+    page = app.build()
+    event = next(function.fn for function in page.fns.values() if function.api_name == "answer")
+    config = app.preset("tiny-trained")
+    knobs = [getattr(config, name) for name in KNOBS]
+    settings = ["tiny-trained", config.stage1, config.stage2, *knobs, 8, ["clusters"]]
+    first = event(str(EXAMPLE), QUESTION, False, *settings, progress=Recorder())  # the page's Answer button
     again = ask(app, "tiny-trained", EXAMPLE, question="What colour appears first ?")
     assert first[0] == again[0] == "orange"
     assert len(calls) == 2, "every answer's model work went through the decorated function"

@@ -86,13 +86,15 @@ def inline_html(text: str) -> str:
     return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text, quote=False))
 
 
-def banner_markdown(model: str, failure: str | None = None) -> str:
-    """The status banner: why a fallback happened (one sentence) and what an offline model can do."""
+def banner_markdown(model: str, failure: str | None = None, hardware: str | None = None) -> str:
+    """The status banner: why a fallback happened (one sentence), what an offline model can do,
+    and what this server's hardware means for the settings."""
     parts = []
     if failure:
         parts.append(f'<div class="warning">⚠️ {inline_html(failure)}</div>')
-    if model in engine.MODEL_NOTES:
-        parts.append(f'<div class="note">ℹ️ {engine.MODEL_NOTES[model]}</div>')
+    for note in (engine.MODEL_NOTES.get(model), hardware):
+        if note:
+            parts.append(f'<div class="note">ℹ️ {inline_html(note)}</div>')
     return "\n\n".join(parts)
 
 
@@ -128,6 +130,18 @@ def fail(error: BaseException) -> gr.Error:
     return gr.Error(html.escape(readable(error), quote=False), duration=None, print_exception=False)
 
 
+class Report:
+    """The engine's progress callback, (fraction, text), in front of a gr.Progress; picklable,
+    since on ZeroGPU the model work runs in another process."""
+
+    def __init__(self, progress: Any = None):
+        self.progress = progress
+
+    def __call__(self, fraction: float, text: str) -> None:
+        if self.progress is not None:
+            self.progress(fraction, desc=text)
+
+
 @dataclasses.dataclass
 class Shown:
     """What the pictures are drawn from (kept per browser session so layer toggles redraw fast)."""
@@ -153,11 +167,16 @@ def side_by_side(frame: np.ndarray, overlay: np.ndarray, gap: int = 6) -> np.nda
 
 
 class App:
-    """The page's long-lived state: loaded models, the feature cache, the startup model."""
+    """The page's long-lived state: loaded models (and their caches), limits, the startup model."""
 
     def __init__(self, model: str | None = None, registry: engine.ModelRegistry | None = None):
-        self.registry = registry or engine.ModelRegistry()
-        self.cache = engine.FeatureCache()
+        self.limits = engine.Limits.from_env()
+        self.registry = registry or engine.ModelRegistry(
+            max_real=self.limits.max_models, warm=not engine.zero_gpu(), gpu_max_s=self.limits.gpu_max_s
+        )
+        # One answer's model work; on ZeroGPU it runs on a GPU reserved for its estimated duration.
+        self.work = engine.on_gpu(self.registry.work, self.registry.gpu_seconds)
+        self.scratch = engine.ScratchFolders()
         wanted = model or engine.startup_model()
         self.failure: str | None = None
         try:
@@ -165,7 +184,7 @@ class App:
             self.model = wanted
         except ModelLoadError as error:
             log.warning("%s", error)
-            self.failure = str(error)
+            self.failure = engine.fallback_message(error, "the offline tiny demo model")
             self.model = engine.OFFLINE_MODEL
             self.registry.get(engine.OFFLINE_MODEL)
         self.choices = list(engine.MODEL_CHOICES)
@@ -175,8 +194,16 @@ class App:
             self.choices.insert(0, wanted)
 
     def preset(self, model: str) -> PruneVidConfig:
-        """The model's preset, with selected_layer scaled to its depth where needed."""
-        return preset(model, self.registry.get(model).num_layers)
+        """The settings the page shows for a model: its preset (selected_layer scaled to its
+        depth), with fewer frames where a real model runs on CPUs."""
+        config = preset(model, self.registry.get(model).num_layers)
+        return engine.page_config(model, config)
+
+    def banner(self, model: str, failure: str | None = None) -> str:
+        hardware = engine.hardware_note(
+            model, preset(model, self.registry.get(model).num_layers), self.registry
+        )
+        return banner_markdown(model, failure, hardware)
 
     # ---- events -------------------------------------------------------------------------
 
@@ -193,37 +220,50 @@ class App:
         layer_names: list[str],
         progress: Any = None,
     ) -> tuple:
-        """The answer event: validate, run (pruned, maybe unpruned), draw. Errors become one message."""
-        report = (lambda f, text: progress(f, desc=text)) if progress is not None else (lambda f, text: None)
+        """The answer event: validate, announce a long wait, run (pruned, maybe unpruned), draw.
+        Every failure becomes one message."""
+        report = Report(progress)
         try:
             if not video:
                 raise ValueError("No video: upload one or pick an example.")
             check_question(question)
             config = engine.make_config(stage1, stage2, **knobs)
             new_tokens = engine.check_new_tokens(max_new_tokens)
-            loaded = self.registry.get(model)
+            self.registry.get(model)
+            wait = engine.estimate_wait(self.registry, model, video, config, bool(compare), new_tokens)
+            if wait is not None and wait > engine.LONG_WAIT_S:
+                gr.Info(engine.wait_message(wait, config.num_frames), duration=min(wait, 30))
             outcome = engine.run_question(
-                loaded, self.cache, video, question, config, bool(compare), new_tokens, report
-            )
+                self.registry, model, video, question, config, bool(compare), new_tokens, report,
+                self.limits, self.work,
+            )  # fmt: skip
         except (ValueError, ModelLoadError) as error:  # VideoError is a ValueError
             raise fail(error) from None
+        except gr.Error:  # already a message for the page (e.g. ZeroGPU's quota notices)
+            raise
         except Exception as error:  # keep serving; say what broke in one line
             log.exception("answer failed")
-            raise fail(RuntimeError(f"Something went wrong ({type(error).__name__}: {error})")) from None
+            raise fail(RuntimeError(engine.describe_failure(error, "answering"))) from None
 
         report(0.9, "Drawing the pruning pictures")
-        return self.render(outcome, layer_names)
+        try:
+            return self.render(outcome, layer_names)
+        except Exception as error:
+            log.exception("drawing failed")
+            raise fail(RuntimeError(engine.describe_failure(error, "drawing the pictures"))) from None
+        finally:
+            engine.release_memory()  # the full-size frames of this answer are gone: return their pages
 
     def render(self, outcome: engine.Outcome, layer_names: list[str]) -> tuple:
         trace, video = outcome.trace, outcome.video
-        frames = engine.display_frames(video.frames)
+        frames = video.frames  # already at display size
         captions = [
             f"#{t} · {video.timestamps[t]:.1f}s · seg {int(trace.segment[t])}"
             for t in range(trace.num_frames)
         ]
         shown = Shown(frames, trace, captions)
         gallery = draw_gallery(shown, layer_names)
-        folder = Path(tempfile.mkdtemp(prefix="prunevid_"))
+        folder = self.scratch.new()
         trace_path = folder / "prunevid_trace.json"
         trace.to_json(str(trace_path))
         sheet_path = folder / "prunevid_contact_sheet.png"
@@ -267,21 +307,23 @@ class App:
         """A model picked in the dropdown: load it and show its preset, or say why not (one sentence)."""
         try:
             self.registry.get(model)
-        except ModelLoadError:
+        except ModelLoadError as error:
             instead = "the offline tiny demo model" if active == engine.OFFLINE_MODEL else f"`{active}`"
-            message = engine.unavailable_message(model, instead)
-            return [active, banner_markdown(active, message), active, *[gr.skip()] * (2 + len(KNOBS))]
-        return [model, banner_markdown(model), model, *knob_values(self.preset(model))]
+            message = engine.fallback_message(error, instead)
+            return [active, self.banner(active, message), active, *[gr.skip()] * (2 + len(KNOBS))]
+        return [model, self.banner(model), model, *knob_values(self.preset(model))]
 
     # ---- layout -------------------------------------------------------------------------
 
     def build(self) -> gr.Blocks:
         config = self.preset(self.model)
-        with gr.Blocks(title="PruneVid", delete_cache=(3600, 3600)) as demo:
+        ttl = self.limits.file_ttl_s
+        # Uploads and returned files older than the TTL are deleted, checked every ttl / 4 (<= 5 min).
+        with gr.Blocks(title="PruneVid", delete_cache=(max(1, min(ttl // 4, 300)), ttl)) as demo:
             gr.Markdown(INTRO)
-            banner = gr.Markdown(banner_markdown(self.model, self.failure), elem_id="prunevid-banner")
+            banner = gr.Markdown(self.banner(self.model, self.failure), elem_id="prunevid-banner")
             active = gr.State(self.model)
-            shown = gr.State(None)
+            shown = gr.State(None, time_to_live=ttl)  # display-size frames of a session's last answer
             with gr.Row(equal_height=False):
                 with gr.Column(scale=4, min_width=320):
                     video = gr.Video(label="Video", sources=["upload"], height=300)
@@ -427,7 +469,17 @@ def build_demo(model: str | None = None) -> gr.Blocks:
 def launch(
     server_name: str | None = None, server_port: int | None = None, share: bool = False, **kwargs: Any
 ) -> gr.Blocks:
-    """Build the page and serve it (blocks unless prevent_thread_lock=True)."""
+    """Build the page and serve it (blocks unless prevent_thread_lock=True); uploads larger than
+    PRUNEVID_MAX_UPLOAD_MB are refused by Gradio before they reach the server's disk."""
+    max_bytes = int(engine.Limits.from_env().max_upload_mb * 2**20)
+    engine.bound_heap()
     demo = build_demo()
-    demo.launch(server_name=server_name, server_port=server_port, share=share, css=CSS, **kwargs)
+    demo.launch(
+        server_name=server_name,
+        server_port=server_port,
+        share=share,
+        css=CSS,
+        max_file_size=kwargs.pop("max_file_size", max_bytes),
+        **kwargs,
+    )
     return demo

@@ -7,10 +7,13 @@ result.text, result.trace.num_after_stage2, result.timings["llm_prefill_s"]
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import os
 import socket
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +37,9 @@ MODELS = [
     "Qwen/Qwen2.5-VL-7B-Instruct",
 ]
 MAX_QUESTION_CHARS = 2000
+TRANSFORMERS_SUPPORTED = ("5.24", "6")  # [low, high): the 5.x API this code is written against
+GIB = 2**30
+log = logging.getLogger(__name__)
 
 # Per-model defaults: thresholds such as tau depend on how alike a model's visual tokens are.
 PRESETS: dict[str, PruneVidConfig] = {
@@ -52,7 +58,16 @@ def _tiny_models() -> dict[str, Any]:
 
 
 class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message is one sentence saying what to do."""
+    """A model could not be loaded; the message is one sentence saying what happened and what to do.
+
+    kind: "missing" (not cached, no network or no such model), "memory", "version" (the installed
+    transformers cannot load it), "architecture" (not a family PruneVid patches), "corrupt" (the
+    checkpoint's files are damaged or incomplete) or "other".
+    """
+
+    def __init__(self, message: str, kind: str = "other"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -102,7 +117,13 @@ def preset(name: str, num_layers: int | None = None) -> PruneVidConfig:
 def load_model(
     name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str | None = None
 ) -> LoadedModel:
-    """Load a LLaVA-OneVision checkpoint (Hub id or local folder) or an offline tiny model ("tiny-trained", "tiny", "tiny-qwen")."""
+    """Load a checkpoint PruneVid patches (Hub id or local folder) or an offline tiny model
+    ("tiny-trained", "tiny", "tiny-qwen"): bf16 on a GPU, fp32 on the CPU unless `dtype` says.
+
+    Every failure is a `ModelLoadError` whose `kind` and one-sentence message tell apart a model
+    that is not cached (or no network), too little memory, an incompatible transformers, an
+    unsupported architecture and a corrupt checkpoint; a failed load leaves nothing in memory.
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -118,14 +139,14 @@ def load_model(
         model = _tiny_models()[name](tokenizer=tokenizer).to(device)
         return LoadedModel(name, model, tokenizer, _processing(name, model))
 
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
-
     # Cached or local first; only then the network, and not at all when the Hub is unreachable
     # (its client would retry for half a minute before failing).
+    from transformers import AutoTokenizer
+
     offline = not os.path.isdir(name) and not _hub_reachable()
+    model = None
     try:
-        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, local_files_only=offline)
-        model = model.to(device).eval()
+        model = _load_checkpoint(name, dtype, device, offline)
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
         # The processor's chat template (legacy chat_template.json) knows the video item; the
         # tokenizer's own may be the language model's text-only one.
@@ -133,14 +154,222 @@ def load_model(
         if template is not None:
             with open(template) as f:
                 tokenizer.chat_template = json.load(f)["chat_template"]
-    except Exception as error:  # OSError, hub errors, bad configs: all mean "no usable checkpoint here"
+        return LoadedModel(name, model, tokenizer, _processing(name, model, local_only=offline))
+    except Exception as error:
+        # A failed load keeps nothing: drop our reference and the frames of the loading code
+        # (a traceback would otherwise hold the half-built model for as long as the error lives).
+        model = None
+        failure = load_failure(name, error, offline)
+        traceback.clear_frames(error.__traceback__)
+        _free_memory()
+        raise failure from error
+
+
+def _load_checkpoint(name: str, dtype: str | torch.dtype, device: str, offline: bool) -> torch.nn.Module:
+    """The model of a Hub id or local folder, on `device`, after checking (from its config alone,
+    before any weight is read) that this transformers can build it, that PruneVid patches it
+    and that it fits in memory."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    check_transformers()
+    config = AutoConfig.from_pretrained(name, local_files_only=offline)
+    skeleton = _skeleton(AutoModelForImageTextToText, config)
+    if skeleton is not None:
+        family_of(skeleton)
+        check_fits(name, sum(p.numel() for p in skeleton.parameters()), dtype, device)
+    model = AutoModelForImageTextToText.from_pretrained(
+        name, config=config, dtype=dtype, local_files_only=offline
+    )
+    return model.to(device).eval()
+
+
+def _skeleton(auto_class: Any, config: Any) -> torch.nn.Module | None:
+    """The model's architecture on PyTorch's meta device (no memory): its class and its number of
+    weights. A config no image-text-to-text class takes raises (ValueError); if the skeleton
+    cannot be built for another reason (a torch that intercepts devices, as ZeroGPU's does), the
+    checks it serves are skipped and the load itself decides."""
+    try:
+        with torch.device("meta"):
+            return auto_class.from_config(config)
+    except ValueError:
+        raise
+    except Exception as error:
+        log.warning("skipped the architecture and memory checks (%s: %s)", type(error).__name__, error)
+        return None
+
+
+def check_transformers() -> None:
+    """The installed transformers must be the 5.x this code is written against (5.24 API)."""
+    import transformers
+    from packaging.version import Version
+
+    low, high = TRANSFORMERS_SUPPORTED
+    installed = Version(transformers.__version__)
+    if not Version(low) <= installed < Version(high):
+        raise _VersionError(f"transformers {transformers.__version__} is installed")
+
+
+def check_fits(name: str, num_parameters: int, dtype: str | torch.dtype, device: str) -> None:
+    """Refuse, before reading any weight, a model whose weights alone exceed the memory available
+    (a process that overshoots is killed by the kernel, with no message at all)."""
+    if isinstance(dtype, str):
+        dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
+    needed = num_parameters * dtype.itemsize
+    available = available_memory(device)
+    if available is not None and needed > available:
+        where = "GPU memory" if device.startswith("cuda") else "memory"
         raise ModelLoadError(
-            f"Could not load the model '{name}' ({type(error).__name__}): its weights are neither cached nor "
-            "downloadable here, so download them where there is network or pass --model a local folder "
-            "holding the checkpoint."
-        ) from error
-    family_of(model)  # an unsupported architecture fails here, with the supported list
-    return LoadedModel(name, model, tokenizer, _processing(name, model, local_only=offline))
+            f"The model `{name}` needs about {needed / GIB:.1f} GiB for its weights in "
+            f"{str(dtype).removeprefix('torch.')} but only {available / GIB:.1f} GiB of {where} is free "
+            "here: pick a smaller model, free memory, or run on a machine with more memory.",
+            "memory",
+        )
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes free for new weights on `device` (None when unknown): CUDA's free memory, or the
+    system's available memory capped by this process's cgroup limit (containers, Spaces)."""
+    if device.startswith("cuda"):
+        try:
+            return torch.cuda.mem_get_info(torch.device(device))[0]
+        except Exception:  # ZeroGPU's main process has no real device: the scheduler checks instead
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        free = info["MemAvailable"]
+    except (OSError, KeyError, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+class _VersionError(RuntimeError):
+    """The installed transformers is outside the supported range."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation failure (CUDA or CPU)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "defaultcpuallocator" in text
+
+
+def load_failure(name: str, error: BaseException, offline: bool) -> ModelLoadError:
+    """One sentence for a failed load, by what went wrong, with what to do."""
+    import transformers
+
+    if isinstance(error, ModelLoadError):
+        return error
+    text = " ".join(str(error).split())
+    installed = transformers.__version__
+    wanted = f"transformers>={TRANSFORMERS_SUPPORTED[0]},<{TRANSFORMERS_SUPPORTED[1]}"
+    if is_out_of_memory(error):
+        return ModelLoadError(
+            f"Loading `{name}` ran out of memory: pick a smaller model, free memory (other models or "
+            "programs), or run on a machine with more memory.",
+            "memory",
+        )
+    if isinstance(error, _VersionError) or "does not recognize this architecture" in text:
+        needs = _checkpoint_field(name, "transformers_version")
+        if isinstance(error, _VersionError) or (needs and _newer(needs, installed)):
+            made = f" (the checkpoint was saved with {needs})" if needs else ""
+            return ModelLoadError(
+                f"The installed transformers {installed} cannot load `{name}`{made}: install {wanted} "
+                f'(`pip install "{wanted}"`), the versions PruneVid is written for.',
+                "version",
+            )
+    if (
+        "does not recognize this architecture" in text
+        or "Unrecognized configuration class" in text
+        or (isinstance(error, TypeError) and "PruneVid has no adapter" in text)
+    ):
+        kind = _checkpoint_field(name, "model_type")
+        what = f"a `{kind}` model" if kind else "of an architecture"
+        return ModelLoadError(
+            f"The model `{name}` is {what} which PruneVid does not patch: use a "
+            f"LLaVA-OneVision or Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint.",
+            "architecture",
+        )
+    if (
+        type(error).__name__ in ("SafetensorError", "JSONDecodeError", "UnpicklingError", "HeaderTooLarge")
+        or isinstance(error, EOFError)
+        or any(
+            clue in text
+            for clue in ("not a valid JSON", "no file named", "size mismatch", "ignore_mismatched_sizes")
+        )
+    ):
+        again = (
+            "replace the folder with a complete copy"
+            if os.path.isdir(name)
+            else f"remove it with `hf cache rm model/{name}` and download it again"
+        )
+        return ModelLoadError(
+            f"The checkpoint of `{name}` is corrupt or incomplete ({_short(error)}): {again}.", "corrupt"
+        )
+    if isinstance(error, (ImportError, AttributeError, TypeError)):
+        return ModelLoadError(
+            f"The installed transformers {installed} failed while building `{name}` ({_short(error)}): "
+            f"install {wanted}, the versions PruneVid is written for.",
+            "version",
+        )
+    if isinstance(error, OSError):
+        why = "the Hugging Face Hub is unreachable" if offline else _short(error)
+        return ModelLoadError(
+            f"The model `{name}` is neither cached nor downloadable here ({why}): download it once "
+            "with network access or give a local checkpoint folder instead (PRUNEVID_MODEL for the app, "
+            "--model on the command line).",
+            "missing",
+        )
+    return ModelLoadError(f"Could not load the model `{name}` ({_short(error)}).")
+
+
+def _short(error: BaseException, limit: int = 160) -> str:
+    """`Type: message` on one line, cut to `limit` characters (no sentence breaks inside)."""
+    text = " ".join(str(error).split()).replace(". ", "; ").rstrip(".")
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _checkpoint_field(name: str, key: str) -> str | None:
+    """A field of the checkpoint's config.json as stored (even when transformers cannot read it)."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = os.path.join(name, "config.json")
+        if not os.path.isfile(path):
+            path = hf_hub_download(name, "config.json", local_files_only=True)
+        with open(path) as f:
+            value = json.load(f).get(key)
+    except Exception:  # no readable config: the caller says what it can without it
+        return None
+    return str(value) if value else None
+
+
+def _newer(version: str, than: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version) > Version(than)
+    except InvalidVersion:
+        return False
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

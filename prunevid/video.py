@@ -48,19 +48,47 @@ def _check_file(path: str) -> None:
         raise VideoError(f"video file is empty (0 bytes): {path}")
 
 
-def _probe(path: str) -> None:
-    """Reject files FFmpeg cannot open, files without a video stream, and absurd sizes, before decoding."""
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video's container says about it, read without decoding a frame (0: not stated)."""
+
+    width: int
+    height: int
+    frames: int
+    duration: float  # seconds
+
+
+def probe(path: str | os.PathLike) -> VideoInfo:
+    """Read a video's size, frame count and duration from its container, without decoding.
+
+    Rejects (VideoError) missing, empty and corrupt files, files without a video stream and
+    absurd sizes: what a server checks before it spends time and memory on decoding.
+    """
     import av
 
+    path = os.fspath(path)
+    _check_file(path)
     try:
         with av.open(path) as container:
             if not container.streams.video:
                 raise VideoError(f"video has no frames (no video stream found): {path}")
             stream = container.streams.video[0]
             width, height, frames = stream.codec_context.width, stream.codec_context.height, stream.frames
+            duration = _duration(container, stream)
     except av.FFmpegError as e:
         raise VideoError(f"could not decode {path} as a video (corrupt or not a video file)") from e
     _check_size(path, frames, width, height)
+    return VideoInfo(width, height, frames, duration)
+
+
+def _duration(container, stream) -> float:
+    """Seconds from the stream's header, else the container's, else frames / rate (0 if unknown)."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000  # av.time_base: microseconds
+    rate = float(stream.average_rate or 0)
+    return stream.frames / rate if stream.frames and rate > 0 else 0.0
 
 
 def _check_size(path: str, frames: int, width: int, height: int) -> None:
@@ -135,8 +163,7 @@ def load_video(path: str | os.PathLike, num_frames: int = 16, max_side: int | No
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be >= 1, got {max_side}")
-    _check_file(path)
-    _probe(path)
+    probe(path)
     try:
         import decord  # noqa: F401
 

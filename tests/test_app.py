@@ -73,10 +73,14 @@ def stop_app(process: subprocess.Popen) -> None:
         process.wait()
 
 
+UPLOAD_MB, VIDEO_MINUTES = 2, 0.5  # the test server's limits (the assets are 5 s, a few KB)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("app") / "server.log"
-    process, url = start_app(log)
+    limits = {"PRUNEVID_MAX_UPLOAD_MB": str(UPLOAD_MB), "PRUNEVID_MAX_VIDEO_MINUTES": str(VIDEO_MINUTES)}
+    process, url = start_app(log, **limits)
     yield url
     stop_app(process)
 
@@ -186,6 +190,17 @@ def _truncated_mp4(folder: Path) -> Path:
     return path
 
 
+def _long_video(folder: Path) -> Path:
+    """40 s at 1 frame a second: small on disk, longer than the server's 30 s limit."""
+    import numpy as np
+
+    from prunevid.video import write_video
+
+    path = folder / "long.mp4"
+    write_video(path, np.full((40, 32, 32, 3), 90, np.uint8), fps=1.0)
+    return path
+
+
 BAD_INPUTS = {
     "text file named .mp4": (_text_file, "Why?", {}, "cannot be used as a video"),
     "empty question": (None, "   ", {}, "question is empty"),
@@ -194,6 +209,7 @@ BAD_INPUTS = {
     "alpha out of range": (None, "Why?", {"alpha": 5}, "alpha must be in"),
     "layer beyond the model": (None, "Why?", {"selected_layer": 10}, "selected_layer must be below"),
     "absurd frame count": (None, "Why?", {"num_frames": 100000}, "num_frames must be"),
+    "longer than the server accepts": (_long_video, "Why?", {}, "40 s long, more than the 30 s this server"),
 }
 
 
@@ -211,6 +227,15 @@ def test_bad_input_gives_one_readable_message_and_server_keeps_serving(client, t
     assert good[ANSWER].strip()
 
 
+def test_upload_over_the_size_limit_is_refused_in_one_sentence(server):
+    import httpx
+
+    payload = ("big.mp4", b"\0" * (UPLOAD_MB * 2**20 + 1), "video/mp4")
+    response = httpx.post(server + "gradio_api/upload", files={"files": payload}, timeout=60)
+    assert response.status_code == 413
+    assert response.text == f"File size exceeded maximum allowed size of {UPLOAD_MB * 2**20} bytes."
+
+
 def test_unavailable_model_gives_one_sentence(client):
     from prunevid.app.engine import LARGE_MODEL, cached_on_disk
 
@@ -223,7 +248,7 @@ def test_unavailable_model_gives_one_sentence(client):
 
 
 def test_startup_falls_back_to_the_trained_tiny_model_with_a_banner(monkeypatch):
-    from prunevid.app.engine import cached_on_disk, unavailable_message
+    from prunevid.app.engine import cached_on_disk
     from prunevid.app.ui import KNOBS, App, banner_markdown, inline_html
     from prunevid.pipeline import DEFAULT_MODEL, TINY_MODEL, TRAINED_TINY_MODEL, preset
 
@@ -232,13 +257,16 @@ def test_startup_falls_back_to_the_trained_tiny_model_with_a_banner(monkeypatch)
     monkeypatch.delenv("PRUNEVID_MODEL", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     app = App()
-    assert app.model == TRAINED_TINY_MODEL and app.failure == unavailable_message(DEFAULT_MODEL)
+    assert app.model == TRAINED_TINY_MODEL
+    assert app.failure.startswith(f"The model `{DEFAULT_MODEL}` is neither cached nor downloadable here")
+    assert app.failure.endswith("; meanwhile the page uses the offline tiny demo model.")
+    assert "\n" not in app.failure and app.failure.count(". ") == 0
     banner = banner_markdown(app.model, app.failure)
     assert DEFAULT_MODEL in banner and "trained only on synthetic shape videos" in banner
     # picking an unavailable model later: same sentence, the dropdown goes back, knobs untouched
     active, banner, dropdown, *_ = app.on_model(DEFAULT_MODEL, TRAINED_TINY_MODEL)
     assert active == dropdown == TRAINED_TINY_MODEL
-    assert inline_html(unavailable_message(DEFAULT_MODEL)) in banner
+    assert inline_html(app.failure) in banner
     # picking the random tiny model loads its preset into the knobs, and says what it is
     active, banner, dropdown, stage1, stage2, *knobs = app.on_model(TINY_MODEL, TRAINED_TINY_MODEL)
     assert active == dropdown == TINY_MODEL and DEFAULT_MODEL not in banner and "meaningless" in banner

@@ -102,7 +102,10 @@ def test_missing_model_is_one_sentence():
     with pytest.raises(ModelLoadError) as error:
         load_model("/nonexistent/prunevid-model")
     message = str(error.value)
-    assert "Could not load the model '/nonexistent/prunevid-model'" in message
+    assert error.value.kind == "missing"
+    assert message.startswith(
+        "The model `/nonexistent/prunevid-model` is neither cached nor downloadable here"
+    )
     assert "\n" not in message and message.count(". ") == 0 and message.endswith(".")
 
 
@@ -152,7 +155,7 @@ def test_cli_answer_prints_answer_counts_and_timings(capsys, tmp_path):
         ),
         (
             ["answer", SHAPES, "q", "--model", "/nonexistent/m"],
-            "error: Could not load the model '/nonexistent/m'",
+            "error: The model `/nonexistent/m` is neither cached nor downloadable here",
         ),
     ],
 )

@@ -93,6 +93,37 @@ ARCHS: dict[str, Arch] = {
         "LLaVA-OneVision-7B layer sizes (Qwen2-7B) with 4 of its 28 decoder layers, vocab cut to "
         "32,768; selected_layer 1 = 10 * 4 // 28 (layers 0-1 at full length, 2-3 pruned)",
     ),
+    "qwen2-7b": Arch(
+        "qwen2-7b",
+        dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+        ),
+        10,
+        "LLaVA-OneVision-7B sizes: SigLIP-so400m + Qwen2-7B (all 28 layers), vocab cut to 32,768 "
+        "(GPU runs: scripts/gpu_check.sh)",
+    ),
+    "qwen2.5-vl-7b": Arch(
+        "qwen2.5-vl-7b",
+        dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+        ),
+        10,
+        "Qwen2.5-VL-7B-Instruct sizes: its 32-block window-attention ViT + Qwen2.5-7B (28 layers, "
+        "M-RoPE), vocab cut to 32,768 (GPU runs: scripts/gpu_check.sh)",
+        "qwen2_5_vl",
+        {**QWEN25_VIT, "out_hidden_size": 3584},
+    ),
     "qwen2.5-vl-3b": Arch(
         "qwen2.5-vl-3b",
         dict(

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -41,6 +40,7 @@ from tqdm import tqdm
 
 from ..api import last_trace, patch, unpatch
 from ..config import PruneVidConfig
+from ..lru import ByteLRU, cache_bytes
 from ..pipeline import DEFAULT_MODEL, LoadedModel, encode_video, load_model, model_inputs, preset
 from ..video import load_video
 
@@ -91,8 +91,8 @@ class PruneVid(lmms):
         self.max_new_tokens = int(max_new_tokens)
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
-        self._videos: OrderedDict[tuple[str, int], tuple[np.ndarray, Any]] = OrderedDict()
-        self._video_cache = int(video_cache)
+        # The last `video_cache` videos (multiple-choice options share theirs), within PRUNEVID_CACHE_MB.
+        self._videos = ByteLRU(cache_bytes(), max_items=int(video_cache))
         self.method = str(method)
         if self.prune:
             patch(self.model, self.config, self.method)
@@ -260,15 +260,13 @@ class PruneVid(lmms):
         """The sampled frames of `video`, the vision tower's output on them, and the seconds spent
         (0 when they come from the small cache of the last videos)."""
         key = (os.fspath(video), self.config.num_frames)
-        if key in self._videos:
-            self._videos.move_to_end(key)
-            return (*self._videos[key], 0.0)
+        cached = self._videos.get(key)
+        if cached is not None:
+            return (*cached, 0.0)
         tic = time.perf_counter()
         frames = load_video(video, self.config.num_frames).frames
         features = encode_video(self.loaded, frames)
-        self._videos[key] = frames, features
-        while len(self._videos) > self._video_cache:
-            self._videos.popitem(last=False)
+        self._videos.put(key, (frames, features))
         return frames, features, time.perf_counter() - tic
 
     def trace_log(self, inputs: dict[str, torch.Tensor], **extra: Any) -> dict[str, Any]:

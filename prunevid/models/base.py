@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +19,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from ..baselines import METHODS, Method
 from ..cluster import cluster_means
 from ..config import PruneVidConfig
+from ..lru import ByteLRU, shared_cache
 from ..merge import MergeResult, merge_tokens
 from ..select import keep_counts, question_guided
 from ..trace import PruningTrace
@@ -44,14 +44,14 @@ STAGE1_FIELDS = (
 @dataclass
 class Runtime:
     """What a patched model carries: its settings and method, the decode state, the last traces
-    and a few recent stage-1 results (stage 1 does not depend on the question)."""
+    and recent stage-1 results (stage 1 does not depend on the question), in the process's
+    shared byte budget."""
 
     config: PruneVidConfig
     method: Method = METHODS["prunevid"]
     state: DecodeState | None = None
     traces: list[PruningTrace | None] | None = None
-    stage1_cache: OrderedDict = field(default_factory=OrderedDict)
-    stage1_cache_size: int = 4
+    stage1_cache: ByteLRU = field(default_factory=shared_cache)
 
     def decode_arguments(
         self, cache, num_new: int, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
@@ -73,6 +73,7 @@ class Runtime:
         # The entry holds `tokens`, so its memory cannot be reused by another tensor meanwhile;
         # `_version` changes on every in-place write, so a refilled buffer is not taken for the old one.
         key = (
+            "stage1",
             tokens.data_ptr(),
             tokens._version,
             tuple(tokens.shape),
@@ -81,13 +82,11 @@ class Runtime:
             grid,
             settings,
         )
-        if key in self.stage1_cache:
-            self.stage1_cache.move_to_end(key)
-            return self.stage1_cache[key][1], True
+        cached = self.stage1_cache.get(key)
+        if cached is not None:
+            return cached[1], True
         merge = reduce(tokens, self.config, grid)
-        self.stage1_cache[key] = (tokens, merge)
-        while len(self.stage1_cache) > self.stage1_cache_size:
-            self.stage1_cache.popitem(last=False)
+        self.stage1_cache.put(key, (tokens, merge))
         return merge, False
 
 

@@ -1,6 +1,7 @@
 """What the page does, without Gradio: pick, load and free models, cache vision features, run
-one question (pruned and optionally unpruned), estimate the wait, and describe the speed. The UI
-in `ui.py` only wires these to components.
+one question (PruneVid, and optionally the unpruned model or another method at the same token
+budget), estimate the wait, and describe the speed. The UI in `ui.py` only wires these to
+components.
 
 A public server is shared by strangers, so everything here is bounded (limits from the
 environment, `Limits`): one byte budget for decoded frames (kept at display size), vision
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from prunevid.baselines import METHODS
 from prunevid.config import PruneVidConfig
 from prunevid.flops import DecoderShape, prefill_flops
 from prunevid.lru import ByteLRU, shared_cache
@@ -81,6 +83,19 @@ DISPLAY_SIDE = 640  # overlays are drawn on frames at most this large
 CPU_FRAMES = 8  # where a real model runs on CPUs, the page starts here (its vision tower is slow)
 LONG_WAIT_S = 10.0  # a question expected to take longer is announced with its estimate
 KEPT_ANSWER_FOLDERS = 4  # output files of the last answers (Gradio copies them into its cache on return)
+UNPRUNED = "unpruned"  # compare with the stock model; any other comparison is a method of METHODS
+METHOD_LABELS = {
+    "prunevid": "PruneVid",
+    "stage1": "PruneVid stage 1 only",
+    "stage2": "PruneVid stage 2 only",
+    "fastv": "FastV-style",
+    "random": "random tokens",
+    "uniform": "uniform pooling",
+    "evs": "EVS-style",
+    "dycoke": "DyCoke-style",
+}
+# What an answer can be compared with: nothing, the unpruned model, or another method at PruneVid's budget.
+COMPARISONS = ["", UNPRUNED, *(name for name in METHODS if name != "prunevid")]
 
 Progress = Callable[[float, str], None]
 log = logging.getLogger(__name__)
@@ -257,7 +272,7 @@ class Speed:
     unpruned_per_frame: float  # decoder prefill without pruning
     per_token: float  # one generated token
 
-    def estimate(self, frames: int, new_tokens: int, compare: bool, cached: bool) -> float:
+    def estimate(self, frames: int, new_tokens: int, compare: str, cached: bool) -> float:
         """Seconds one question should take at most (every answer runs to `new_tokens`)."""
         seconds = 0.0 if cached else frames * self.vision_per_frame
         seconds += frames * self.pruned_per_frame + new_tokens * self.per_token
@@ -330,7 +345,7 @@ class ModelRegistry:
         moved in, vision tower (unless cached), prefill and every token of each run, with a
         margin, from the model's size, the frames and max_new_tokens."""
         billions = self.sizes.get(job.model, 1e9) / 1e9
-        frames, runs = job.frame_shape[0], 1 + job.compare
+        frames, runs = job.frame_shape[0], 1 + bool(job.compare)
         vision = 0.0 if job.features is not None else frames * 0.05
         prefill = runs * frames * 0.005 * billions
         tokens = runs * job.max_new_tokens * (0.01 + 0.004 * billions)
@@ -355,15 +370,31 @@ class ModelRegistry:
             features = _move(features, loaded.device)
         runs = 2 if job.compare else 1
         result = _answer_with_progress(loaded, frames, job, features, progress, 0.4, 0.5 / runs, "PruneVid")
-        baseline = None
+        other = None
         if job.compare:
-            stock = job.config.replace(stage1=False, stage2=False)
-            baseline = _answer_with_progress(
-                loaded, frames, job, features, progress, 0.65, 0.25, "unpruned", config=stock
+            config, method = comparison(job.compare, job.config, result.trace)
+            label = comparison_label(job.compare)
+            other = _answer_with_progress(
+                loaded, frames, job, features, progress, 0.65, 0.25, label, config=config, method=method
             )
         if zero_gpu():  # results cross back to the main process: no CUDA tensors
             features = _move(features, "cpu")
-        return Work(result, baseline, features, vision_s)
+        return Work(result, other, features, vision_s)
+
+
+def comparison(compare: str, config: PruneVidConfig, ours: PruningTrace) -> tuple[PruneVidConfig, str]:
+    """The settings and method of the run PruneVid is compared with: the stock model, or a method
+    of `prunevid.baselines.METHODS` at PruneVid's budget (the page's retention, or else the share
+    of the tokens PruneVid kept, which gives the method exactly PruneVid's count)."""
+    if compare == UNPRUNED:
+        return config.replace(stage1=False, stage2=False), "prunevid"
+    if compare not in METHODS:
+        raise ValueError(f"cannot compare with {compare!r}; choose one of {', '.join(COMPARISONS[1:])}")
+    return config.replace(retention=config.retention or ours.retention), compare
+
+
+def comparison_label(compare: str) -> str:
+    return "unpruned model" if compare == UNPRUNED else METHOD_LABELS.get(compare, compare)
 
 
 def warm_up(loaded: LoadedModel, num_frames: int = 2, new_tokens: int = 4) -> Speed | None:
@@ -416,7 +447,7 @@ class Job:
     question: str
     config: PruneVidConfig
     max_new_tokens: int
-    compare: bool
+    compare: str  # "" (no comparison), UNPRUNED or a method of METHODS
     frame_shape: tuple[int, int, int]  # (T, H, W)
     frames: np.ndarray | None = None  # (T, H, W, 3) sampled frames; None when features are cached
     features: Any = None
@@ -427,7 +458,7 @@ class Work:
     """What the model work returns: both answers, the features (to cache) and the tower's seconds."""
 
     result: Result
-    baseline: Result | None
+    other: Result | None
     features: Any
     vision_s: float = field(default=0.0)
 
@@ -471,9 +502,13 @@ def _digest(path: str, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
 
 
 def make_config(stage1: bool, stage2: bool, **knobs: Any) -> PruneVidConfig:
-    """A validated config from UI values; whole floats become ints (number boxes send floats)."""
+    """A validated config from UI values; whole floats become ints (number boxes send floats) and
+    a retention of 0 means none."""
     values: dict[str, Any] = {}
     for name, value in knobs.items():
+        if name == "retention" and not value:  # 0 or empty: no budget, the knobs decide the count
+            values[name] = None
+            continue
         if value is None:
             raise ValueError(f"{name} is empty: give it a value (the model's preset is a good start).")
         if isinstance(value, float) and value.is_integer() and isinstance(getattr(PruneVidConfig, name), int):
@@ -500,15 +535,16 @@ def check_layer(loaded: LoadedModel, config: PruneVidConfig) -> None:
         )
 
 
-def flops_ratio(loaded: LoadedModel, trace: PruningTrace, config: PruneVidConfig, num_prompt: int) -> float:
-    """Prefill FLOPs with PruneVid / without: stage-1 length up to the selected layer, stage-2 after.
+def flops_ratio(loaded: LoadedModel, trace: PruningTrace, num_prompt: int) -> float:
+    """Prefill FLOPs of the traced run / without pruning: the stage-1 length up to the selected
+    layer, the stage-2 length after it (the settings the run had, from its trace).
 
     num_prompt is the unpruned prompt (text and video tokens); only visual tokens are pruned.
     """
     shape = DecoderShape.from_config(loaded.model.config)
     text = num_prompt - trace.num_visual_tokens
-    after = trace.num_after_stage2 + text if config.stage2 else None
-    pruned = prefill_flops(shape, trace.num_after_stage1 + text, after, config.selected_layer)
+    after = trace.num_after_stage2 + text if trace.config.get("stage2") else None
+    pruned = prefill_flops(shape, trace.num_after_stage1 + text, after, trace.config.get("selected_layer", 0))
     return pruned / prefill_flops(shape, num_prompt)
 
 
@@ -552,33 +588,42 @@ def _answer_with_progress(
     span: float,
     label: str,
     config: PruneVidConfig | None = None,
+    method: str = "prunevid",
 ) -> Result:
     """`answer` with its phases reported to `progress` between `start` and `start + span`."""
     config = config or job.config
     phases = _Phases(progress, start, span, job.max_new_tokens, label, config.stage1)
     handle = loaded.model.get_decoder().layers[0].register_forward_pre_hook(phases)
     try:
-        return answer(loaded, frames, job.question, config, job.max_new_tokens, features, phases)
+        return answer(loaded, frames, job.question, config, job.max_new_tokens, features, phases, method)
     finally:
         handle.remove()
 
 
 @dataclass
 class Outcome:
-    """One question answered: the pruned run, the optional unpruned run, and what the speed panel shows."""
+    """One question answered: PruneVid's run, the optional run it is compared with (`compare`:
+    UNPRUNED or a method name), and what the speed panel shows."""
 
     model: str
     question: str
     video: Video
     result: Result
-    baseline: Result | None
+    other: Result | None
     cache_used: bool
     num_text_tokens: int
     flops_ratio: float
+    compare: str = ""
+    other_flops_ratio: float | None = None
 
     @property
     def trace(self) -> PruningTrace:
         return self.result.trace
+
+    @property
+    def other_trace(self) -> PruningTrace | None:
+        """The compared method's trace (None without one, or against the unpruned model)."""
+        return self.other.trace if self.other is not None and self.compare != UNPRUNED else None
 
     def stats(self) -> dict[str, Any]:
         """Plain numbers for the page's JSON panel and API clients."""
@@ -588,21 +633,37 @@ class Outcome:
             "cache_used": self.cache_used,
             "num_frames": trace.num_frames,
             "grid": list(trace.grid),
-            "num_visual_tokens": trace.num_visual_tokens,
-            "num_after_stage1": trace.num_after_stage1,
-            "num_after_stage2": trace.num_after_stage2,
-            "retention": trace.num_after_stage2 / trace.num_visual_tokens,
+            **_counts(trace),
             "num_text_tokens": self.num_text_tokens,
             "flops_ratio": self.flops_ratio,
             "num_new_tokens": self.result.num_new_tokens,
             "timings": dict(self.result.timings),
             "config": self.result.config.to_dict(),
         }
-        if self.baseline is not None:
-            out["unpruned_timings"] = dict(self.baseline.timings)
-            out["prefill_speedup"] = prefill_speedup(self.baseline, self.result)
-            out["prefill_speedup_with_stage1"] = prefill_speedup(self.baseline, self.result, with_stage1=True)
+        if self.compare == UNPRUNED:
+            out["unpruned_timings"] = dict(self.other.timings)
+            out["prefill_speedup"] = prefill_speedup(self.other, self.result)
+            out["prefill_speedup_with_stage1"] = prefill_speedup(self.other, self.result, with_stage1=True)
+        elif self.other is not None:
+            out["comparison"] = {
+                "method": self.compare,
+                "answer": self.other.text,
+                **_counts(self.other.trace),
+                "flops_ratio": self.other_flops_ratio,
+                "timings": dict(self.other.timings),
+            }
         return out
+
+
+def _counts(trace: PruningTrace) -> dict[str, Any]:
+    return {
+        "num_visual_tokens": trace.num_visual_tokens,
+        "num_after_stage1": trace.num_after_stage1,
+        "num_after_stage2": trace.num_after_stage2,
+        "retention": trace.retention,
+        "retention_target": trace.config.get("retention"),
+        "retention_layer_averaged": trace.layer_retention,
+    }
 
 
 def prefill_speedup(baseline: Result, pruned: Result, with_stage1: bool = False) -> float:
@@ -617,7 +678,7 @@ def run_question(
     path: str,
     question: str,
     config: PruneVidConfig,
-    compare: bool = False,
+    compare: str = "",
     max_new_tokens: int = 64,
     progress: Progress = _no_progress,
     limits: Limits | None = None,
@@ -625,8 +686,11 @@ def run_question(
 ) -> Outcome:
     """Check and decode the video (or reuse its cached features), run the model work (`work`:
     `registry.work`, or its `spaces.GPU` wrapper on ZeroGPU), and keep what a follow-up question
-    reuses: display-size frames and features, in the shared byte budget."""
+    reuses: display-size frames and features, in the shared byte budget. `compare`: "" (nothing),
+    UNPRUNED or a method of `prunevid.baselines.METHODS`, run at PruneVid's budget."""
     question = check_question(question)
+    if compare not in COMPARISONS:
+        raise ValueError(f"cannot compare with {compare!r}; choose one of {', '.join(COMPARISONS[1:])}")
     loaded = registry.get(model)
     check_layer(loaded, config)
     progress(0.0, f"Decode: checking the video and sampling {config.num_frames} frames")
@@ -653,12 +717,18 @@ def run_question(
     result.timings["vision_s"] = done.vision_s
     result.timings["total_s"] += decode_s + done.vision_s
     num_text = result.num_prompt_tokens - result.trace.num_visual_tokens
-    ratio = flops_ratio(loaded, result.trace, config, result.num_prompt_tokens)
-    return Outcome(model, question, encoded.video, result, done.baseline, job.frames is None, num_text, ratio)
+    ratio = flops_ratio(loaded, result.trace, result.num_prompt_tokens)
+    other_ratio = (
+        None if done.other is None else flops_ratio(loaded, done.other.trace, result.num_prompt_tokens)
+    )
+    cached = job.frames is None
+    return Outcome(
+        model, question, encoded.video, result, done.other, cached, num_text, ratio, compare, other_ratio
+    )
 
 
 def estimate_wait(
-    registry: ModelRegistry, model: str, path: str, config: PruneVidConfig, compare: bool, max_new_tokens: int
+    registry: ModelRegistry, model: str, path: str, config: PruneVidConfig, compare: str, max_new_tokens: int
 ) -> float | None:
     """Seconds the question should take at most on this machine (None when the model's speed was
     not measured, e.g. on ZeroGPU, where the GPU makes waits short)."""
@@ -737,10 +807,10 @@ def speed_markdown(outcome: Outcome) -> str:
         f"{_seconds(timings.get('stage2_s', 0.0))}) + stage 1 {_seconds(timings.get('stage1_s', 0.0))} |",
         f"| Prefill FLOPs vs unpruned | **{outcome.flops_ratio:.2f}x** ({1 / outcome.flops_ratio:.1f}x fewer) |",
     ]
-    if outcome.baseline is not None:
-        base = outcome.baseline.timings["llm_prefill_s"]
-        speedup = prefill_speedup(outcome.baseline, outcome.result)
-        overall = prefill_speedup(outcome.baseline, outcome.result, with_stage1=True)
+    if outcome.compare == UNPRUNED:
+        base = outcome.other.timings["llm_prefill_s"]
+        speedup = prefill_speedup(outcome.other, outcome.result)
+        overall = prefill_speedup(outcome.other, outcome.result, with_stage1=True)
         lines.append(
             f"| LLM prefill (unpruned) | {_seconds(base)}: measured speedup **{speedup:.1f}x** "
             f"({overall:.1f}x counting stage 1) |"
@@ -750,6 +820,17 @@ def speed_markdown(outcome: Outcome) -> str:
                 "| Note | the tiny model is so small that fixed per-call costs dominate its times; "
                 "the FLOPs ratio is what carries over to real models |"
             )
+    other = outcome.other_trace
+    if other is not None:  # a method at the same budget
+        label, theirs = comparison_label(outcome.compare), outcome.other.timings
+        o1, o2 = other.num_after_stage1, other.num_after_stage2
+        lines += [
+            f"| Visual tokens ({label}) | **{total}** → before the LLM: **{o1}** ({100 * o1 / total:.0f}%) → "
+            f"after layer {other.config.get('selected_layer', 0)}: **{o2}** ({100 * o2 / total:.0f}%) |",
+            f"| LLM prefill ({label}) | {_seconds(theirs['llm_prefill_s'])} in the decoder + "
+            f"{_seconds(theirs.get('stage1_s', 0.0))} before it; FLOPs **{outcome.other_flops_ratio:.2f}x** "
+            "of unpruned |",
+        ]
     if outcome.cache_used:
         vision = "skipped: **cache used** (same video, model and frame count as an earlier question)"
     else:

@@ -64,10 +64,17 @@ LAYER_CHOICES = [
     ("Cluster outlines", "outlines"),
 ]
 DEFAULT_LAYERS = ["clusters", "static", "pruned", "outlines"]
+COMPARE_CHOICES = [
+    ("nothing", ""),
+    ("the unpruned model (measures the speedup)", engine.UNPRUNED),
+    *((f"{engine.METHOD_LABELS[name]}, same budget", name) for name in engine.COMPARISONS[2:]),
+]
+BUDGET_HELP = "share of the visual tokens kept, exactly (0: PruneVid's settings decide)"
 LEGEND = (
     "Each sampled frame as the model saw it: every stage-1 merged token is filled with its mean colour "
     "and outlined in white, static tokens (merged over time) are hatched in cyan, tokens dropped by "
-    "stage 2 are darkened; the heatmap shows the stage-2 attention from the question."
+    "stage 2 are darkened; the heatmap shows the stage-2 attention from the question. A compared "
+    "method is drawn the same way: the tokens it drops, before or inside the language model, are darkened."
 )
 INTRO = (
     "# PruneVid: fewer visual tokens, same answer\n"
@@ -160,6 +167,26 @@ def draw_gallery(shown: Shown, layer_names: list[str]) -> list[tuple[np.ndarray,
     return list(zip(images, shown.captions))
 
 
+def captions(trace: Any, timestamps: np.ndarray) -> list[str]:
+    return [f"#{t} · {timestamps[t]:.1f}s · seg {int(trace.segment[t])}" for t in range(trace.num_frames)]
+
+
+def other_gallery(shown: Shown | None, layer_names: list[str]) -> list[tuple[np.ndarray, str]]:
+    """The compared method's pictures: the same frames in the same colours (none without one)."""
+    return [] if shown is None else draw_gallery(shown, layer_names)
+
+
+def comparison_components(compare: str | None) -> tuple[Any, Any]:
+    """The compared answer's box and pictures, labelled for the method picked (the pictures only
+    for a method: the unpruned model keeps every token)."""
+    label = engine.comparison_label(compare) if compare else "compared run"
+    method = bool(compare) and compare != engine.UNPRUNED
+    return (
+        gr.Textbox(label=f"Answer ({label})"),
+        gr.Gallery(label=f"Tokens per sampled frame: {label}, same budget", visible=method),
+    )
+
+
 def side_by_side(frame: np.ndarray, overlay: np.ndarray, gap: int = 6) -> np.ndarray:
     height = frame.shape[0]
     spacer = np.full((height, gap, 3), 255, dtype=np.uint8)
@@ -211,7 +238,7 @@ class App:
         self,
         video: str | None,
         question: str,
-        compare: bool,
+        compare: str | None,
         model: str,
         stage1: bool,
         stage2: bool,
@@ -220,9 +247,11 @@ class App:
         layer_names: list[str],
         progress: Any = None,
     ) -> tuple:
-        """The answer event: validate, announce a long wait, run (pruned, maybe unpruned), draw.
-        Every failure becomes one message."""
+        """The answer event: validate, announce a long wait, run (PruneVid, maybe the run it is
+        compared with), draw. Every failure becomes one message. `knobs` holds every
+        PruneVidConfig knob but the stage switches."""
         report = Report(progress)
+        compare = compare or ""
         try:
             if not video:
                 raise ValueError("No video: upload one or pick an example.")
@@ -230,11 +259,11 @@ class App:
             config = engine.make_config(stage1, stage2, **knobs)
             new_tokens = engine.check_new_tokens(max_new_tokens)
             self.registry.get(model)
-            wait = engine.estimate_wait(self.registry, model, video, config, bool(compare), new_tokens)
+            wait = engine.estimate_wait(self.registry, model, video, config, compare, new_tokens)
             if wait is not None and wait > engine.LONG_WAIT_S:
                 gr.Info(engine.wait_message(wait, config.num_frames), duration=min(wait, 30))
             outcome = engine.run_question(
-                self.registry, model, video, question, config, bool(compare), new_tokens, report,
+                self.registry, model, video, question, config, compare, new_tokens, report,
                 self.limits, self.work,
             )  # fmt: skip
         except (ValueError, ModelLoadError) as error:  # VideoError is a ValueError
@@ -257,26 +286,26 @@ class App:
     def render(self, outcome: engine.Outcome, layer_names: list[str]) -> tuple:
         trace, video = outcome.trace, outcome.video
         frames = video.frames  # already at display size
-        captions = [
-            f"#{t} · {video.timestamps[t]:.1f}s · seg {int(trace.segment[t])}"
-            for t in range(trace.num_frames)
-        ]
-        shown = Shown(frames, trace, captions)
+        shown = Shown(frames, trace, captions(trace, video.timestamps))
         gallery = draw_gallery(shown, layer_names)
+        other = outcome.other_trace
+        shown_other = None if other is None else Shown(frames, other, captions(other, video.timestamps))
         folder = self.scratch.new()
         trace_path = folder / "prunevid_trace.json"
-        trace.to_json(str(trace_path))
+        record = trace.to_dict()
+        if other is not None:  # the method PruneVid was compared with, token by token too
+            record["comparison"] = other.to_dict()
+        trace_path.write_text(json.dumps(record))
         sheet_path = folder / "prunevid_contact_sheet.png"
         images = np.stack([image for image, _ in gallery])
         from PIL import Image
 
-        Image.fromarray(contact_sheet(images, captions=captions)).save(sheet_path)
+        Image.fromarray(contact_sheet(images, captions=shown.captions)).save(sheet_path)
         movie_path = save_animation(folder / "prunevid_overlay.mp4", images, fps=2.0)
         stats = outcome.stats()
-        baseline = outcome.baseline.text if outcome.baseline is not None else ""
         return (
             outcome.result.text,
-            baseline,
+            outcome.other.text if outcome.other is not None else "",
             engine.speed_markdown(outcome),
             stats,
             gallery,
@@ -286,15 +315,17 @@ class App:
             figure_to_image(budget_figure(trace)),
             str(trace_path),
             [str(sheet_path), movie_path],
+            other_gallery(shown_other, layer_names),
             shown,
+            shown_other,
         )
 
-    def on_layers(self, shown: Shown | None, layer_names: list[str], index: float):
+    def on_layers(self, shown: Shown | None, shown_other: Shown | None, layer_names: list[str], index: float):
         if shown is None:
-            return gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip()
         gallery = draw_gallery(shown, layer_names)
         t = int(min(max(index or 0, 0), len(gallery) - 1))
-        return gallery, side_by_side(shown.frames[t], gallery[t][0])
+        return gallery, side_by_side(shown.frames[t], gallery[t][0]), other_gallery(shown_other, layer_names)
 
     def on_frame(self, shown: Shown | None, layer_names: list[str], index: float):
         if shown is None:
@@ -333,9 +364,23 @@ class App:
                         placeholder="What happens in the video?",
                         elem_id="prunevid-question",
                     )
-                    compare = gr.Checkbox(
-                        label="Compare with unpruned (runs the full model too)", value=False
-                    )
+                    with gr.Row():
+                        retention = gr.Slider(
+                            0,
+                            1,
+                            value=0,
+                            step=0.01,
+                            label="Token budget (retention)",
+                            info=BUDGET_HELP,
+                            elem_id="token-budget",
+                        )
+                        compare = gr.Dropdown(
+                            COMPARE_CHOICES,
+                            value="",
+                            label="Compare with",
+                            info="runs it too: the full model, or another method at PruneVid's budget",
+                            elem_id="compare-with",
+                        )
                     button = gr.Button("Answer", variant="primary", elem_id="answer-button")
                     rows = examples()
                     if rows:
@@ -362,6 +407,11 @@ class App:
                                     precision=0 if name in INTEGER_KNOBS else None,
                                 )
                             )
+                        stage1_share = gr.Number(
+                            value=config.stage1_share,
+                            label="stage1_share",
+                            info="with a token budget: stage 1 keeps budget ** share of the tokens [0, 1]",
+                        )
                         max_new_tokens = gr.Number(
                             value=64, label="max_new_tokens", info="answer length limit", precision=0
                         )
@@ -371,7 +421,7 @@ class App:
                             label="Answer (PruneVid)", lines=3, interactive=False, elem_id="answer-pruned"
                         )
                         baseline_box = gr.Textbox(
-                            label="Answer (unpruned model, when compared)",
+                            label="Answer (compared run)",
                             lines=3,
                             interactive=False,
                             elem_id="answer-unpruned",
@@ -386,9 +436,18 @@ class App:
                         label="Tokens per sampled frame",
                         columns=4,
                         object_fit="contain",
-                        height=760,
+                        height="auto",
                         format="png",
                         elem_id="overlay-gallery",
+                    )
+                    compared_gallery = gr.Gallery(
+                        label="Tokens per sampled frame: compared method",
+                        columns=4,
+                        object_fit="contain",
+                        height="auto",
+                        format="png",
+                        visible=False,
+                        elem_id="compared-gallery",
                     )
                     gr.Markdown(LEGEND)
                     frame = gr.Slider(0, 1, value=0, step=1, label="Frame", interactive=False)
@@ -400,12 +459,14 @@ class App:
                         extra_files = gr.File(label="Contact sheet and overlay video", file_count="multiple")
                         stats = gr.JSON(label="Numbers")
 
-            settings = [model, stage1, stage2, *knobs, max_new_tokens, layers]
+            shown_other = gr.State(None, time_to_live=ttl)
+            settings = [model, stage1, stage2, *knobs, stage1_share, max_new_tokens, layers]
 
             def answer_event(
                 video,
                 question,
                 compare,
+                retention,
                 model,
                 stage1,
                 stage2,
@@ -420,12 +481,13 @@ class App:
                 alpha,
                 num_frames,
                 centre,
+                stage1_share,
                 max_new_tokens,
                 layers,
                 progress=gr.Progress(),  # noqa: B008 (how Gradio asks for a progress tracker)
             ):
                 knobs = dict(locals())
-                config = {name: knobs[name] for name in KNOBS}
+                config = {name: knobs[name] for name in [*KNOBS, "retention", "stage1_share"]}
                 return self.on_answer(
                     video, question, compare, model, stage1, stage2, config, max_new_tokens, layers, progress
                 )
@@ -442,13 +504,21 @@ class App:
                 budget,
                 trace_file,
                 extra_files,
+                compared_gallery,
                 shown,
+                shown_other,
             ]
-            inputs = [video, question, compare, *settings]
+            inputs = [video, question, compare, retention, *settings]
             # One model run at a time, whichever way it was asked for (patch() settings are per model).
             button.click(answer_event, inputs, outputs, api_name="answer", concurrency_id="model")
             question.submit(answer_event, inputs, outputs, api_name=False, concurrency_id="model")
-            layers.change(self.on_layers, [shown, layers, frame], [gallery, frame_view], api_name=False)
+            compare.change(comparison_components, [compare], [baseline_box, compared_gallery], api_name=False)
+            layers.change(
+                self.on_layers,
+                [shown, shown_other, layers, frame],
+                [gallery, frame_view, compared_gallery],
+                api_name=False,
+            )
             frame.change(self.on_frame, [shown, layers, frame], [frame_view], api_name=False)
             model.input(
                 self.on_model,

@@ -24,7 +24,7 @@ ASSETS = ROOT / "assets"
 QUICK = {"max_new_tokens": 4}  # the tiny model's answers are noise: keep them short
 
 # Outputs of the answer endpoint, in order.
-ANSWER, UNPRUNED, SPEED, STATS, GALLERY, SLIDER, FRAME, TIMELINE, BUDGET, TRACE, FILES = range(11)
+ANSWER, UNPRUNED, SPEED, STATS, GALLERY, SLIDER, FRAME, TIMELINE, BUDGET, TRACE, FILES, COMPARED = range(12)
 
 
 def free_port() -> int:
@@ -155,7 +155,7 @@ def test_compare_with_unpruned(client):
     from prunevid.video import load_video
 
     question = "Does the scene change?"
-    out = ask(client, ASSETS / "scene_cut.mp4", question, compare=True)
+    out = ask(client, ASSETS / "scene_cut.mp4", question, compare="unpruned")
     stats = out[STATS]
     stock = load_model("tiny", device="cpu")  # the model the app serves (PRUNEVID_MODEL=tiny)
     frames = load_video(ASSETS / "scene_cut.mp4", stats["num_frames"]).frames
@@ -169,6 +169,47 @@ def test_compare_with_unpruned(client):
         f"measured speedup **{stats['prefill_speedup']:.1f}x** "
         f"({stats['prefill_speedup_with_stage1']:.1f}x counting stage 1)"
     ) in out[SPEED]
+
+
+def test_compare_with_a_method_at_a_token_budget(client):
+    """EVS-style pruning beside PruneVid at exactly 10% of the tokens: both answers (EVS's as the
+    library gives it alone), both token pictures and both traces."""
+    from prunevid.pipeline import answer, load_model
+    from prunevid.video import load_video
+
+    video, question = ASSETS / "shapes.mp4", "What colour is the object moving to the right?"
+    out = ask(client, video, question, compare="evs", retention=0.1)
+    stats, trace = out[STATS], json.loads(Path(out[TRACE]).read_text())
+    final = round(0.1 * stats["num_visual_tokens"])
+    assert stats["num_after_stage2"] == stats["comparison"]["num_after_stage2"] == final
+    assert stats["retention_target"] == 0.1 and stats["comparison"]["method"] == "evs"
+    assert trace["comparison"]["method"] == "evs" and trace["comparison"]["num_after_stage2"] == final
+    # EVS drops tokens before the language model; PruneVid merges them.
+    assert -1 in trace["comparison"]["tokens"]["merged_index"] and -1 not in trace["tokens"]["merged_index"]
+    assert len(out[COMPARED]) == len(out[GALLERY]) == 16
+    assert "Visual tokens (EVS-style)" in out[SPEED]
+
+    tiny = load_model("tiny", device="cpu")
+    frames = load_video(video, stats["num_frames"]).frames
+    config = tiny_preset(tiny).replace(retention=0.1)
+    alone = answer(tiny, frames, question, config, QUICK["max_new_tokens"], method="evs")
+    assert out[UNPRUNED] == alone.text
+
+
+def test_compare_without_a_budget_gives_the_method_prunevids_count(client):
+    out = ask(
+        client, ASSETS / "shapes.mp4", "What colour is the object moving to the right?", compare="fastv"
+    )
+    stats = out[STATS]
+    assert stats["retention_target"] is None
+    assert stats["comparison"]["num_after_stage2"] == stats["num_after_stage2"]
+    assert stats["comparison"]["num_after_stage1"] == stats["num_visual_tokens"], "FastV prunes inside"
+
+
+def tiny_preset(loaded):
+    from prunevid.pipeline import preset
+
+    return preset(loaded.name, loaded.num_layers)
 
 
 def _text_file(folder: Path) -> Path:

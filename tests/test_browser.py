@@ -65,7 +65,12 @@ def test_answer_an_example_in_the_browser(server, browser, tmp_path):
     page.wait_for_function(
         "q => document.querySelector('#prunevid-question textarea').value === q", arg=example["question"]
     )
-    page.get_by_text("Compare with unpruned").click()  # the full model's answer and the measured speedup too
+    # Ask for exactly 20% of the tokens, with EVS-style pruning at the same budget beside PruneVid.
+    budget = page.locator("#token-budget input[type=number]")
+    budget.fill("0.2")
+    budget.press("Enter")
+    page.locator("#compare-with input").click()
+    page.get_by_role("option", name="EVS-style, same budget").click()
     button.click()
     page.wait_for_function(
         "() => document.querySelector('#answer-pruned textarea')?.value.trim().length > 0", timeout=120_000
@@ -73,6 +78,7 @@ def test_answer_an_example_in_the_browser(server, browser, tmp_path):
     images = page.locator("#overlay-gallery img")
     images.first.wait_for(timeout=60_000)
     page.wait_for_function("() => document.querySelectorAll('#overlay-gallery img').length >= 8")
+    page.wait_for_function("() => document.querySelectorAll('#compared-gallery img').length >= 8")
     page.wait_for_timeout(1500)  # let the images and charts finish painting
 
     screenshot = tmp_path / "app.png"
@@ -88,8 +94,10 @@ def test_answer_an_example_in_the_browser(server, browser, tmp_path):
 
     assert example["model"] == "tiny-trained"
     assert page.locator("#answer-pruned textarea").input_value().strip() == example["answer"]
-    assert page.locator("#answer-unpruned textarea").input_value().strip() == example["answer"]
-    assert images.count() == 8  # num_frames of the model's preset
+    assert page.locator("#answer-unpruned textarea").input_value().strip()
+    assert page.get_by_text("Answer (EVS-style)").is_visible()
+    assert images.count() == page.locator("#compared-gallery img").count() == 8  # the preset's frames
     speed = page.locator("#speed-panel").inner_text()
-    assert "Visual tokens" in speed and "stage 2" in speed and "measured speedup" in speed
+    # 8 frames of 6 x 6 tokens: 20% is 58 tokens, for PruneVid after stage 2 and for EVS before the LLM.
+    assert "288 → stage 1" in speed and "stage 2: 58" in speed and "before the LLM: 58" in speed
     page.close()

@@ -51,7 +51,7 @@ def hd_clip(tmp_path_factory):
     return str(path)
 
 
-def ask(app: App, model: str, video, question=QUESTION, compare=False, tokens=8, progress=None, **changes):
+def ask(app: App, model: str, video, question=QUESTION, compare="", tokens=8, progress=None, **changes):
     config = app.preset(model).replace(**changes)
     knobs = {name: getattr(config, name) for name in KNOBS}
     return app.on_answer(
@@ -116,8 +116,8 @@ def test_on_zero_gpu_each_answer_runs_through_spaces_gpu_and_still_answers_on_cp
     event = next(function.fn for function in page.fns.values() if function.api_name == "answer")
     config = app.preset("tiny-trained")
     knobs = [getattr(config, name) for name in KNOBS]
-    settings = ["tiny-trained", config.stage1, config.stage2, *knobs, 8, ["clusters"]]
-    first = event(str(EXAMPLE), QUESTION, False, *settings, progress=Recorder())  # the page's Answer button
+    settings = ["tiny-trained", config.stage1, config.stage2, *knobs, config.stage1_share, 8, ["clusters"]]
+    first = event(str(EXAMPLE), QUESTION, "", 0, *settings, progress=Recorder())  # the page's Answer button
     again = ask(app, "tiny-trained", EXAMPLE, question="What colour appears first ?")
     assert first[0] == again[0] == "orange"
     assert len(calls) == 2, "every answer's model work went through the decorated function"
@@ -136,18 +136,18 @@ def test_gpu_reservation_grows_with_frames_tokens_model_size_and_comparison():
     registry.sizes.update({"0.5B": 500_000_000, "7B": 7_000_000_000})
     config = preset("x")
 
-    def seconds(model="7B", frames=32, tokens=128, compare=False, cached=False):
+    def seconds(model="7B", frames=32, tokens=128, compare="", cached=False):
         job = engine.Job(model, "q", config, tokens, compare, (frames, 480, 640))
         job.features = object() if cached else None
         return registry.gpu_seconds(job)
 
     base = seconds()
-    assert seconds(frames=64) > base and seconds(tokens=512) > base and seconds(compare=True) > base
+    assert seconds(frames=64) > base and seconds(tokens=512) > base and seconds(compare="unpruned") > base
     assert seconds(model="0.5B") < base
     assert seconds(cached=True) < base, "cached features skip the vision tower"
     assert seconds(model="0.5B", frames=1, tokens=1) == 15, "never less than a worker's start"
     registry.gpu_max_s = 40
-    assert seconds(frames=64, tokens=512, compare=True) == 40, "never more than PRUNEVID_GPU_MAX_S"
+    assert seconds(frames=64, tokens=512, compare="unpruned") == 40, "never more than PRUNEVID_GPU_MAX_S"
 
 
 # ---- hardware-aware defaults, announced waits, phases -----------------------------------------------
@@ -182,8 +182,8 @@ def test_a_long_run_is_announced_with_its_estimate_and_progress_names_each_phase
     assert min(speed.vision_per_frame, speed.pruned_per_frame, speed.unpruned_per_frame, speed.per_token) > 0
 
     progress = Recorder()
-    ask(app, checkpoint, EXAMPLE, compare=True, tokens=6, progress=progress)
-    ask(app, checkpoint, EXAMPLE, compare=False, tokens=6)
+    ask(app, checkpoint, EXAMPLE, compare="unpruned", tokens=6, progress=progress)
+    ask(app, checkpoint, EXAMPLE, compare="", tokens=6)
     frames = engine.CPU_FRAMES
     first = frames * (speed.vision_per_frame + speed.pruned_per_frame + speed.unpruned_per_frame)
     first += 2 * 6 * speed.per_token
@@ -196,7 +196,7 @@ def test_a_long_run_is_announced_with_its_estimate_and_progress_names_each_phase
 
     texts = [text for _, text in progress.calls]
     order = ["Decode:", "Vision tower:", "Stage 1:", "Prefill:", "Generation (PruneVid)", "Prefill:",
-             "Generation (unpruned)", "Drawing"]  # fmt: skip
+             "Generation (unpruned model)", "Drawing"]  # fmt: skip
     position = 0
     for step in order:
         matches = [i for i in range(position, len(texts)) if texts[i].startswith(step)]

@@ -166,7 +166,8 @@ def plot(records: list[dict], path: str | Path, full: float | None = None) -> No
 
     width, height, margin = 720, 460, 60
     image = np.full((height, width, 3), 255, np.uint8)
-    colours = {name: rgb[::-1] for name, rgb in COLOURS.items() if any(r["name"] == name for r in records)}
+    # Drawn in RGB, written as BGR below.
+    colours = {name: rgb for name, rgb in COLOURS.items() if any(r["name"] == name for r in records)}
     right = min(1.0, np.ceil(max(r["retention"] for r in records) * 12) / 10)
     bottom = np.floor(min(r["accuracy"] for r in records) * 10) / 10
 
@@ -198,8 +199,9 @@ def plot(records: list[dict], path: str | Path, full: float | None = None) -> No
         for p in points:
             cv2.circle(image, p, 4, colour, -1, cv2.LINE_AA)
     for i, (name, colour) in enumerate(colours.items()):
-        cv2.circle(image, (width - 150, margin + 15 + 18 * i), 5, colour, -1)
-        cv2.putText(image, name, (width - 138, margin + 20 + 18 * i), 0, 0.45, (0, 0, 0), 1)
+        row = height - margin - 18 * (len(colours) - i)  # the legend sits in the lower right corner
+        cv2.circle(image, (width - margin - 95, row), 5, colour, -1)
+        cv2.putText(image, name, (width - margin - 83, row + 5), 0, 0.45, (0, 0, 0), 1)
     cv2.imwrite(str(path), image[..., ::-1])
 
 

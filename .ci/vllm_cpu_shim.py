@@ -12,6 +12,7 @@ Not part of the library: with vLLM's CUDA build neither is needed.
    spells the CPU build's version when it finds no `vllm` distribution.
 """
 
+import contextlib
 import importlib.abc
 import importlib.metadata
 import sys
@@ -29,10 +30,8 @@ class _TorchvisionSchemas(importlib.abc.MetaPathFinder):
                 "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
                 "qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor",
             ):
-                try:
+                with contextlib.suppress(RuntimeError):  # a torchvision that works defined it already
                     _TorchvisionSchemas.library.define(schema)
-                except RuntimeError:  # a torchvision that works defined it already
-                    pass
         return None  # the ordinary finders import it
 
 

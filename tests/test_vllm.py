@@ -56,6 +56,13 @@ PROMPT = (
     "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what colour is the object ?"
     "<|im_end|>\n<|im_start|>assistant\n"
 )
+# A question long enough that the prefix cache can hold the whole video and more (blocks of 32).
+LONG_PROMPT = PROMPT.replace(
+    "what colour is the object ?",
+    "what colour is the object that moves in the video , and where does it move from the first frame "
+    "to the last frame ? describe the scene , the background and the small objects , and say which "
+    "object appears first and which one disappears ?",
+)
 TEXT_PROMPT = "<|im_start|>user\nhow many objects are there ?<|im_end|>\n<|im_start|>assistant\n"
 NEW_TOKENS = 4
 VIDEO_PAD = tiny_tokenizer().convert_tokens_to_ids("<|video_pad|>")
@@ -87,8 +94,8 @@ VIDEOS = {
 }
 
 
-def request(name: str) -> dict:
-    return {"prompt": PROMPT, "multi_modal_data": {"video": VIDEOS[name]}}
+def request(name: str, prompt: str = PROMPT) -> dict:
+    return {"prompt": prompt, "multi_modal_data": {"video": VIDEOS[name]}}
 
 
 def greedy() -> SamplingParams:
@@ -164,10 +171,10 @@ def prefill_inputs(log: dict, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(positions, 1), torch.cat(embeds)
 
 
-def solo(llm: LLM, name: str) -> dict:
+def solo(llm: LLM, name: str, prompt: str = PROMPT) -> dict:
     """One video request alone: its output and what the model saw."""
     take_log(llm)
-    out = llm.generate(request(name), greedy(), use_tqdm=False)[0]
+    out = llm.generate(request(name, prompt), greedy(), use_tqdm=False)[0]
     log = take_log(llm)
     # A prefix-cache hit computes only the rest of the prompt (and may not encode the video).
     positions, embeds = prefill_inputs(log, len(out.prompt_token_ids) - (out.num_cached_tokens or 0))
@@ -232,7 +239,9 @@ def pruned(checkpoint) -> dict:
         results = {"short": solo(llm, "short"), "long": solo(llm, "long"), "text": None}
         results["text"] = llm.generate({"prompt": TEXT_PROMPT}, greedy(), use_tqdm=False)[0]
         results["batch"] = mixed_batch(llm)
-        results["again"] = solo(llm, "short")  # its prompt's full blocks come from the prefix cache
+        # Twice the same long question: the second time the prefix cache holds the whole video.
+        results["long_question"] = solo(llm, "short", LONG_PROMPT)
+        results["again"] = solo(llm, "short", LONG_PROMPT)
         return results
 
 
@@ -354,10 +363,18 @@ def test_mixed_batch_gives_each_request_its_solo_answer(pruned):
 
 
 def test_prefix_cache_hit_keeps_positions_and_answer(pruned):
-    first, again = pruned["short"], pruned["again"]
-    cached = again["out"].num_cached_tokens
-    assert cached >= 32  # at least one block of the video came from the cache
-    assert torch.equal(again["positions"], first["positions"][:, cached:])
+    first, again = pruned["long_question"], pruned["again"]
+    ids = again["out"].prompt_token_ids
+    video_end = len(ids) - ids[::-1].index(VIDEO_PAD)
+    cached, cached_first = again["out"].num_cached_tokens, first["out"].num_cached_tokens or 0
+    assert cached >= video_end  # the video came from the cache: no encoding, no position rewrite
+    assert again["mm"] is None
+    assert torch.equal(again["positions"], first["positions"][:, cached - cached_first :])
+    # The text after the video continues past its extent (t = 6 on from its start: 7; frame: 8).
+    start = ids.index(VIDEO_PAD)
+    assert again["positions"][0].tolist() == list(
+        range(start + 8 + cached - video_end, start + 8 + len(ids) - video_end)
+    )
     assert answers([again["out"]]) == answers([first["out"]])
 
 
@@ -386,11 +403,44 @@ def test_bf16_positions_beyond_256_arrive_exact(checkpoint):
 # ---- vLLM's own EVS on the CPU build ---------------------------------------------------------
 
 
-def test_vllm_evs_runs_on_cpu_with_the_plugin_installed(checkpoint, stock):
-    with engine(checkpoint, video_pruning_rate=0.75) as llm:
+def test_vllm_evs_runs_on_cpu_and_misplaces_text_after_a_cached_video(checkpoint):
+    """vLLM's own EVS runs on the CPU build with the plugin's runner fix. docs/vllm.md: on a
+    prefix-cache hit over the whole video, EVS numbers the text after it as if the video were
+    whole (the plugin does not: test_prefix_cache_hit_keeps_positions_and_answer)."""
+    with engine(
+        checkpoint,
+        video_pruning_rate=0.75,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=48,
+        block_size=32,
+    ) as llm:
         out = llm.generate(request("short"), greedy(), use_tqdm=False)[0]
+        first = solo(llm, "short", LONG_PROMPT)
+        again = solo(llm, "short", LONG_PROMPT)
     assert out.prompt_token_ids.count(VIDEO_PAD) == 64  # EVS keeps 25% of 256
     assert len(out.outputs[0].token_ids) == NEW_TOKENS
+    ids = again["out"].prompt_token_ids
+    assert again["out"].num_cached_tokens >= len(ids) - ids[::-1].index(VIDEO_PAD)
+    tail = len(ids) - again["out"].num_cached_tokens
+    assert not torch.equal(again["positions"], first["positions"][:, -tail:])
+
+
+def test_vllm_video_pruning_rate_is_refused_beside_prunevid(checkpoint):
+    overrides = {"architectures": ARCH, "prunevid": PRUNED}
+    try:
+        with (
+            pytest.raises(Exception) as error,
+            engine(checkpoint, hf_overrides=overrides, video_pruning_rate=0.5),
+        ):
+            pass
+    finally:
+        gc.collect()
+        cleanup_dist_env_and_memory()
+    messages, cause = [], error.value
+    while cause is not None:
+        messages.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    assert any("PruneVid replaces vLLM's own video pruning" in m for m in messages)
 
 
 # ---- vllm serve ------------------------------------------------------------------------------

@@ -71,18 +71,17 @@ class PruneVidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.prunevid = settings(getattr(self.config, "prunevid", None))
         multimodal = vllm_config.model_config.multimodal_config
-        if multimodal.video_pruning_rate and not getattr(multimodal, "prunevid_rate", False):
+        self.is_multimodal_pruning_enabled = prunes(self.prunevid)
+        # vLLM's runners strip the position channels and rewrite positions only while its video
+        # pruning rate is above 0; past that the rate is not used (this class replaces EVS's
+        # placeholder count and its pruning), so it is set to what PruneVid prunes.
+        rate = 1 - self.prunevid.retention if self.is_multimodal_pruning_enabled else None
+        if multimodal.video_pruning_rate and multimodal.video_pruning_rate != rate:
             raise ValueError(
                 "PruneVid replaces vLLM's own video pruning: leave out --video-pruning-rate "
                 'and set hf_overrides {"prunevid": {"retention": ...}}'
             )
-        self.is_multimodal_pruning_enabled = prunes(self.prunevid)
-        if self.is_multimodal_pruning_enabled:
-            # vLLM's runners strip the position channels and rewrite positions only while its
-            # video pruning rate is above 0; the rate's value is not used past that (this class
-            # replaces EVS's processor count and its pruning).
-            multimodal.video_pruning_rate = 1 - self.prunevid.retention
-            multimodal.prunevid_rate = True
+        multimodal.video_pruning_rate = rate
 
     def _postprocess_video_embeds_evs(self, video_embeds_split, video_input) -> tuple[torch.Tensor, ...]:
         grids = video_input["video_grid_thw"].tolist()

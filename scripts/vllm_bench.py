@@ -141,8 +141,10 @@ def _install_timers(model: torch.nn.Module) -> None:
 
 
 def _vision_output(model: torch.nn.Module) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """The last video's vision-tower output (T * N, C) and patch grid, for `pruning_cost`."""
-    return model.bench_times["features"], model.bench_times["grid"]
+    """The last call's first video: its vision-tower output (T * N, C) and patch grid, for
+    `pruning_cost` (a batched call encodes several videos at once)."""
+    grid = model.bench_times["grid"]
+    return model.bench_times["features"][: grid[0] * grid[1] * grid[2] // 4], grid
 
 
 def _take_times(model: torch.nn.Module) -> dict:

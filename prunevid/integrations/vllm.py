@@ -85,8 +85,9 @@ def prunes(config: PruneVidConfig) -> bool:
 
 def video_token_count(grid_thw: tuple[int, int, int], merge_size: int, config: PruneVidConfig) -> int:
     """Placeholders of a video whose patch grid is (t, h, w): the stage-1 budget of its
-    t * (h / merge) * (w / merge) tokens. Refuses, in one sentence, the few counts stage 1 cannot
-    share out whatever the content (between one time step and one per set; see `merge.py`)."""
+    t * (h / merge) * (w / merge) tokens. Refuses, in one sentence, the few counts stage 1 might
+    fail to share out for some content (more than one time step's tokens but fewer than its
+    possible sets, `merge._budget_plan`), so a request fails in the front-end, not the engine."""
     steps, per_step = grid_thw[0], grid_thw[1] // merge_size * (grid_thw[2] // merge_size)
     count = stage1_count(steps * per_step, config) if prunes(config) else steps * per_step
     most_sets = steps + max(

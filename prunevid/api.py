@@ -44,6 +44,7 @@ def patch(
     tokens go on past `selected_layer`. Patching a patched model replaces its settings.
     `unpatch` restores the stock model.
     """
+    _check_transformers()
     pruned = family_of(model).PrunedModel
     layers = model.config.text_config.num_hidden_layers
     config = config or PruneVidConfig()
@@ -79,3 +80,16 @@ def last_trace(model: torch.nn.Module, row: int = 0) -> PruningTrace:
     if trace is None:
         raise RuntimeError(f"batch row {row} of the last call had no video")
     return trace
+
+
+def _check_transformers() -> None:
+    """The adapters use transformers 5.24's forward API (`cache`, `mm_encoder_outputs`); the
+    package allows older 5.x releases for the vLLM plugin, which needs only vLLM's pin."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.24"):
+        raise RuntimeError(
+            f"prunevid.patch needs transformers>=5.24, found {transformers.__version__} "
+            "(the vLLM plugin works with the transformers vLLM pins)"
+        )

@@ -10,6 +10,7 @@ reference implementation), unclustered sets keep grid (row-major) order.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -131,37 +132,27 @@ def _paper_plan(frames: torch.Tensor, static: torch.Tensor, config: PruneVidConf
 def _budget_plan(
     frames: list[torch.Tensor], similarity: list[torch.Tensor], config: PruneVidConfig, num_tokens: int
 ) -> list[_SegmentPlan]:
-    """Plans whose token counts add up to exactly `budget.stage1_count(T * N, config)`.
+    """Plans whose token counts add up to exactly `budget.stage1_count(T * N, config)`, for any
+    content.
 
     tau marks the static positions; when averaging them over time would leave fewer tokens than
     the budget, the least similar of them turn dynamic until it fits. The count is then shared
-    among the static and per-frame dynamic sets in proportion to their sizes. When the budget is
-    smaller than the number of sets (fewer tokens than frames, say), the whole video becomes one
-    segment whose every position is static.
+    among the static and per-frame dynamic sets in proportion to their sizes. A budget smaller
+    than the number of sets drops the static sets (every frame its own set) while it holds a
+    token per frame, and below that merges runs of consecutive frames as static segments (one
+    run per N tokens of budget, at least one).
     frames: per segment (W,) frame indices; similarity: per segment (N,) static similarity.
     """
     widths = [len(f) for f in frames]
     total = sum(widths) * num_tokens
     target = stage1_count(total, config)
     static = _fit_static(similarity, widths, config.tau, total - target)
-    sizes, owners = [], []  # every set's size, and its (segment, frame or None for static)
-    for w, (width, mask) in enumerate(zip(widths, static)):
-        num_static = int(mask.sum())
-        if num_static:
-            sizes.append(num_static)
-            owners.append((w, None))
-        if num_static < num_tokens:
-            sizes += [num_tokens - num_static] * width
-            owners += [(w, i) for i in range(width)]
+    sizes, owners = _sets(widths, static, num_tokens)
     if len(sizes) > target:
-        if target > num_tokens:
-            raise ValueError(
-                f"a stage-1 budget of {target} tokens is below one token per frame and above one frame's "
-                f"{num_tokens}: ask for a larger or a smaller retention"
-            )
-        everything = torch.cat(frames)
-        static = torch.ones(num_tokens, dtype=torch.bool, device=everything.device)
-        return [_SegmentPlan(everything, static, _below(target, num_tokens), [None] * len(everything))]
+        if target < sum(widths):
+            return _static_runs(torch.cat(frames), num_tokens, target)
+        static = [torch.zeros_like(mask) for mask in static]
+        sizes, owners = _sets(widths, static, num_tokens)
     counts = allocate(sizes, target)
     plans = [_SegmentPlan(f, m, None, [None] * len(f)) for f, m in zip(frames, static)]
     for (w, frame), size, count in zip(owners, sizes, counts):
@@ -170,6 +161,33 @@ def _budget_plan(
         else:
             plans[w].dynamic_clusters[frame] = _below(count, size)
     return plans
+
+
+def _sets(
+    widths: list[int], static: list[torch.Tensor], num_tokens: int
+) -> tuple[list[int], list[tuple[int, int | None]]]:
+    """Every set's size, and its owner: (segment, frame), or (segment, None) for a static set."""
+    sizes, owners = [], []
+    for w, (width, mask) in enumerate(zip(widths, static)):
+        num_static = int(mask.sum())
+        if num_static:
+            sizes.append(num_static)
+            owners.append((w, None))
+        if num_static < num_tokens:
+            sizes += [num_tokens - num_static] * width
+            owners += [(w, i) for i in range(width)]
+    return sizes, owners
+
+
+def _static_runs(frames: torch.Tensor, num_tokens: int, target: int) -> list[_SegmentPlan]:
+    """Fewer tokens than frames: ceil(target / N) runs of consecutive frames, each one static
+    segment, sharing the target. frames: (T,) all frame indices."""
+    runs = torch.tensor_split(frames, math.ceil(target / num_tokens))
+    static = torch.ones(num_tokens, dtype=torch.bool, device=frames.device)
+    counts = allocate([num_tokens] * len(runs), target)
+    return [
+        _SegmentPlan(run, static, _below(c, num_tokens), [None] * len(run)) for run, c in zip(runs, counts)
+    ]
 
 
 def _fit_static(

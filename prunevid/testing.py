@@ -192,7 +192,7 @@ def tiny_qwen_vl(
     """A randomly initialised tiny Qwen2.5-VL (or family "qwen2_vl" / "qwen3_vl") in eval mode:
     a 2-block vision tower (14 px patches, 16 for Qwen3-VL with deepstack features from both
     blocks, 2 x 2 merge, temporal patch 2) and a 4-layer grouped-query text model with M-RoPE
-    (sections 2 + 3 + 3 of the 8 rotary pairs)."""
+    (sections 2 + 3 + 3 of the 8 rotary pairs; in that ratio for a wider `hidden_size` override)."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -201,6 +201,7 @@ def tiny_qwen_vl(
     )
 
     tokenizer = tokenizer or tiny_tokenizer()
+    width = text_overrides.get("hidden_size", 64)
     vision = dict(
         depth=2,
         hidden_size=32,
@@ -212,20 +213,25 @@ def tiny_qwen_vl(
     )
     if family == "qwen3_vl":
         vision.update(
-            patch_size=16, out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[0, 1]
+            patch_size=16, out_hidden_size=width, num_position_embeddings=64, deepstack_visual_indexes=[0, 1]
         )
         from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
         config_class, model_class = Qwen3VLConfig, Qwen3VLForConditionalGeneration
     elif family == "qwen2_5_vl":
-        vision.update(out_hidden_size=64, window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
+        vision.update(out_hidden_size=width, window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
         config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     elif family == "qwen2_vl":
-        vision.update(embed_dim=32, mlp_ratio=2, hidden_size=64)
+        vision.update(embed_dim=32, mlp_ratio=2, hidden_size=width)
         config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
     else:
         raise ValueError(f"family must be qwen2_vl, qwen2_5_vl or qwen3_vl, got {family!r}")
-    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    pairs = width // text_overrides.get("num_attention_heads", 4) // 2  # rotary pairs per head
+    rope = {
+        "rope_type": "default",
+        "mrope_section": [pairs // 4, 3 * pairs // 8, 3 * pairs // 8],
+        "rope_theta": 10000.0,
+    }
     text = _tiny_text(tokenizer, rope_parameters=rope, bos_token_id=tokenizer.pad_token_id, **text_overrides)
     ids = tokenizer.convert_tokens_to_ids
     config = config_class(
@@ -263,3 +269,61 @@ def _ready(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast) -> torch.
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval()
+
+
+# Qwen's chat format, for string or list-of-parts messages (what chat servers such as vLLM render).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' or 'video' in part %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'image' or 'image' in part %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_tiny_qwen_vl(
+    folder: str, seed: int = 0, min_pixels: int = 56 * 56, max_pixels: int = 224 * 224
+) -> str:
+    """Write a tiny random Qwen2.5-VL checkpoint a server can load offline: weights, config,
+    the local tokenizer with Qwen's chat template, and image and video processor configs
+    (Qwen-VL's defaults but frames of `min_pixels` to `max_pixels`, so that videos stay a few
+    hundred tokens). Returns the folder."""
+    import json
+    from pathlib import Path
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    # Width 128 (head size 32): vLLM's CPU attention has no kernel for the default head size 16.
+    model = tiny_qwen_vl("qwen2_5_vl", seed=seed, tokenizer=tokenizer, hidden_size=128, intermediate_size=256)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    vision = model.config.vision_config
+    processing = {
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "patch_size": vision.patch_size,
+        "temporal_patch_size": vision.temporal_patch_size,
+        "merge_size": vision.spatial_merge_size,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        "processor_class": "Qwen2_5_VLProcessor",
+    }
+    files = {
+        "preprocessor_config.json": {"image_processor_type": "Qwen2VLImageProcessor", **processing},
+        "video_preprocessor_config.json": {
+            "video_processor_type": "Qwen2VLVideoProcessor",
+            "do_sample_frames": False,
+            **processing,
+        },
+        "processor_config.json": {"processor_class": "Qwen2_5_VLProcessor"},
+    }
+    for name, content in files.items():
+        (Path(folder) / name).write_text(json.dumps(content, indent=2))
+    (Path(folder) / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
+    return folder

@@ -131,13 +131,22 @@ def test_a_budget_above_what_averaging_leaves_turns_the_least_similar_static_pos
     assert sorted(dynamic.tolist()) == sorted(similarity.argsort()[:12].tolist())
 
 
-def test_a_budget_below_one_token_per_set_merges_the_video_as_one_static_segment():
+def test_a_budget_below_one_token_per_set_still_fits_every_video():
+    # Below one frame's tokens: the video merges as one static segment.
     features = video("random", 16, 196, seed=0)
     merge = merge_tokens(features, PruneVidConfig(retention=0.002, stage2=False), (14, 14))
     assert merge.num_tokens == final_count(16 * 196, 0.002) == 6
     assert merge.segments.unique().tolist() == [0] and merge.static.all()
-    with pytest.raises(ValueError, match="below one token per frame and above one frame's 4"):
-        merge_tokens(video("random", 16, 4, seed=0), PruneVidConfig(retention=0.15, stage2=False), (2, 2))
+    # Above one frame's tokens, fewer than frames: runs of frames, each one static segment.
+    still = video("still", 16, 4, seed=0)
+    merge = merge_tokens(still, PruneVidConfig(retention=0.15, stage2=False), (2, 2))
+    assert merge.num_tokens == 10 and merge.static.all()
+    assert merge.segments.tolist() == [0] * 6 + [1] * 5 + [2] * 5  # ceil(10 / 4) runs
+    # A token per frame but fewer than the sets: every frame its own set, nothing static.
+    mixed = video("mixed", 16, 4, seed=0)
+    for retention in (0.25, 0.3, 0.35):
+        merge = merge_tokens(mixed, PruneVidConfig(retention=retention, stage2=False), (2, 2))
+        assert merge.num_tokens == round(retention * 64)
 
 
 def test_without_a_retention_nothing_changes():

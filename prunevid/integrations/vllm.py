@@ -1,0 +1,196 @@
+"""PruneVid stage 1 as a vLLM plugin for Qwen2.5-VL, without a fork of vLLM.
+
+    pip install "prunevid[vllm]"     # the entry point `vllm.general_plugins` runs `register`
+    vllm serve Qwen/Qwen2.5-VL-7B-Instruct --hf-overrides \\
+        '{"architectures": ["PruneVidQwen2_5_VLForConditionalGeneration"], "prunevid": {"retention": 0.25}}'
+
+`register` adds the architecture `ARCHITECTURE` (a subclass of vLLM's Qwen2.5-VL model and of
+its multimodal processor, `vllm_qwen.py`); the checkpoint is pointed at it with `hf_overrides`,
+whose `prunevid` mapping holds the settings (`SETTINGS`; `retention` is required).
+
+How it fits vLLM. vLLM fixes each video's placeholder count in the front-end, before the vision
+tower runs, so only stage 1 in budget mode can run there: a video of T time steps of N merged
+patches gets exactly `budget.stage1_count(T * N)` placeholders (`video_token_count`), a function
+of the grid and the settings. After the vision tower, `merged_video` runs stage 1 on the (T, N, C)
+tokens; which tokens merge, their values and their (t, h, w) positions depend on the content, so
+the positions travel with the embeddings as extra channels, the mechanism vLLM's own video
+pruning (EVS) uses: its model runner hands the channels to the model's
+`recompute_mrope_positions`, which strips them and rewrites the prompt's M-RoPE positions. Each
+merged token takes its first member's stock position, and the text after a video continues
+where it would without pruning (`grid_positions`' extent), as the transformers adapter does.
+Positions travel in the model dtype, where bf16 holds integers exactly only up to 256, so each
+is sent as two base-256 digits (`encode_positions`), exact up to 65,535 in bf16, fp16 and fp32.
+
+Stage 2 is not here: it needs the question inside the language model and would make the cached
+prefix of a video depend on the question, defeating prefix caching.
+
+This module imports vLLM only inside `register`, so its pure functions are tested without it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import torch
+
+from ..budget import stage1_count
+from ..config import PruneVidConfig
+from ..merge import merge_tokens
+
+ARCHITECTURE = "PruneVidQwen2_5_VLForConditionalGeneration"
+MODEL_CLASS = "prunevid.integrations.vllm_qwen:PruneVidQwen2_5_VLForConditionalGeneration"
+# hf_overrides {"prunevid": {...}}: the stage-1 knobs (the others are stage 2's or frame sampling,
+# which vLLM's media loader does: --media-io-kwargs '{"video": {"num_frames": 16}}').
+SETTINGS = ("retention", "stage1", "tau", "temporal_segment_ratio", "k", "dpc_noise", "seed", "centre")
+BASE = 256  # each position goes as two digits of this base: exact in bf16 (8 significant bits)
+POSITION_VALUES = 4  # t, h, w and the extent (where the text after the media continues)
+CHANNELS = 2 * POSITION_VALUES
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: runs in every vLLM process."""
+    from vllm import ModelRegistry
+    from vllm.platforms import current_platform
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    if current_platform.is_cpu():
+        _enable_pruning_on_cpu()
+
+
+def settings(values: Mapping | None) -> PruneVidConfig:
+    """The PruneVid settings of `hf_overrides["prunevid"]`, validated (one sentence on error)."""
+    if values is not None and not isinstance(values, Mapping):
+        raise ValueError(f'hf_overrides "prunevid" must be a mapping of settings, got {values!r}')
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(SETTINGS))
+    if unknown:
+        raise ValueError(
+            f"PruneVid's vLLM plugin has no setting {', '.join(map(repr, unknown))} (it runs stage 1 only; "
+            f"settings: {', '.join(SETTINGS)})"
+        )
+    if values.get("retention") is None:
+        raise ValueError(
+            'PruneVid in vLLM needs a retention in (0, 1], e.g. hf_overrides {"prunevid": {"retention": 0.25}}, '
+            "because vLLM fixes each video's token count before encoding it"
+        )
+    return PruneVidConfig(**values, stage2=False)
+
+
+def prunes(config: PruneVidConfig) -> bool:
+    """Whether these settings change anything (retention 1 or stage 1 off keep every token)."""
+    return config.stage1 and config.retention < 1
+
+
+def video_token_count(grid_thw: tuple[int, int, int], merge_size: int, config: PruneVidConfig) -> int:
+    """Placeholders of a video whose patch grid is (t, h, w): the stage-1 budget of its
+    t * (h / merge) * (w / merge) tokens, which stage 1 meets for any content."""
+    steps, per_step = grid_thw[0], grid_thw[1] // merge_size * (grid_thw[2] // merge_size)
+    return stage1_count(steps * per_step, config) if prunes(config) else steps * per_step
+
+
+def grid_positions(
+    grid_thw: tuple[int, int, int], merge_size: int, steps_per_position: float = 1.0
+) -> tuple[torch.Tensor, int]:
+    """Stock M-RoPE positions of a media item's tokens relative to its start, (3, t * h' * w')
+    row-major, and its extent: how far the next text token is from the start. As vLLM's stock
+    Qwen2.5-VL: t = floor(step * seconds per step * tokens per second) (`steps_per_position` is the
+    product), and the extent is the largest position + 1."""
+    steps, height, width = grid_thw[0], grid_thw[1] // merge_size, grid_thw[2] // merge_size
+    t = (torch.arange(steps, dtype=torch.float64) * steps_per_position).long()
+    grid = torch.stack(torch.meshgrid(t, torch.arange(height), torch.arange(width), indexing="ij")).reshape(
+        3, -1
+    )
+    return grid, int(grid.max()) + 1
+
+
+def encode_positions(positions: torch.Tensor, extent: int, dtype: torch.dtype) -> torch.Tensor:
+    """(3, M) positions relative to the media start and its extent -> (M, CHANNELS) channels in
+    `dtype`: t, h, w, extent as (high, low) base-256 digit pairs, each exact in bf16."""
+    values = torch.cat([positions, torch.full_like(positions[:1], extent)])  # (4, M)
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= BASE * BASE):
+        raise ValueError(f"media positions must be in [0, {BASE * BASE}) to travel exactly in {dtype}")
+    digits = torch.stack([values // BASE, values % BASE], dim=1)  # (4, 2, M)
+    return digits.reshape(CHANNELS, -1).T.to(dtype)
+
+
+def decode_positions(channels: torch.Tensor) -> torch.Tensor:
+    """(M, CHANNELS) channels -> (4, M) long: t, h, w, extent (the inverse of `encode_positions`)."""
+    digits = channels.float().round().long().T.reshape(POSITION_VALUES, 2, -1)
+    return digits[:, 0] * BASE + digits[:, 1]
+
+
+def merged_video(
+    features: torch.Tensor,
+    grid_thw: tuple[int, int, int],
+    merge_size: int,
+    steps_per_position: float,
+    config: PruneVidConfig,
+) -> torch.Tensor:
+    """Stage 1 on one video's vision-tower output. features: (t * h' * w', C), row-major per time
+    step -> (M, C + CHANNELS): the merged tokens, M = `video_token_count`, each followed by the
+    encoded stock position of its first member and the video's extent."""
+    steps, height, width = grid_thw[0], grid_thw[1] // merge_size, grid_thw[2] // merge_size
+    merge = merge_tokens(features.view(steps, height * width, -1), config, (height, width))
+    positions, extent = grid_positions(grid_thw, merge_size, steps_per_position)
+    first = merge.first_members().to(positions.device)
+    channels = encode_positions(positions[:, first], extent, features.dtype).to(features.device)
+    return torch.cat([merge.tokens.to(features.dtype), channels], dim=1)
+
+
+def media_with_positions(
+    features: torch.Tensor, grid_thw: tuple[int, int, int], merge_size: int
+) -> torch.Tensor:
+    """An unpruned media item (an image) with its stock positions as channels:
+    (h' * w', C) -> (h' * w', C + CHANNELS)."""
+    positions, extent = grid_positions(grid_thw, merge_size)
+    return torch.cat([features, encode_positions(positions, extent, features.dtype).to(features.device)], 1)
+
+
+def prompt_positions(num_tokens: int, media: list[tuple[int, int, int]]) -> tuple[torch.Tensor, int]:
+    """A prompt's M-RoPE positions before its media are encoded: text counts on one by one, each
+    media item of `length` tokens starting at `offset` advances the count by its `extent`.
+    media: (offset, length, extent) in prompt order. Returns ((3, num_tokens) long, the
+    rope delta of what follows). The media tokens' own positions are placeholders here (their
+    start): pruned ones depend on the content and are rewritten once it is encoded
+    (`recompute_mrope_positions`), and a prefix-cache hit never needs them."""
+    positions = torch.empty(num_tokens, dtype=torch.long)
+    cursor, position = 0, 0
+    for offset, length, extent in media:
+        positions[cursor:offset] = torch.arange(offset - cursor) + position
+        position += offset - cursor
+        positions[offset : offset + length] = position
+        position += extent
+        cursor = offset + length
+    positions[cursor:] = torch.arange(num_tokens - cursor) + position
+    last = position + num_tokens - cursor - 1 if cursor < num_tokens else position - 1
+    return positions.expand(3, -1).clone(), last + 1 - num_tokens
+
+
+def _enable_pruning_on_cpu() -> None:
+    """Upstream bug (vLLM 0.32): `CPUModelRunner.load_model` replaces `GPUModelRunner.load_model`
+    without its last step, which turns on `is_multimodal_pruning_enabled` for a model that prunes
+    (`SupportsMultiModalPruning`, `video_pruning_rate` > 0). Left off, the runner never strips the
+    position channels, and vLLM's own EVS and this plugin crash on a size mismatch in the CPU
+    build (vllm-ascend fixed the same gap in its NPU runner: vllm-project/vllm-ascend#11067). Set
+    it as the GPU runner does, once per process."""
+    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    stock = CPUModelRunner.load_model
+    if getattr(stock, "prunevid_fix", False):
+        return
+
+    @functools.wraps(stock)
+    def load_model(self, *args, **kwargs):
+        stock(self, *args, **kwargs)
+        multimodal = self.model_config.multimodal_config
+        self.is_multimodal_pruning_enabled = (
+            supports_multimodal_pruning(self.get_model())
+            and multimodal is not None
+            and multimodal.is_multimodal_pruning_enabled()
+        )
+
+    load_model.prunevid_fix = True
+    CPUModelRunner.load_model = load_model

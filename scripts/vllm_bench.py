@@ -1,0 +1,329 @@
+"""Time to first token and throughput in vLLM: stock Qwen2.5-VL, vLLM's EVS and PruneVid stage 1
+(the plugin) at the same budgets, on Qwen2.5-VL layer sizes with dummy weights (speed does not
+depend on weight values; which tokens merge does, but not how many).
+
+Run in an environment with vLLM and prunevid (`.ci/vllm` builds one on the CPU build; on a GPU:
+`pip install "prunevid[vllm]"`):
+
+    python scripts/vllm_bench.py --json docs/vllm_bench_cpu.json               # this machine's run
+    python scripts/vllm_bench.py --layers 36 --vision-depth 32 --dtype bfloat16 --frames 32 \\
+        --size 448 --repeats 5 --json vllm_bench_gpu.json                        # Qwen2.5-VL-3B, GPU
+
+Each method gets its own engine (one at a time, in this process, prefix caching and the
+processor cache off so every request encodes its video again). TTFT: the wall time of one
+request with one new token, from the raw frames (preprocessing, vision tower, stage 1 or EVS,
+prefill), the fastest of `--repeats` (other work only adds time), split into the model's `embed_multimodal` (vision tower, then
+stage 1 or EVS) and its language-model prefill (the rest is preprocessing and scheduling). Throughput: `--batch` such requests at once with `--new-tokens`
+each: requests and output tokens per second. EVS keeps at least a whole frame's tokens, so
+budgets below 1 / time steps have no equal-count EVS run; choose retentions at or above it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+import numpy as np
+import torch
+from transformers import Qwen2_5_VLConfig
+from vllm import LLM, SamplingParams
+from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+from prunevid.integrations import vllm as plugin
+from prunevid.synthetic import make_sample
+from prunevid.testing import save_tiny_qwen_vl, tiny_tokenizer
+
+PROMPT = (
+    "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what is happening in the video ?"
+    "<|im_end|>\n<|im_start|>assistant\n"
+)
+# Qwen2.5-VL-3B-Instruct's layer sizes.
+TEXT_3B = dict(
+    hidden_size=2048,
+    intermediate_size=11008,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    vocab_size=151936,
+)
+VISION_3B = dict(
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    out_hidden_size=2048,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    tokens_per_second=2,
+)
+
+
+def write_checkpoint(folder: str, layers: int, vision_depth: int, size: int) -> str:
+    """Config, tokenizer and processor files of a Qwen2.5-VL-3B-sized model (no weights)."""
+    save_tiny_qwen_vl(folder, min_pixels=size * size, max_pixels=size * size)
+    Path(folder, "model.safetensors").unlink()
+    ids = tiny_tokenizer().convert_tokens_to_ids
+    full_attention = [i for i in (7, 15, 23, 31) if i < vision_depth] or [vision_depth - 1]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            TEXT_3B,
+            num_hidden_layers=layers,
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(VISION_3B, depth=vision_depth, fullatt_block_indexes=full_attention),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    config.save_pretrained(folder)
+    return folder
+
+
+def methods(retentions: list[float]) -> list[tuple[str, float | None, dict]]:
+    """(name, retention, engine options) of every run; stock first and last, to see drift."""
+    runs: list[tuple[str, float | None, dict]] = [("stock", None, {})]
+    for r in retentions:
+        runs.append(("evs", r, {"video_pruning_rate": round(1 - r, 6)}))
+        runs.append(
+            (
+                "prunevid",
+                r,
+                {"hf_overrides": {"architectures": [plugin.ARCHITECTURE], "prunevid": {"retention": r}}},
+            )
+        )
+    return [*runs, ("stock", None, {})]
+
+
+def _install_timers(model: torch.nn.Module) -> None:
+    """Time the model's two parts of a prefill: `embed_multimodal` (vision tower, then stage 1 or
+    EVS) and the language model's forward calls (with their lengths)."""
+    times = model.bench_times = {"encode": [], "forward": [], "started": []}
+
+    def clock() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    embed = model.embed_multimodal
+
+    def timed_embed(**kwargs):
+        if "video_grid_thw" in kwargs:
+            times["grid"] = tuple(kwargs["video_grid_thw"][0].tolist())
+        tic = clock()
+        out = embed(**kwargs)
+        times["encode"].append(clock() - tic)
+        return out
+
+    model.embed_multimodal = timed_embed
+    model.visual.register_forward_hook(lambda m, args, out: times.update(features=out.detach().cpu()))
+    model.register_forward_pre_hook(lambda m, args, kw: times["started"].append(clock()), with_kwargs=True)
+    model.register_forward_hook(
+        lambda m, args, kw, out: times["forward"].append(
+            (kw["positions"].shape[-1], clock() - times["started"].pop())
+        ),
+        with_kwargs=True,
+    )
+
+
+def _vision_output(model: torch.nn.Module) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The last call's first video: its vision-tower output (T * N, C) and patch grid, for
+    `pruning_cost` (a batched call encodes several videos at once)."""
+    grid = model.bench_times["grid"]
+    return model.bench_times["features"][: grid[0] * grid[1] * grid[2] // 4], grid
+
+
+def _take_times(model: torch.nn.Module) -> dict:
+    """The timings since the last call (and forget them)."""
+    taken = {"encode": list(model.bench_times["encode"]), "forward": list(model.bench_times["forward"])}
+    model.bench_times["encode"].clear()
+    model.bench_times["forward"].clear()
+    return taken
+
+
+def measure(llm: LLM, request: dict, repeats: int, batch: int, new_tokens: int) -> dict:
+    first = SamplingParams(max_tokens=1, temperature=0)
+    llm.apply_model(_install_timers)
+    llm.generate(request, first, use_tqdm=False)  # warm-up
+    ttft, encode, prefill, prompt_tokens = [], [], [], 0
+    for _ in range(repeats):
+        llm.apply_model(_take_times)
+        tic = time.perf_counter()
+        out = llm.generate(request, first, use_tqdm=False)[0]
+        ttft.append(time.perf_counter() - tic)
+        prompt_tokens = len(out.prompt_token_ids)
+        times = llm.apply_model(_take_times)[0]
+        encode.append(sum(times["encode"]))
+        prefill.append(sum(seconds for length, seconds in times["forward"] if length > 1))
+    many = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    batches = []
+    for _ in range(2):
+        tic = time.perf_counter()
+        outs = llm.generate([request] * batch, many, use_tqdm=False)
+        batches.append(time.perf_counter() - tic)
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    # Other work on a shared machine only adds time: the fastest repeat is the best estimate.
+    return {
+        "prompt_tokens": prompt_tokens,
+        "ttft_s": min(ttft),
+        "ttft_all_s": ttft,
+        "encode_s": min(encode),
+        "lm_prefill_s": min(prefill),
+        "batch_s": min(batches),
+        "requests_per_s": batch / min(batches),
+        "output_tokens_per_s": generated / min(batches),
+    }
+
+
+def pruning_cost(features: torch.Tensor, grid: tuple[int, int, int], retentions: list[float]) -> list[dict]:
+    """Seconds of the pruning step alone on one video's vision-tower output (T * N, C), fastest of
+    10: PruneVid stage 1 with its position channels (`merged_video`) and vLLM's EVS (its retention
+    mask and positions), at each retention."""
+    from vllm.multimodal.video_prune.evs import compute_mrope_for_media, compute_retention_mask
+
+    def fastest(run) -> float:
+        seconds = []
+        for _ in range(10):
+            tic = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - tic)
+        return min(seconds)
+
+    rows = []
+    for r in retentions:
+        config = plugin.settings({"retention": r})
+
+        def evs(r=r):
+            mask = compute_retention_mask(features, grid, spatial_merge_size=2, q=1 - r)
+            positions = compute_mrope_for_media(torch.tensor(grid), 2, 2.0, 1.0)
+            return torch.cat([features[mask], positions[mask].to(features.dtype)], 1)
+
+        rows.append(
+            {
+                "retention": r,
+                "prunevid_s": fastest(
+                    lambda config=config: plugin.merged_video(features, grid, 2, 2.0, config)
+                ),
+                "evs_s": fastest(evs),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers (Qwen2.5-VL-3B: 36)")
+    parser.add_argument("--vision-depth", type=int, default=8, help="vision blocks (Qwen2.5-VL-3B: 32)")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--size", type=int, default=336, help="frame side in pixels (a multiple of 28)")
+    parser.add_argument("--retentions", default="0.25,0.125")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    frames = make_sample(0, num_frames=args.frames, size=args.size).frames
+    metadata = {
+        "fps": 2.0,
+        "duration": args.frames / 2.0,
+        "total_num_frames": args.frames,
+        "frames_indices": list(range(args.frames)),
+        "video_backend": "opencv",
+        "do_sample_frames": False,
+    }
+    request = {"prompt": PROMPT, "multi_modal_data": {"video": (frames, metadata)}}
+    folder = write_checkpoint(
+        tempfile.mkdtemp(prefix="vllm-bench-"), args.layers, args.vision_depth, args.size
+    )
+    results, features, grid = [], None, None
+    for name, retention, options in methods([float(r) for r in args.retentions.split(",")]):
+        tic = time.perf_counter()
+        llm = LLM(
+            folder,
+            load_format="dummy",
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.batch,
+            enforce_eager=True,
+            enable_prefix_caching=False,
+            mm_processor_cache_gb=0,
+            limit_mm_per_prompt={"video": 1, "image": 0},
+            seed=0,
+            **options,
+        )
+        startup = time.perf_counter() - tic
+        row = {"method": name, "retention": retention, "startup_s": startup}
+        row.update(measure(llm, request, args.repeats, args.batch, args.new_tokens))
+        if name == "stock" and features is None:
+            features, grid = llm.apply_model(_vision_output)[0]
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+    stock = [row for row in results if row["method"] == "stock"]  # ratios against their mean
+    for row in results:
+        for ratio, key, inverse in (
+            ("ttft_speedup", "ttft_s", True),
+            ("lm_prefill_speedup", "lm_prefill_s", True),
+            ("throughput_ratio", "output_tokens_per_s", False),
+        ):
+            base = statistics.mean(s[key] for s in stock)
+            row[ratio] = base / row[key] if inverse else row[key] / base
+    report = {
+        "settings": vars(args),
+        "pruning_step": pruning_cost(features, grid, [float(r) for r in args.retentions.split(",")]),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "video": {"frames": args.frames, "size": args.size, "pixels": int(np.prod(frames.shape))},
+        "results": results,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    return report
+
+
+def table(report: dict) -> str:
+    """The results as a markdown table (ratios against the mean of the stock runs)."""
+    lines = [
+        "| method | retention | prompt tokens | TTFT s [all] | vision + pruning s | LM prefill s | "
+        "TTFT speedup | LM prefill speedup | output tokens/s (x stock) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["results"]:
+        spread = ", ".join(f"{t:.1f}" for t in row["ttft_all_s"])
+        lines.append(
+            f"| {row['method']} | {row['retention'] or '-'} | {row['prompt_tokens']} | "
+            f"{row['ttft_s']:.2f} [{spread}] | {row['encode_s']:.2f} | {row['lm_prefill_s']:.2f} | "
+            f"{row['ttft_speedup']:.2f}x | {row['lm_prefill_speedup']:.2f}x | "
+            f"{row['output_tokens_per_s']:.2f} ({row['throughput_ratio']:.2f}x) |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

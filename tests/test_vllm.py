@@ -1,0 +1,508 @@
+"""PruneVid's vLLM plugin inside vLLM (its CPU build), on a tiny random Qwen2.5-VL checkpoint.
+
+Needs vLLM: skipped elsewhere. Run with `bash .ci/vllm` (it builds the environment: vLLM's CPU
+build with its workarounds, and sets PRUNEVID_REFERENCE_PYTHON to the main environment's
+interpreter, which computes our transformers path's stage 1 for the equivalence checks).
+
+Each engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so the tests can read what
+the language model receives) inside one module fixture, which serves every request the tests
+need and shuts it down; tests then compare what was recorded. The checks:
+* plugin on, pruning off (retention 1) == stock vLLM: outputs, and the embeddings and positions
+  the language model receives;
+* pruned: the merged embeddings and positions the language model receives == the transformers
+  adapter's stage 1 at the same retention (float tolerance; positions exactly), with chunked
+  prefill splitting the video; a batch mixing videos of two sizes with a text-only request gives
+  each its solo answer; a prefix-cache hit gives the same answer;
+* bf16: positions above 256 arrive exactly;
+* vLLM's own EVS runs on the CPU build (the plugin's runner fix);
+* `vllm serve` answers an OpenAI chat request with a video, and refuses bad settings at start-up.
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip(
+    "vllm", reason="vLLM is not installed: run these with `bash .ci/vllm` (GPU: pip install 'prunevid[vllm]')"
+)
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import numpy as np
+import torch
+from vllm import LLM, SamplingParams
+from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+from prunevid.integrations import vllm as plugin
+from prunevid.merge import merge_tokens
+from prunevid.synthetic import make_sample
+from prunevid.testing import save_tiny_qwen_vl, tiny_tokenizer
+
+PRUNED = {"retention": 0.25}
+ARCH = [plugin.ARCHITECTURE]
+PROMPT = (
+    "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what colour is the object ?"
+    "<|im_end|>\n<|im_start|>assistant\n"
+)
+# A question long enough that the prefix cache can hold the whole video and more (blocks of 32).
+LONG_PROMPT = PROMPT.replace(
+    "what colour is the object ?",
+    "what colour is the object that moves in the video , and where does it move from the first frame "
+    "to the last frame ? describe the scene , the background and the small objects , and say which "
+    "object appears first and which one disappears ?",
+)
+TEXT_PROMPT = "<|im_start|>user\nhow many objects are there ?<|im_end|>\n<|im_start|>assistant\n"
+NEW_TOKENS = 4
+VIDEO_PAD = tiny_tokenizer().convert_tokens_to_ids("<|video_pad|>")
+SERVE_VIDEO = Path(__file__).parent.parent / "prunevid/eval_tasks/prunevid_synth/videos/synth_7000000.mp4"
+SERVE_MEDIA = {"video": {"num_frames": 8}}
+
+
+def video(num_frames: int, size: int, fps: float, seed: int = 1) -> tuple[np.ndarray, dict]:
+    """A synthetic shape video (static textured background, moving objects) as vLLM takes it."""
+    frames = make_sample(seed, num_frames=num_frames, size=size).frames
+    metadata = {
+        "fps": fps,
+        "duration": num_frames / fps,
+        "total_num_frames": num_frames,
+        "frames_indices": list(range(num_frames)),
+        "video_backend": "opencv",
+        "do_sample_frames": False,
+    }
+    return frames, metadata
+
+
+# SHORT: 4 steps of 8 x 8 tokens, t spaced by 2 (fps 2, 2 tokens per second): t stays inside the
+# frame's extent. LONG: 8 steps of 4 x 4: t reaches 14, past the frame's extent of 4.
+# FAR: 3 steps of 4 x 4 at 0.01 fps: t = 0, 400, 800, beyond what bf16 holds exactly.
+VIDEOS = {
+    "short": video(8, 224, 2.0),
+    "long": video(16, 112, 2.0, seed=2),
+    "far": video(6, 112, 0.01, seed=3),
+}
+
+
+def request(name: str, prompt: str = PROMPT) -> dict:
+    return {"prompt": prompt, "multi_modal_data": {"video": VIDEOS[name]}}
+
+
+def greedy() -> SamplingParams:
+    return SamplingParams(max_tokens=NEW_TOKENS, temperature=0, logprobs=1)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return save_tiny_qwen_vl(str(tmp_path_factory.mktemp("tiny-qwen2.5-vl")))
+
+
+@contextmanager
+def engine(checkpoint: str, **options):
+    """One in-process engine with the model instrumented: what `embed_multimodal` gets, what the
+    vision tower returns, and the positions and embeddings of every language-model call."""
+    settings = dict(
+        max_model_len=1024,
+        enforce_eager=True,
+        dtype="float32",
+        limit_mm_per_prompt={"video": 2, "image": 0},
+        max_num_seqs=4,
+        seed=0,
+    )
+    llm = LLM(checkpoint, **{**settings, **options})
+    llm.apply_model(_instrument)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+def _instrument(model: torch.nn.Module) -> None:
+    log = model.prunevid_log = {"mm": [], "pixels": [], "vision": [], "lm": []}
+    embed = model.embed_multimodal
+
+    def embed_multimodal(**kwargs):
+        log["mm"].append({k: v.clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+        return embed(**kwargs)
+
+    model.embed_multimodal = embed_multimodal
+    # vLLM normalises pixels on the device by default: the tower's first step gives what transformers takes.
+    model.visual.input_norm.register_forward_hook(lambda m, args, out: log["pixels"].append(out.clone()))
+    model.visual.register_forward_hook(lambda m, args, out: log["vision"].append(out.clone()))
+    model.register_forward_pre_hook(
+        lambda m, args, kw: log["lm"].append((kw["positions"].clone(), kw["inputs_embeds"].clone())),
+        with_kwargs=True,
+    )
+
+
+def take_log(llm: LLM) -> dict:
+    def take(model):
+        log = {k: list(v) for k, v in model.prunevid_log.items()}
+        for v in model.prunevid_log.values():
+            v.clear()
+        return log
+
+    return llm.apply_model(take)[0]
+
+
+def prefill_inputs(log: dict, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions (3, L) and embeddings (L, C) the language model got for a prompt of `length`
+    tokens sent alone, whatever the chunks."""
+    positions, embeds, seen = [], [], 0
+    for p, e in log["lm"]:
+        if seen == length:
+            break
+        positions.append(p[:, : length - seen])
+        embeds.append(e[: length - seen])
+        seen += positions[-1].shape[1]
+    return torch.cat(positions, 1), torch.cat(embeds)
+
+
+def solo(llm: LLM, name: str, prompt: str = PROMPT) -> dict:
+    """One video request alone: its output and what the model saw."""
+    take_log(llm)
+    out = llm.generate(request(name, prompt), greedy(), use_tqdm=False)[0]
+    log = take_log(llm)
+    # A prefix-cache hit computes only the rest of the prompt (and may not encode the video).
+    positions, embeds = prefill_inputs(log, len(out.prompt_token_ids) - (out.num_cached_tokens or 0))
+    encoded = bool(log["mm"])
+    return {
+        "out": out,
+        "positions": positions,
+        "embeds": embeds,
+        "mm": log["mm"][0] if encoded else None,
+        "pixels": log["pixels"][0] if encoded else None,
+        "vision": log["vision"][0] if encoded else None,
+    }
+
+
+def answers(outputs) -> list[tuple[list[int], list[float]]]:
+    return [
+        (o.outputs[0].token_ids, [next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs])
+        for o in outputs
+    ]
+
+
+def mixed_batch(llm: LLM) -> list:
+    prompts = [request("short"), request("long"), {"prompt": TEXT_PROMPT}]
+    return llm.generate(prompts, greedy(), use_tqdm=False)
+
+
+def chat_messages() -> list[dict]:
+    """An OpenAI-style chat with the served test video, as a data URL."""
+    url = "data:video/mp4;base64," + base64.b64encode(SERVE_VIDEO.read_bytes()).decode()
+    content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "what colour ?"}]
+    return [{"role": "user", "content": content}]
+
+
+@pytest.fixture(scope="module")
+def stock(checkpoint) -> dict:
+    with engine(checkpoint, media_io_kwargs=SERVE_MEDIA) as llm:
+        results = {"short": solo(llm, "short"), "long": solo(llm, "long"), "batch": mixed_batch(llm)}
+        take_log(llm)
+        results["chat"] = llm.chat(chat_messages(), greedy(), use_tqdm=False)[0]
+        results["chat_grid"] = tuple(take_log(llm)["mm"][0]["video_grid_thw"][0].tolist())
+        return results
+
+
+@pytest.fixture(scope="module")
+def off(checkpoint) -> dict:
+    overrides = {"architectures": ARCH, "prunevid": {"retention": 1.0}}
+    with engine(checkpoint, hf_overrides=overrides) as llm:
+        return {"short": solo(llm, "short"), "long": solo(llm, "long"), "batch": mixed_batch(llm)}
+
+
+@pytest.fixture(scope="module")
+def pruned(checkpoint) -> dict:
+    # Chunks of 48 tokens split the short video's 64 merged tokens across two steps.
+    overrides = {"architectures": ARCH, "prunevid": PRUNED}
+    with engine(
+        checkpoint,
+        hf_overrides=overrides,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=48,
+        block_size=32,
+    ) as llm:
+        results = {"short": solo(llm, "short"), "long": solo(llm, "long"), "text": None}
+        results["text"] = llm.generate({"prompt": TEXT_PROMPT}, greedy(), use_tqdm=False)[0]
+        results["batch"] = mixed_batch(llm)
+        # Twice the same long question: the second time the prefix cache holds the whole video.
+        results["long_question"] = solo(llm, "short", LONG_PROMPT)
+        results["again"] = solo(llm, "short", LONG_PROMPT)
+        return results
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, pruned, tmp_path_factory) -> dict:
+    """Our transformers path's stage 1 on the same requests (same pixels), in the main environment."""
+    python = os.environ.get("PRUNEVID_REFERENCE_PYTHON")
+    if not python:
+        pytest.fail(
+            "set PRUNEVID_REFERENCE_PYTHON to an interpreter of prunevid's main environment "
+            "(transformers>=5.24), as .ci/vllm does"
+        )
+    folder = tmp_path_factory.mktemp("reference")
+    results = {}
+    for name in ("short", "long"):
+        seen = pruned[name]
+        grid = seen["mm"]["video_grid_thw"]
+        ids = torch.tensor(seen["out"].prompt_token_ids)
+        full = int(grid.prod()) // 4  # one placeholder per merged patch, as stock
+        start = int((ids == VIDEO_PAD).nonzero()[0])
+        count = int((ids == VIDEO_PAD).sum())
+        ids = torch.cat([ids[:start], torch.full((full,), VIDEO_PAD), ids[start + count :]])
+        path = folder / f"{name}.pt"
+        torch.save(
+            {
+                "input_ids": ids,
+                "pixel_values_videos": seen["pixels"],
+                "video_grid_thw": grid,
+                "second_per_grid_ts": seen["mm"]["second_per_grid_ts"],
+                "settings": PRUNED,
+            },
+            path,
+        )
+        out = folder / f"{name}-out.pt"
+        script = Path(__file__).parent / "vllm_reference.py"
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env["PYTHONPATH"] = str(Path(__file__).parent.parent)
+        subprocess.run(
+            [python, str(script), checkpoint, str(path), str(out)], check=True, env=env, timeout=300
+        )
+        results[name] = torch.load(out)
+    return results
+
+
+# ---- plugin on, pruning off == stock ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["short", "long"])
+def test_pruning_off_is_stock_vllm(stock, off, name):
+    assert off[name]["out"].prompt_token_ids == stock[name]["out"].prompt_token_ids
+    assert torch.equal(off[name]["positions"], stock[name]["positions"])
+    torch.testing.assert_close(off[name]["embeds"], stock[name]["embeds"], rtol=0, atol=0)
+    assert answers([off[name]["out"]]) == answers([stock[name]["out"]])
+
+
+def test_pruning_off_batch_is_stock_vllm(stock, off):
+    assert answers(off["batch"]) == answers(stock["batch"])
+
+
+# ---- pruned == the transformers path's stage 1 ----------------------------------------------
+
+
+def test_video_gets_the_budgeted_count(pruned, stock):
+    for name, (steps, per_step) in {"short": (4, 64), "long": (8, 16)}.items():
+        ids = pruned[name]["out"].prompt_token_ids
+        assert ids.count(VIDEO_PAD) == round(PRUNED["retention"] * steps * per_step)
+        assert stock[name]["out"].prompt_token_ids.count(VIDEO_PAD) == steps * per_step
+        text = [i for i in ids if i != VIDEO_PAD]
+        assert text == [i for i in stock[name]["out"].prompt_token_ids if i != VIDEO_PAD]
+
+
+def test_pruned_inputs_equal_the_transformers_path(pruned, reference):
+    # The short video: t stays inside the frame's extent, where vLLM and transformers number alike.
+    seen, expected = pruned["short"], reference["short"]
+    torch.testing.assert_close(seen["vision"], expected["features"], rtol=1e-4, atol=1e-5)
+    assert torch.equal(seen["positions"], expected["positions"])
+    torch.testing.assert_close(seen["embeds"], expected["embeds"], rtol=1e-4, atol=1e-5)
+    # Stage 1 really merged: the positions are those of 64 of the 256 tokens, not a prefix of them.
+    is_video = torch.tensor(seen["out"].prompt_token_ids) == VIDEO_PAD
+    assert len(set(seen["positions"][0, is_video].tolist())) == 4  # every time step kept some
+
+
+def test_long_video_inputs_equal_the_transformers_path_up_to_its_text_numbering(pruned, reference, stock):
+    seen, expected = pruned["long"], reference["long"]
+    torch.testing.assert_close(seen["embeds"], expected["embeds"], rtol=1e-4, atol=1e-5)
+    ids = torch.tensor(seen["out"].prompt_token_ids)
+    after = int((ids == VIDEO_PAD).nonzero()[-1]) + 1
+    assert torch.equal(seen["positions"][:, :after], expected["positions"][:, :after])
+    # What follows the video: vLLM continues after the largest position (t = 14: 15 on from the
+    # video's start), transformers 5.x after the frame's widest side (4): 11 apart, as stock.
+    assert torch.equal(seen["positions"][:, after:], expected["positions"][:, after:] + 11)
+    stock_ids = torch.tensor(stock["long"]["out"].prompt_token_ids)
+    stock_after = int((stock_ids == VIDEO_PAD).nonzero()[-1]) + 1
+    assert torch.equal(stock["long"]["positions"][:, stock_after:], seen["positions"][:, after:])
+
+
+def test_stock_positions_of_vllm_and_transformers(stock, reference):
+    """docs/vllm.md, "Positions": the two stock numberings agree up to the end of a video and differ
+    after it only when the video's temporal positions outgrow its frame."""
+    short = stock["short"]["positions"]
+    assert torch.equal(short, reference["short"]["stock_positions"])
+    long, theirs = stock["long"]["positions"], reference["long"]["stock_positions"]
+    ids = torch.tensor(stock["long"]["out"].prompt_token_ids)
+    after = int((ids == VIDEO_PAD).nonzero()[-1]) + 1
+    assert torch.equal(long[:, :after], theirs[:, :after])
+    assert torch.equal(long[:, after:], theirs[:, after:] + 11)
+
+
+def test_chunked_prefill_split_the_video(pruned):
+    assert pruned["short"]["positions"].shape[1] == len(pruned["short"]["out"].prompt_token_ids) > 48
+
+
+def test_mixed_batch_gives_each_request_its_solo_answer(pruned):
+    batch = answers(pruned["batch"])
+    alone = answers([pruned["short"]["out"], pruned["long"]["out"], pruned["text"]])
+    for (tokens, logprobs), (solo_tokens, solo_logprobs) in zip(batch, alone):
+        assert tokens == solo_tokens
+        np.testing.assert_allclose(logprobs, solo_logprobs, atol=1e-4)
+
+
+def test_prefix_cache_hit_keeps_positions_and_answer(pruned):
+    first, again = pruned["long_question"], pruned["again"]
+    ids = again["out"].prompt_token_ids
+    video_end = len(ids) - ids[::-1].index(VIDEO_PAD)
+    cached, cached_first = again["out"].num_cached_tokens, first["out"].num_cached_tokens or 0
+    assert cached >= video_end  # the video came from the cache: no encoding, no position rewrite
+    assert again["mm"] is None
+    assert torch.equal(again["positions"], first["positions"][:, cached - cached_first :])
+    # The text after the video continues past its extent (t = 6 on from its start: 7; frame: 8).
+    start = ids.index(VIDEO_PAD)
+    assert again["positions"][0].tolist() == list(
+        range(start + 8 + cached - video_end, start + 8 + len(ids) - video_end)
+    )
+    assert answers([again["out"]]) == answers([first["out"]])
+
+
+# ---- bf16: positions above 256 -------------------------------------------------------------
+
+
+def test_bf16_positions_beyond_256_arrive_exact(checkpoint):
+    overrides = {"architectures": ARCH, "prunevid": {"retention": 0.5}}
+    with engine(checkpoint, hf_overrides=overrides, dtype="bfloat16") as llm:
+        seen = solo(llm, "far")
+    ids = torch.tensor(seen["out"].prompt_token_ids)
+    is_video = ids == VIDEO_PAD
+    start = int(is_video.nonzero()[0])  # the video's first position: one past <|vision_start|>'s
+    features = seen["vision"]  # (3 * 16, C) bf16, what stage 1 merged
+    merge = merge_tokens(features.view(3, 16, -1), plugin.settings({"retention": 0.5}), (4, 4))
+    first = merge.first_members()
+    expected_t = first // 16 * 400 + start  # 0.01 fps: 200 s per step, 2 positions per second
+    assert torch.equal(seen["positions"][0, is_video], expected_t)
+    assert torch.equal(seen["positions"][1, is_video], first % 16 // 4 + start)
+    assert torch.equal(seen["positions"][2, is_video], first % 4 + start)
+    assert int(seen["positions"][0, is_video].max()) > 256
+    after = int(is_video.nonzero()[-1]) + 1
+    assert seen["positions"][0, after:].tolist() == list(range(start + 801, start + 801 + len(ids) - after))
+
+
+# ---- vLLM's own EVS on the CPU build ---------------------------------------------------------
+
+
+def test_vllm_evs_runs_on_cpu_and_misplaces_text_after_a_cached_video(checkpoint):
+    """vLLM's own EVS runs on the CPU build with the plugin's runner fix. docs/vllm.md: on a
+    prefix-cache hit over the whole video, EVS numbers the text after it as if the video were
+    whole (the plugin does not: test_prefix_cache_hit_keeps_positions_and_answer)."""
+    with engine(
+        checkpoint,
+        video_pruning_rate=0.75,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=48,
+        block_size=32,
+    ) as llm:
+        out = llm.generate(request("short"), greedy(), use_tqdm=False)[0]
+        first = solo(llm, "short", LONG_PROMPT)
+        again = solo(llm, "short", LONG_PROMPT)
+    assert out.prompt_token_ids.count(VIDEO_PAD) == 64  # EVS keeps 25% of 256
+    assert len(out.outputs[0].token_ids) == NEW_TOKENS
+    ids = again["out"].prompt_token_ids
+    assert again["out"].num_cached_tokens >= len(ids) - ids[::-1].index(VIDEO_PAD)
+    tail = len(ids) - again["out"].num_cached_tokens
+    assert not torch.equal(again["positions"], first["positions"][:, -tail:])
+
+
+def test_vllm_video_pruning_rate_is_refused_beside_prunevid(checkpoint):
+    overrides = {"architectures": ARCH, "prunevid": PRUNED}
+    try:
+        with (
+            pytest.raises(Exception) as error,
+            engine(checkpoint, hf_overrides=overrides, video_pruning_rate=0.5),
+        ):
+            pass
+    finally:
+        gc.collect()
+        cleanup_dist_env_and_memory()
+    messages, cause = [], error.value
+    while cause is not None:
+        messages.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    assert any("PruneVid replaces vLLM's own video pruning" in m for m in messages)
+
+
+# ---- vllm serve ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(checkpoint: str, settings: dict, port: int, log: Path) -> subprocess.Popen:
+    overrides = {"architectures": ARCH, "prunevid": settings}
+    command = [
+        *(str(Path(sys.executable).parent / "vllm"), "serve", checkpoint),
+        *("--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--enforce-eager"),
+        *("--dtype", "float32", "--hf-overrides", json.dumps(overrides)),
+        *("--media-io-kwargs", json.dumps(SERVE_MEDIA)),
+        *("--limit-mm-per-prompt", json.dumps({"video": 1, "image": 0})),
+    ]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def test_vllm_serve_answers_a_chat_request_with_a_video(checkpoint, stock, tmp_path):
+    port, log = _free_port(), tmp_path / "serve.log"
+    server = _serve(checkpoint, PRUNED, port, log)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, f"vllm serve exited: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "vllm serve did not come up in 300 s"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        body = {"model": checkpoint, "messages": chat_messages(), "max_tokens": 3}
+        call = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        reply = json.load(urllib.request.urlopen(call, timeout=120))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert isinstance(reply["choices"][0]["message"]["content"], str)
+    assert reply["usage"]["completion_tokens"] == 3
+    # The same chat in stock vLLM, with its video's placeholders cut to the budget.
+    full = stock["chat"].prompt_token_ids
+    kept = plugin.video_token_count(stock["chat_grid"], 2, plugin.settings(PRUNED))
+    assert kept < full.count(VIDEO_PAD)
+    assert reply["usage"]["prompt_tokens"] == len(full) - full.count(VIDEO_PAD) + kept
+
+
+def test_vllm_serve_refuses_bad_settings_at_startup(checkpoint, tmp_path):
+    log = tmp_path / "serve.log"
+    server = _serve(checkpoint, {"retention": 1.5}, _free_port(), log)
+    try:
+        code = server.wait(timeout=300)
+    finally:
+        server.kill()
+    assert code != 0
+    assert "retention must be in (0, 1], got 1.5" in log.read_text()

@@ -1,0 +1,125 @@
+"""The vLLM plugin's pure parts (`prunevid.integrations.vllm`), without vLLM: settings,
+placeholder counts, the stock positions, the position channels, stage 1 on one video and the
+prompt's first numbering. The plugin inside vLLM is tested in tests/test_vllm.py (.ci/vllm)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prunevid.config import PruneVidConfig
+from prunevid.integrations import vllm as plugin
+from prunevid.merge import merge_tokens
+
+
+def test_settings_take_stage_one_knobs_and_switch_stage_two_off():
+    config = plugin.settings({"retention": 0.25, "tau": 0.9, "seed": 3})
+    assert config == PruneVidConfig(retention=0.25, tau=0.9, seed=3, stage2=False)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"retention": 0.25, "alpha": 0.4}, "no setting 'alpha'"),
+        ({"tau": 0.9}, "needs a retention"),
+        (None, "needs a retention"),
+        ({"retention": 1.5}, r"retention must be in \(0, 1\], got 1.5"),
+        ({"retention": 0.25, "k": 0}, "k must be in"),
+        ("retention=0.25", "must be a mapping"),
+    ],
+)
+def test_bad_settings_fail_with_one_sentence(values, message):
+    with pytest.raises(ValueError, match=message) as error:
+        plugin.settings(values)
+    assert "\n" not in str(error.value)
+
+
+def test_video_token_count_is_the_budget_of_the_merged_grid():
+    # 8 frames of 224 x 224 px: a (4, 16, 16) patch grid, 4 steps of 8 x 8 = 64 merged tokens.
+    grid = (4, 16, 16)
+    assert plugin.video_token_count(grid, 2, plugin.settings({"retention": 0.25})) == 64
+    assert plugin.video_token_count(grid, 2, plugin.settings({"retention": 0.1})) == 26  # round(25.6)
+    assert plugin.video_token_count(grid, 2, plugin.settings({"retention": 1.0})) == 256
+    assert plugin.video_token_count(grid, 2, plugin.settings({"retention": 0.1, "stage1": False})) == 256
+
+
+def test_every_count_is_one_stage_one_meets_for_any_content():
+    """32 steps of 2 x 2 tokens at 5%: 6 tokens, more than a step's 4 but fewer than the 32 steps."""
+    count = plugin.video_token_count((32, 4, 4), 2, plugin.settings({"retention": 0.05}))
+    assert count == 6
+    for seed in range(3):
+        features = torch.randn(32, 4, 8, generator=torch.Generator().manual_seed(seed))
+        assert merge_tokens(features, plugin.settings({"retention": 0.05}), (2, 2)).num_tokens == count
+
+
+def test_grid_positions_are_stock_qwen_positions():
+    # 3 steps of 2 x 3 tokens, 1.5 positions per step: t = floor(0, 1.5, 3.0) = 0, 1, 3.
+    positions, extent = plugin.grid_positions((3, 4, 6), 2, 1.5)
+    t = [0] * 6 + [1] * 6 + [3] * 6
+    h = [0, 0, 0, 1, 1, 1] * 3
+    w = [0, 1, 2] * 6
+    assert positions.tolist() == [t, h, w]
+    assert extent == 4  # the largest position (t = 3) + 1
+    assert plugin.grid_positions((1, 4, 6), 2)[1] == 3  # an image: its widest side
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_position_channels_are_exact_beyond_256(dtype):
+    positions = torch.tensor([[0, 257, 400, 65535], [1, 2, 255, 256], [3, 0, 511, 1000]])
+    channels = plugin.encode_positions(positions, extent=60001, dtype=dtype)
+    assert channels.shape == (4, plugin.CHANNELS) and channels.dtype == dtype
+    decoded = plugin.decode_positions(channels)
+    assert decoded[:3].tolist() == positions.tolist()
+    assert decoded[3].tolist() == [60001] * 4
+    # What the digits avoid: bf16 itself rounds 257 to 256 and 401 to 400.
+    assert torch.tensor([257.0, 401.0]).to(torch.bfloat16).float().tolist() == [256.0, 400.0]
+
+
+def test_positions_out_of_range_are_refused():
+    with pytest.raises(ValueError, match="must be in"):
+        plugin.encode_positions(torch.tensor([[65536], [0], [0]]), 1, torch.float32)
+
+
+def test_merged_video_averages_a_static_video_and_places_tokens_at_their_first_step():
+    # 2 time steps of a 2 x 2 grid with the same content: every position is static, and a budget of
+    # half the tokens keeps one token per position, the mean over time, at its first step (t = 0).
+    step = torch.randn(4, 8)
+    features = torch.cat([step, step])  # (t * h' * w', C) row-major
+    config = plugin.settings({"retention": 0.5})
+    out = plugin.merged_video(features, (2, 4, 4), 2, 2.0, config)
+    assert out.shape == (4, 8 + plugin.CHANNELS)
+    torch.testing.assert_close(out[:, :8], step)
+    positions = plugin.decode_positions(out[:, 8:])
+    assert positions.tolist() == [
+        [0, 0, 0, 0],
+        [0, 0, 1, 1],
+        [0, 1, 0, 1],
+        [3, 3, 3, 3],
+    ]  # extent: t = 2, + 1
+
+
+def test_merged_video_is_stage_one_with_first_member_positions():
+    torch.manual_seed(0)
+    features = torch.randn(4 * 36, 16)  # 4 steps of 6 x 6
+    config = plugin.settings({"retention": 0.25, "tau": 0.0})
+    out = plugin.merged_video(features, (4, 12, 12), 2, 1.0, config)
+    merge = merge_tokens(features.view(4, 36, 16), config, (6, 6))
+    assert out.shape[0] == plugin.video_token_count((4, 12, 12), 2, config) == 36
+    torch.testing.assert_close(out[:, :16], merge.tokens)
+    first = merge.first_members()
+    positions = plugin.decode_positions(out[:, 16:])
+    assert positions[0].tolist() == (first // 36).tolist()
+    assert positions[1].tolist() == (first % 36 // 6).tolist()
+    assert positions[2].tolist() == (first % 6).tolist()
+
+
+def test_prompt_positions_count_text_on_past_each_media_extent():
+    # 3 text tokens, a video of 4 tokens with extent 6, 3 text tokens.
+    positions, delta = plugin.prompt_positions(10, [(3, 4, 6)])
+    assert positions[0].tolist() == [0, 1, 2, 3, 3, 3, 3, 9, 10, 11]
+    assert (positions == positions[0]).all()
+    assert delta == 12 - 10
+    # Ending on the media: what follows continues past its extent.
+    positions, delta = plugin.prompt_positions(5, [(1, 4, 7)])
+    assert positions[0].tolist() == [0, 1, 1, 1, 1]
+    assert delta == 1 + 7 - 5

@@ -1,0 +1,71 @@
+"""Our transformers path on one video request, for tests/test_vllm.py to hold vLLM against.
+
+Runs in prunevid's main environment (the transformers adapter needs transformers>=5.24; vLLM's
+environment has vLLM's older pin), so the test starts it with that interpreter
+(`PRUNEVID_REFERENCE_PYTHON`):
+
+    python tests/vllm_reference.py CHECKPOINT REQUEST.pt OUT.pt
+
+REQUEST (torch.save'd dict): input_ids (L,) with one placeholder per video token,
+pixel_values_videos, video_grid_thw (1, 3), second_per_grid_ts (1,), settings (the plugin's
+`prunevid` mapping). OUT: stock_positions (3, L), transformers' M-RoPE positions of the whole
+prompt; embeds (L', C) and positions (3, L'), what the decoder layers receive from
+`prunevid.patch` with stage 1 only (`PruneVidConfig(stage2=False, **settings)`); features
+(T * N, C), the vision tower's output.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+import prunevid
+from prunevid.config import PruneVidConfig
+from prunevid.models import base
+from prunevid.models.qwen2_vl import VIDEO_MODALITY
+
+
+def reference(checkpoint: str, request: dict) -> dict[str, torch.Tensor]:
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ids = request["input_ids"][None]
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "mm_token_type_ids": (ids == model.config.video_token_id).long() * VIDEO_MODALITY,
+        "pixel_values_videos": request["pixel_values_videos"],
+        "video_grid_thw": request["video_grid_thw"],
+        "second_per_grid_ts": request["second_per_grid_ts"],
+    }
+    stock, _ = model.model.get_rope_index(
+        ids,
+        inputs["mm_token_type_ids"],
+        video_grid_thw=inputs["video_grid_thw"],
+        second_per_grid_ts=inputs["second_per_grid_ts"],
+        attention_mask=inputs["attention_mask"],
+    )
+    with torch.no_grad():
+        features = model.model.get_video_features(
+            inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True
+        ).pooler_output[0]
+    captured: dict[str, torch.Tensor] = {}
+    decoder_prefill = base.prefill
+
+    def recording(lm, embeds, mask, positions, *args):
+        captured.update(embeds=embeds[0].clone(), positions=positions[:, 0].clone())
+        return decoder_prefill(lm, embeds, mask, positions, *args)
+
+    base.prefill = recording
+    try:
+        prunevid.patch(model, PruneVidConfig(stage2=False, selected_layer=0, **request["settings"]))
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        base.prefill = decoder_prefill
+    return {"stock_positions": stock[:, 0], "features": features, **captured}
+
+
+if __name__ == "__main__":
+    checkpoint, request_path, out_path = sys.argv[1:]
+    torch.save(reference(checkpoint, torch.load(request_path)), out_path)

@@ -192,16 +192,22 @@ def demo(environment, outside):
         process.wait()
 
 
-def test_the_demo_shows_the_spaces_banner_and_examples(demo):
-    from prunevid.app.engine import OFFLINE_MODEL, unavailable_message
+def test_the_demo_shows_the_spaces_banner_and_examples(demo, monkeypatch):
+    from prunevid.app.engine import OFFLINE_MODEL, fallback_message
     from prunevid.app.ui import banner_markdown
-    from prunevid.pipeline import DEFAULT_MODEL
+    from prunevid.pipeline import DEFAULT_MODEL, ModelLoadError, load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as the demo runs: the default model is not here
+    with pytest.raises(ModelLoadError) as missing:
+        load_model(DEFAULT_MODEL)
 
     with urllib.request.urlopen(demo + "config", timeout=30) as response:
         components = [c.get("props", {}) | {"type": c["type"]} for c in json.load(response)["components"]]
     (banner,) = [c["value"] for c in components if c.get("elem_id") == "prunevid-banner"]
     # what the repository's page shows without the default model's weights
-    assert banner == banner_markdown(OFFLINE_MODEL, unavailable_message(DEFAULT_MODEL))
+    assert banner == banner_markdown(
+        OFFLINE_MODEL, fallback_message(missing.value, "the offline tiny demo model")
+    )
     assert DEFAULT_MODEL in banner and "trained only on synthetic shape videos" in banner
     (samples,) = [c["samples"] for c in components if c["type"] == "dataset"]
     assert [(video["orig_name"], question) for video, question in samples] == [

@@ -11,6 +11,8 @@ from .config import PruneVidConfig
 from .models.base import guard_generate, patch_inner, restore_class
 from .trace import PruningTrace
 
+TRANSFORMERS_SUPPORTED = ("5.24", "6")  # [low, high): the 5.x API the adapters are written for
+
 
 def family_of(model: torch.nn.Module) -> ModuleType:
     """The family module that patches `model` (dispatch on the model's class)."""
@@ -44,7 +46,7 @@ def patch(
     tokens go on past `selected_layer`. Patching a patched model replaces its settings.
     `unpatch` restores the stock model.
     """
-    _check_transformers()
+    check_transformers()
     pruned = family_of(model).PrunedModel
     layers = model.config.text_config.num_hidden_layers
     config = config or PruneVidConfig()
@@ -82,14 +84,19 @@ def last_trace(model: torch.nn.Module, row: int = 0) -> PruningTrace:
     return trace
 
 
-def _check_transformers() -> None:
-    """The adapters use transformers 5.24's forward API (`cache`, `mm_encoder_outputs`); the
-    package allows older 5.x releases for the vLLM plugin, which needs only vLLM's pin."""
+class TransformersVersionError(RuntimeError):
+    """The installed transformers is outside the range the adapters are written for."""
+
+
+def check_transformers() -> None:
+    """The adapters use transformers 5.24's forward API (`cache`, `mm_encoder_outputs`). The
+    package itself allows older 5.x releases, for the vLLM plugin, which needs only vLLM's pin."""
     import transformers
     from packaging.version import Version
 
-    if Version(transformers.__version__) < Version("5.24"):
-        raise RuntimeError(
-            f"prunevid.patch needs transformers>=5.24, found {transformers.__version__} "
+    low, high = TRANSFORMERS_SUPPORTED
+    if not Version(low) <= Version(transformers.__version__) < Version(high):
+        raise TransformersVersionError(
+            f"prunevid.patch needs transformers>={low},<{high}, found {transformers.__version__} "
             "(the vLLM plugin works with the transformers vLLM pins)"
         )

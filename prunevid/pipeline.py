@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import family_of, last_trace, patch
+from .api import (
+    TRANSFORMERS_SUPPORTED,
+    TransformersVersionError,
+    check_transformers,
+    family_of,
+    last_trace,
+    patch,
+)
 from .config import PruneVidConfig
 from .trace import PruningTrace
 from .video import Video, load_video
@@ -37,7 +44,6 @@ MODELS = [
     "Qwen/Qwen2.5-VL-7B-Instruct",
 ]
 MAX_QUESTION_CHARS = 2000
-TRANSFORMERS_SUPPORTED = ("5.24", "6")  # [low, high): the 5.x API this code is written against
 GIB = 2**30
 log = logging.getLogger(__name__)
 
@@ -198,17 +204,6 @@ def _skeleton(auto_class: Any, config: Any) -> torch.nn.Module | None:
         return None
 
 
-def check_transformers() -> None:
-    """The installed transformers must be the 5.x this code is written against (5.24 API)."""
-    import transformers
-    from packaging.version import Version
-
-    low, high = TRANSFORMERS_SUPPORTED
-    installed = Version(transformers.__version__)
-    if not Version(low) <= installed < Version(high):
-        raise _VersionError(f"transformers {transformers.__version__} is installed")
-
-
 def check_fits(name: str, num_parameters: int, dtype: str | torch.dtype, device: str) -> None:
     """Refuse, before reading any weight, a model whose weights alone exceed the memory available
     (a process that overshoots is killed by the kernel, with no message at all)."""
@@ -252,10 +247,6 @@ def available_memory(device: str) -> int | None:
     return free
 
 
-class _VersionError(RuntimeError):
-    """The installed transformers is outside the supported range."""
-
-
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` is an allocation failure (CUDA or CPU)."""
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
@@ -279,9 +270,9 @@ def load_failure(name: str, error: BaseException, offline: bool) -> ModelLoadErr
             "programs), or run on a machine with more memory.",
             "memory",
         )
-    if isinstance(error, _VersionError) or "does not recognize this architecture" in text:
+    if isinstance(error, TransformersVersionError) or "does not recognize this architecture" in text:
         needs = _checkpoint_field(name, "transformers_version")
-        if isinstance(error, _VersionError) or (needs and _newer(needs, installed)):
+        if isinstance(error, TransformersVersionError) or (needs and _newer(needs, installed)):
             made = f" (the checkpoint was saved with {needs})" if needs else ""
             return ModelLoadError(
                 f"The installed transformers {installed} cannot load `{name}`{made}: install {wanted} "

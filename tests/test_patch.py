@@ -223,3 +223,16 @@ def test_patch_errors(model):
     prunevid.patch(model, PruneVidConfig(selected_layer=1))
     with pytest.raises(RuntimeError, match="no video has gone through"):
         prunevid.last_trace(model)
+
+
+def test_patch_refuses_a_transformers_older_than_the_adapters_api(monkeypatch):
+    import transformers
+
+    from prunevid.api import TransformersVersionError
+    from prunevid.testing import tiny_model
+
+    model = tiny_model(0)
+    monkeypatch.setattr(transformers, "__version__", "5.19.0")  # what vLLM 0.32 pins
+    with pytest.raises(TransformersVersionError, match=r"needs transformers>=5\.24,<6, found 5\.19\.0"):
+        prunevid.patch(model)
+    assert not hasattr(model.model, "_prunevid"), "nothing patched"

@@ -10,8 +10,11 @@ question family and with 95% Wilson intervals:
                 `selected_layer` scaled by depth (10 of 28 layers);
 * fastv       — FastV-style stage-2 rule at PruneVid's measured retention (stage 1 off);
 * random      — random stage-2 rule at that retention (stage 1 off);
-* uniform     — uniform temporal/spatial average pooling of the visual tokens to that retention,
-                fed to the stock model (no PruneVid patch).
+* uniform     — average pooling of each frame's grid to that retention (`prunevid.baselines`).
+
+`--retentions 0.25,0.2,0.15,0.1` adds every method of `prunevid.baselines.METHODS` at each budget
+(`budgets`), with its share of the full model's accuracy, a methods-by-budgets table and, with
+`--plot`, their accuracy-vs-retention picture.
 
 Optionally a sweep of alpha x cluster_ratio, with the baselines at matching retentions, and an
 accuracy-vs-retention PNG (drawn with OpenCV). Answers are single words, so an answer is the

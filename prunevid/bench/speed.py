@@ -20,7 +20,8 @@ alike.
 
 Random-weight vision towers make every token look alike, so stage 1's output size is set by
 calibrating `tau` on the clip's features (bisection) to a stated retention (default 40%).
-`--sweep` adds a grid over `alpha` x `cluster_ratio` (CSV + speedup-vs-retention plot).
+`--sweep` adds a grid over `alpha` x `cluster_ratio` (CSV + speedup-vs-retention plot), and
+`--retentions 0.25,0.1` every method of `prunevid.baselines.METHODS` at each of those budgets.
 """
 
 from __future__ import annotations
@@ -323,7 +324,7 @@ def stage2_kept(frames: torch.Tensor, config: PruneVidConfig, grid: tuple[int, i
 # ----------------------------------------------------------------------------- methods and runs
 
 
-def default_methods(base: PruneVidConfig, ratio: float, seed: int = 0) -> list[Method]:
+def default_methods(base: PruneVidConfig, ratio: float) -> list[Method]:
     """The six methods of the table. base: PruneVid's settings (calibrated tau);
     ratio: PruneVid's final visual retention, which FastV and random pruning match."""
     single = base.replace(stage1=False)
@@ -349,7 +350,7 @@ def sweep_methods(base: PruneVidConfig, alphas: Sequence[float], ratios: Sequenc
 def benchmark(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     """Measure the six methods (and the sweep), summarise, evaluate the targets."""
     shape = DecoderShape.from_config(setup.model.config)
-    methods = default_methods(setup.base, setup.kept / setup.prompt.visual_tokens, args.seed)
+    methods = default_methods(setup.base, setup.kept / setup.prompt.visual_tokens)
     samples = measure(
         setup.model, methods, setup.prompt, args.repeats, args.new_tokens, setup.warmup, "methods"
     )

@@ -39,6 +39,7 @@ from transformers import Qwen2_5_VLConfig
 from vllm import LLM, SamplingParams
 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
+from prunevid.bench.archs import ARCHS, QWEN25_VIT
 from prunevid.integrations import vllm as plugin
 from prunevid.synthetic import make_sample
 from prunevid.testing import save_tiny_qwen_vl, tiny_tokenizer
@@ -47,25 +48,11 @@ PROMPT = (
     "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what is happening in the video ?"
     "<|im_end|>\n<|im_start|>assistant\n"
 )
-# Qwen2.5-VL-3B-Instruct's layer sizes.
-TEXT_3B = dict(
-    hidden_size=2048,
-    intermediate_size=11008,
-    num_attention_heads=16,
-    num_key_value_heads=2,
-    vocab_size=151936,
-)
-VISION_3B = dict(
-    hidden_size=1280,
-    intermediate_size=3420,
-    num_heads=16,
-    out_hidden_size=2048,
-    patch_size=14,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    window_size=112,
-    tokens_per_second=2,
-)
+# Qwen2.5-VL-3B-Instruct's layer sizes (the speed benchmark's), its full vocabulary; the depths
+# are chosen per run.
+SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+TEXT_3B = {**{key: ARCHS["qwen2.5-vl-3b"].text[key] for key in SIZES}, "vocab_size": 151936}
+VISION_3B = {key: value for key, value in QWEN25_VIT.items() if key not in ("depth", "fullatt_block_indexes")}
 
 
 def write_checkpoint(folder: str, layers: int, vision_depth: int, size: int) -> str:

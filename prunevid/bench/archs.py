@@ -26,6 +26,16 @@ SIGLIP_SO400M = dict(
     patch_size=14,
     vision_use_head=False,
 )
+# Qwen2-7B's layer sizes (LLaVA-OneVision-7B and, with M-RoPE, Qwen2.5-VL-7B); 28 layers in full.
+QWEN2_7B = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    tie_word_embeddings=False,
+)
+# M-RoPE of the Qwen2.5-VL family (copied into each config: configs may add to it).
+MROPE = {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}
 # Qwen2.5-VL-3B-Instruct's vision tower (window attention, full attention every 8th block).
 QWEN25_VIT = dict(
     depth=32,
@@ -81,43 +91,21 @@ ARCHS: dict[str, Arch] = {
     ),
     "qwen2-7b-4layers": Arch(
         "qwen2-7b-4layers",
-        dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=4,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            tie_word_embeddings=False,
-        ),
+        {**QWEN2_7B, "num_hidden_layers": 4},
         1,
         "LLaVA-OneVision-7B layer sizes (Qwen2-7B) with 4 of its 28 decoder layers, vocab cut to "
         "32,768; selected_layer 1 = 10 * 4 // 28 (layers 0-1 at full length, 2-3 pruned)",
     ),
     "qwen2-7b": Arch(
         "qwen2-7b",
-        dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            tie_word_embeddings=False,
-        ),
+        {**QWEN2_7B, "num_hidden_layers": 28},
         10,
         "LLaVA-OneVision-7B sizes: SigLIP-so400m + Qwen2-7B (all 28 layers), vocab cut to 32,768 "
         "(GPU runs: scripts/gpu_check.sh)",
     ),
     "qwen2.5-vl-7b": Arch(
         "qwen2.5-vl-7b",
-        dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
-        ),
+        {**QWEN2_7B, "num_hidden_layers": 28, "rope_parameters": dict(MROPE)},
         10,
         "Qwen2.5-VL-7B-Instruct sizes: its 32-block window-attention ViT + Qwen2.5-7B (28 layers, "
         "M-RoPE), vocab cut to 32,768 (GPU runs: scripts/gpu_check.sh)",
@@ -133,7 +121,7 @@ ARCHS: dict[str, Arch] = {
             num_attention_heads=16,
             num_key_value_heads=2,
             tie_word_embeddings=True,
-            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+            rope_parameters=dict(MROPE),
         ),
         10,
         "Qwen2.5-VL-3B-Instruct sizes: its 32-block window-attention ViT + Qwen2.5-3B (36 layers, "

@@ -655,15 +655,20 @@ class Outcome:
         return out
 
 
+COUNTS = (
+    "num_visual_tokens",
+    "num_after_stage1",
+    "num_after_stage2",
+    "retention",
+    "retention_target",
+    "retention_layer_averaged",
+)
+
+
 def _counts(trace: PruningTrace) -> dict[str, Any]:
-    return {
-        "num_visual_tokens": trace.num_visual_tokens,
-        "num_after_stage1": trace.num_after_stage1,
-        "num_after_stage2": trace.num_after_stage2,
-        "retention": trace.retention,
-        "retention_target": trace.config.get("retention"),
-        "retention_layer_averaged": trace.layer_retention,
-    }
+    """The token counts and retentions of a run, as its trace summarises them."""
+    summary = trace.summary()
+    return {key: summary[key] for key in COUNTS}
 
 
 def prefill_speedup(baseline: Result, pruned: Result, with_stage1: bool = False) -> float:

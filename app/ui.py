@@ -187,6 +187,19 @@ def comparison_components(compare: str | None) -> tuple[Any, Any]:
     )
 
 
+def token_gallery(label: str, elem_id: str, visible: bool = True) -> gr.Gallery:
+    """A gallery of overlays, four frames a row (PruneVid's and a compared method's alike)."""
+    return gr.Gallery(
+        label=label,
+        columns=4,
+        object_fit="contain",
+        height="auto",
+        format="png",
+        visible=visible,
+        elem_id=elem_id,
+    )
+
+
 def side_by_side(frame: np.ndarray, overlay: np.ndarray, gap: int = 6) -> np.ndarray:
     height = frame.shape[0]
     spacer = np.full((height, gap, 3), 255, dtype=np.uint8)
@@ -432,22 +445,9 @@ class App:
                     layers = gr.CheckboxGroup(
                         LAYER_CHOICES, value=DEFAULT_LAYERS, label="Layers drawn on the frames"
                     )
-                    gallery = gr.Gallery(
-                        label="Tokens per sampled frame",
-                        columns=4,
-                        object_fit="contain",
-                        height="auto",
-                        format="png",
-                        elem_id="overlay-gallery",
-                    )
-                    compared_gallery = gr.Gallery(
-                        label="Tokens per sampled frame: compared method",
-                        columns=4,
-                        object_fit="contain",
-                        height="auto",
-                        format="png",
-                        visible=False,
-                        elem_id="compared-gallery",
+                    gallery = token_gallery("Tokens per sampled frame", "overlay-gallery")
+                    compared_gallery = token_gallery(
+                        "Tokens per sampled frame: compared method", "compared-gallery", visible=False
                     )
                     gr.Markdown(LEGEND)
                     frame = gr.Slider(0, 1, value=0, step=1, label="Frame", interactive=False)

@@ -1,25 +1,39 @@
-"""scripts/gpu_check.sh without a GPU (one line, exit 0) and its driver, scripts/gpu_bench.py, run
-on the CPU with the tiny model: the benchmark runs through the device placement and its table is
-appended to the results file under a heading naming the device and settings."""
+"""scripts/gpu_check.sh without a GPU (one line, exit 0), and the same script pointed at the CPU
+with the tiny model (GPU_CHECK_DEVICE / GPU_CHECK_ARCHS): `prunevid bench speed --device` runs
+and its report is appended under a heading naming the model, dtype and device. `--device` asks
+for a device this machine has, or says in one sentence why not."""
 
 from __future__ import annotations
 
-import importlib.util
+import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from prunevid.bench.speed import check_device
+from prunevid.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def gpu_check(env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "scripts/gpu_check.sh"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the script would measure")
 def test_gpu_check_without_a_gpu_says_so_and_exits_cleanly():
     before = (ROOT / "docs" / "bench_speed.md").read_text()
-    done = subprocess.run(
-        ["bash", "scripts/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    done = gpu_check()
     assert done.returncode == 0, done.stderr
     assert (
         done.stdout
@@ -28,21 +42,36 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_cleanly():
     assert (ROOT / "docs" / "bench_speed.md").read_text() == before
 
 
-def test_the_driver_runs_the_benchmark_and_appends_its_table(tmp_path, monkeypatch):
-    from prunevid.models import llava_onevision, qwen2_vl
-
-    for family in (llava_onevision, qwen2_vl):  # the driver rewires these: restore them afterwards
-        monkeypatch.setattr(family, "build_inputs", family.build_inputs)
-        monkeypatch.setattr(family, "video_features", family.video_features)
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "scripts" / "gpu_bench.py")
-    gpu_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_bench)
-
+def test_gpu_check_appends_each_report_under_its_own_heading(tmp_path):
     results = tmp_path / "results.md"
     results.write_text("# earlier results\n")
-    args = ["--arch", "tiny", "--frames", "4", "--repeats", "1", "--new-tokens", "2", "--warmup-frames", "0"]
-    assert gpu_bench.main(["--device", "cpu", "--append", str(results), "--", *args]) == 0
+    done = gpu_check({"GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_ARCHS": "tiny", "GPU_CHECK_OUT": str(results)})
+    assert done.returncode == 0, done.stderr
     text = results.read_text()
-    assert text.startswith("# earlier results\n\n## On cpu: tiny, float32, SDPA\n")
-    assert "prunevid bench speed --arch tiny --frames 4" in text
-    assert "| stock | 196 (100.0%) |" in text and "| prunevid |" in text
+    assert text.startswith("# earlier results\n\n## tiny, bfloat16, on cpu (scripts/gpu_check.sh, ")
+    assert "**tiny**, bfloat16:" in text and "| stock | 784 (100.0%) |" in text and "| prunevid |" in text
+    record = json.loads((tmp_path / "bench_speed_tiny_bfloat16_cpu.json").read_text())
+    assert record["device"] == {"type": "cpu", "name": "cpu", "attention": "sdpa"}
+    assert record["dtype"] == "bfloat16" and record["frames"] == 16
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("tpu", "--device must be cpu or cuda[:index], got 'tpu'"),
+        ("not a device", "--device must be cpu or cuda[:index], got 'not a device'"),
+        ("cuda:99", "--device cuda:99: "),
+    ],
+)
+def test_bench_device_must_be_one_this_machine_has(name, message, capsys):
+    with pytest.raises(ValueError) as error:
+        check_device(name)
+    assert str(error.value).startswith(message)
+    assert main(["bench", "speed", "--quick", "--device", name]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_bench_on_cuda_without_a_gpu_is_one_sentence():
+    with pytest.raises(ValueError, match=r"^--device cuda: torch sees no CUDA GPU on this machine$"):
+        check_device("cuda")

@@ -64,12 +64,13 @@ def model_inputs(
     model: torch.nn.Module, tokenizer: Any, frames: np.ndarray, question: str
 ) -> tuple[dict[str, torch.Tensor], float]:
     """The family's inputs for one clip and question, pixels included (with the family's default
-    frame sizing), and the seconds they took (the frame preprocessing)."""
+    frame sizing), on the model's device, and the seconds the frame preprocessing took."""
     family = family_of(model)
     processing = family.Preprocessing.for_config(model.config)
     tic = time.perf_counter()
     inputs = family.build_inputs(tokenizer, model.config, frames, question, processing)
-    return inputs, time.perf_counter() - tic
+    seconds = time.perf_counter() - tic
+    return {key: value.to(model.device) for key, value in inputs.items()}, seconds
 
 
 @torch.inference_mode()
@@ -78,9 +79,17 @@ def vision_features(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> 
     `pooler_output` that generate() takes precomputed (LLaVA-OneVision: (1, T*N + 1, C) with the
     newline; Qwen-VL: per video (T*N, C), T time steps of two frames)."""
     pixels = inputs["pixel_values_videos"].to(model.dtype)
+    synchronize(model.device)
     tic = time.perf_counter()
     output = family_of(model).video_features(model, {**inputs, "pixel_values_videos": pixels})
+    synchronize(model.device)  # an accelerator runs asynchronously: wait before reading the clock
     return output.pooler_output, time.perf_counter() - tic
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def video_tokens(model: torch.nn.Module, prompt: Prompt) -> tuple[torch.Tensor, tuple[int, int]]:

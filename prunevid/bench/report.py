@@ -376,6 +376,7 @@ def report_markdown(result: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch threads, "
         f"flags {' '.join(m['cpu_flags']) or '-'}; torch {m['torch']}, transformers {m['transformers']}; "
         f"{m['date']}; load average {_load(m)}.",
+        *_device_line(result.get("device")),
         f"{result['calibration']['text']}; PruneVid settings {_settings(result['config'])}.",
         f"{vision['text']}: {100 * vision['share_of_stock_ttft']:.0f}% of the stock TTFT.",
         "",
@@ -388,6 +389,16 @@ def report_markdown(result: dict[str, Any]) -> str:
         lines += ["", "Every method at the same budgets (one new token: prefill only):", "",
                   budget_table(result["budgets"])]  # fmt: skip
     return "\n".join(lines)
+
+
+def _device_line(device: dict[str, Any] | None) -> list[str]:
+    """A line naming the GPU the model ran on (none for the CPU: the machine line says it all)."""
+    if not device or device["type"] == "cpu":
+        return []
+    return [
+        f"Model on {device['name']} (CUDA {device['cuda']}, {device['attention']} attention), peak GPU memory "
+        f"{device['peak_memory_gib']:.1f} GiB; the RSS columns count host memory only."
+    ]
 
 
 def _load(machine: dict[str, Any]) -> str:

@@ -22,6 +22,8 @@ Random-weight vision towers make every token look alike, so stage 1's output siz
 calibrating `tau` on the clip's features (bisection) to a stated retention (default 40%).
 `--sweep` adds a grid over `alpha` x `cluster_ratio` (CSV + speedup-vs-retention plot), and
 `--retentions 0.25,0.1` every method of `prunevid.baselines.METHODS` at each of those budgets.
+`--device cuda` builds the model on the CPU, then runs everything on the GPU (the vision tower's
+clock waits for it; generate() hands each new token to the CPU, which waits too).
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="when the fp32 feature pass is not the measurement (bf16, cached features): "
                    "time the vision tower on this many frames and scale linearly (default 2)")  # fmt: skip
     p.add_argument("--features-cache", default=None, help="folder caching the clip's fp32 vision features")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu (default) or cuda[:i] (built on the CPU, then moved)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--markdown", default=None, help="write the table and settings here")
@@ -148,6 +152,22 @@ def _check_arguments(args: argparse.Namespace) -> None:
             PruneVidConfig(retention=value)  # one sentence for a budget out of (0, 1]
     if args.vision_frames is not None and not 1 <= args.vision_frames <= args.frames:
         raise ValueError(f"--vision-frames must be in [1, {args.frames}], got {args.vision_frames}")
+    check_device(args.device)
+
+
+def check_device(name: str) -> torch.device:
+    """`name` as a torch device this machine has, or one sentence saying why not."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu or cuda[:index], got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:index], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 # ----------------------------------------------------------------------------- setup (measured once)
@@ -175,6 +195,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     arch = ARCHS[args.arch]
     tic = time.perf_counter()
     model, tokenizer = build_model(arch, args.seed)
+    model.to(check_device(args.device))
     build_s = time.perf_counter() - tic
     video, frames = _clip(args)
     inputs, preprocess_s = model_inputs(model, tokenizer, frames, args.question)
@@ -237,7 +258,7 @@ def clip_features(
     """fp32 vision features of the clip, from `cache` when present; also the fp32 tower
     seconds when they were measured now (None when read from the cache)."""
     if cache is not None and cache.is_file():
-        return torch.load(cache)["features"], None
+        return torch.load(cache, map_location=model.device)["features"], None
     features, seconds = vision_features(model, inputs)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -409,6 +430,7 @@ def _result(setup: Setup, args: argparse.Namespace, rows: list[Row]) -> dict[str
         "command": command_line(args),
         "arch": {"name": setup.arch.name, "note": setup.arch.note, "build_s": setup.build_s},
         "dtype": args.dtype,
+        "device": device_info(setup.model),
         "video": setup.video,
         "frames": len(setup.frames),
         "question": args.question,
@@ -425,9 +447,24 @@ def _result(setup: Setup, args: argparse.Namespace, rows: list[Row]) -> dict[str
     }
 
 
+def device_info(model: torch.nn.Module) -> dict[str, Any]:
+    """Where the model ran and its attention kernel; on a GPU its name, CUDA version and peak memory."""
+    device, attention = model.device, model.config._attn_implementation
+    if device.type != "cuda":
+        return {"type": device.type, "name": "cpu", "attention": attention}
+    return {
+        "type": "cuda",
+        "attention": attention,
+        "name": torch.cuda.get_device_name(device),
+        "cuda": torch.version.cuda,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+    }
+
+
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces this run (every option that changes the numbers, spelled out)."""
     parts = ["prunevid bench speed", f"--arch {args.arch}", f"--dtype {args.dtype}"]
+    parts += [f"--device {args.device}"] if args.device != "cpu" else []
     parts += [f"--video {args.video}"] if args.video else []
     for name in ("frames", "repeats", "new_tokens", "stage1_retention", "alpha", "selected_layer",
                  "seed", "warmup_frames", "vision_frames", "threads"):  # fmt: skip

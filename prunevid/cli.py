@@ -40,8 +40,13 @@ def config_from_arguments(args: argparse.Namespace, base: PruneVidConfig) -> Pru
 
 
 def _answer(args: argparse.Namespace) -> None:
-    from .pipeline import answer, load_model, preset
+    from .pipeline import answer, check_question, load_model, preset
+    from .video import check_file
 
+    # What can be checked without the model fails before it loads (a large one takes minutes).
+    config_from_arguments(args, PruneVidConfig())
+    check_question(args.question)
+    check_file(args.video)
     loaded = load_model(args.model)
     config = config_from_arguments(args, preset(args.model, loaded.num_layers))
     result = answer(

@@ -39,7 +39,8 @@ def sample_indices(total: int, num_frames: int) -> np.ndarray:
     return ((np.arange(num_frames) + 0.5) * total / num_frames).astype(np.int64)
 
 
-def _check_file(path: str) -> None:
+def check_file(path: str) -> None:
+    """One sentence when `path` is missing, a folder or empty (before any decoding)."""
     if not os.path.exists(path):
         raise VideoError(f"video file not found: {path}")
     if os.path.isdir(path):
@@ -67,7 +68,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     import av
 
     path = os.fspath(path)
-    _check_file(path)
+    check_file(path)
     try:
         with av.open(path) as container:
             if not container.streams.video:

@@ -165,6 +165,21 @@ def test_cli_errors_are_one_line(capsys, argv, message):
     assert err.startswith(message) and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["missing.mp4", "q"], "error: video file not found: missing.mp4"),
+        ([SHAPES, " "], "error: The question is empty"),
+        ([SHAPES, "q", "--retention", "0"], "error: retention must be in (0, 1], got 0.0"),
+    ],
+)
+def test_cli_checks_what_it_can_before_loading_the_model(capsys, argv, message):
+    # The model cannot load: its error would come first if these were checked after loading.
+    assert main(["answer", *argv, "--model", "/nonexistent/m"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
 def test_cli_stage_switches(capsys):
     assert (
         main(

@@ -49,6 +49,7 @@ def test_gpu_check_appends_each_report_under_its_own_heading(tmp_path):
     assert done.returncode == 0, done.stderr
     text = results.read_text()
     assert text.startswith("# earlier results\n\n## tiny, bfloat16, on cpu (scripts/gpu_check.sh, ")
+    assert "`prunevid bench speed --arch tiny --dtype bfloat16 --video assets/bbb.mp4 --frames 16" in text
     assert "**tiny**, bfloat16:" in text and "| stock | 784 (100.0%) |" in text and "| prunevid |" in text
     record = json.loads((tmp_path / "bench_speed_tiny_bfloat16_cpu.json").read_text())
     assert record["device"] == {"type": "cpu", "name": "cpu", "attention": "sdpa"}

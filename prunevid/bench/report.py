@@ -370,6 +370,8 @@ def report_markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     vision = result["vision"]
     lines = [
+        f"`{result['command']}`",
+        "",
         f"**{result['arch']['name']}**, {result['dtype']}: {result['arch']['note']}.",
         f"Clip `{result['video']}`, {result['frames']} frames; {result['repeats']} repeats "
         f"(medians, [min-max]); decode over {result['new_tokens']} new tokens.",

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..accuracy import Method
 from ..api import family_of, last_trace, patch, unpatch
+from ..models.base import clock
 from ..models.llava_onevision import pooled_grid
 
 DEFAULT_QUESTION = "What animal is in the video?"
@@ -79,17 +80,9 @@ def vision_features(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> 
     `pooler_output` that generate() takes precomputed (LLaVA-OneVision: (1, T*N + 1, C) with the
     newline; Qwen-VL: per video (T*N, C), T time steps of two frames)."""
     pixels = inputs["pixel_values_videos"].to(model.dtype)
-    synchronize(model.device)
-    tic = time.perf_counter()
+    tic = clock(model.device)
     output = family_of(model).video_features(model, {**inputs, "pixel_values_videos": pixels})
-    synchronize(model.device)  # an accelerator runs asynchronously: wait before reading the clock
-    return output.pooler_output, time.perf_counter() - tic
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on `device` (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return output.pooler_output, clock(model.device) - tic
 
 
 def video_tokens(model: torch.nn.Module, prompt: Prompt) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -202,9 +202,9 @@ def video_prefill(
             merges.append(None)
             continue
         video = next(pending)
-        tic = _clock(embeds)
+        tic = clock(embeds.device)
         merge, reused = runtime.merge(video.tokens, video.grid)
-        stage1_s.append((_clock(embeds) - tic, reused))
+        stage1_s.append((clock(embeds.device) - tic, reused))
         row, span = _splice(embeds[b], real, is_video[b], pos, video, merge, config)
         rows.append(row)
         spans.append(span)
@@ -228,10 +228,10 @@ def video_prefill(
     ] or None
     if cache is None and use_cache is not False:
         cache = DynamicCache(config=lm.config)
-    tic = _clock(embeds)
+    tic = clock(embeds.device)
     rule = runtime.method.select or question_guided
     hidden, selection = prefill(lm, embeds, mask, positions, cache, spans, config, rule, residuals)
-    prefill_s = _clock(embeds) - tic
+    prefill_s = clock(embeds.device) - tic
 
     last = positions[..., -1]  # every row ends with a real token (left padding)
     runtime.state = None if cache is None else DecodeState(cache, selection.mask, last + 1)
@@ -426,8 +426,8 @@ def _left_pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return embeds, mask, pads
 
 
-def _clock(x: torch.Tensor) -> float:
-    """Wall time, after the device has finished its queued work."""
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
+def clock(device: torch.device) -> float:
+    """Wall time, after `device` has finished its queued work (accelerators run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter()

@@ -10,7 +10,7 @@ proportion to their sizes. Pure integer arithmetic.
 
 from __future__ import annotations
 
-import math
+import torch
 
 from .config import PruneVidConfig
 
@@ -38,22 +38,47 @@ def allocate(sizes: list[int], total: int, minimum: int = 1) -> list[int]:
     """Share `total` among sets of `sizes` in proportion to their sizes (largest remainder).
 
     Every set gets between min(minimum, size) and size; ties go to the earlier set. Requires
-    sum(min(minimum, size)) <= total <= sum(sizes).
+    sum(min(minimum, size)) <= total <= sum(sizes). The host form of `allocate_tensor`.
     """
     floors = [min(minimum, size) for size in sizes]
     if not sum(floors) <= total <= sum(sizes):
         raise ValueError(
             f"cannot share {total} tokens among sets of sizes {sizes} with at least {minimum} each"
         )
-    whole = sum(sizes) or 1
-    quotas = [total * size / whole for size in sizes]
-    counts = [max(floor, math.floor(quota)) for floor, quota in zip(floors, quotas)]
-    while (gap := total - sum(counts)) != 0:
-        step = 1 if gap > 0 else -1
-        movable = [
-            i for i in range(len(sizes)) if (counts[i] < sizes[i] if step > 0 else counts[i] > floors[i])
-        ]
-        # Adding: the set furthest below its quota; removing: the one furthest above it.
-        chosen = max(movable, key=lambda i: (step * (quotas[i] - counts[i]), -i))
-        counts[chosen] += step
-    return counts
+    return allocate_tensor(torch.tensor(sizes, dtype=torch.long), total, minimum).tolist()
+
+
+def allocate_tensor(
+    sizes: torch.Tensor, total: int | torch.Tensor, minimum: int | torch.Tensor = 1
+) -> torch.Tensor:
+    """`allocate` on the device, without reading anything back: (S,) sizes -> (S,) counts.
+
+    Each set starts at max(min(minimum, size), floor(quota)), quota = total * size / sum(sizes);
+    the gap to `total` is then closed one token at a time, adding to the set furthest below its
+    quota (removing from the one furthest above it), ties to the earlier set. That greedy walk
+    equals taking the |gap| best of every set's possible steps at once, because a set's later
+    steps always rank below its earlier ones; the gap is below S * max(1, minimum), so S of them
+    per set suffice. `total` may be a 0-d tensor, and so may `minimum` if it is 0 or 1 (a
+    count the host does not know); the caller guarantees that the total fits (`allocate` checks).
+    """
+    sizes = sizes.long()
+    steps = torch.arange(
+        len(sizes) * (max(1, minimum) if isinstance(minimum, int) else 1), device=sizes.device
+    )
+    total = torch.as_tensor(total, device=sizes.device)
+    minimum = torch.as_tensor(minimum, device=sizes.device)
+    floors = torch.minimum(sizes, minimum)
+    # float64 and an exact integer numerator: the same quotas as Python's total * size / whole.
+    quotas = (total * sizes).double() / sizes.sum().clamp(min=1).double()
+    counts = torch.maximum(floors, quotas.floor().long())
+    gap = total - counts.sum()
+    adding = counts[:, None] + steps  # (S, J): the count before each possible step
+    # A step's priority: how far below its quota the set is (adding) or above it (removing).
+    up = (quotas[:, None] - adding).masked_fill(adding >= sizes[:, None], -torch.inf)
+    removing = counts[:, None] - steps
+    down = (removing - quotas[:, None]).masked_fill(removing <= floors[:, None], -torch.inf)
+    priority = torch.where(gap > 0, up, down).flatten()
+    order = priority.sort(descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=sizes.device))
+    taken = (rank < gap.abs()).view(len(sizes), -1).sum(1)
+    return counts + gap.sign() * taken

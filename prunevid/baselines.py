@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .budget import allocate, stage1_count
+from .budget import stage1_count
 from .cluster import cluster_means
 from .config import PruneVidConfig
 from .merge import MergeResult, merge_tokens
@@ -68,6 +68,8 @@ class Method:
 
 
 # ---- rules inside the language model -------------------------------------------------------
+# Both keep counts.sum() tokens by a rank test on the device (`_top`), so the count, which may be
+# a device tensor, never has to reach the host.
 
 
 def fastv(
@@ -76,25 +78,33 @@ def fastv(
     """FastV-style: rank by the attention the last prompt token pays, averaged over heads, and
     keep counts.sum() tokens overall (the sets do not matter)."""
     scores = attention[:, -1].mean(0)
-    return scores, _top(scores, int(counts.sum()))
+    return scores, _top(scores, counts.sum())
 
 
 def random_tokens(
     attention: torch.Tensor, groups: torch.Tensor, counts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """counts.sum() uniformly random tokens, the same ones for the same number of tokens."""
+    """counts.sum() uniformly random tokens, the same ones for the same number of tokens (drawn
+    on the CPU, so on every device)."""
     generator = torch.Generator().manual_seed(0)
-    scores = torch.rand(attention.shape[-1], generator=generator).to(attention.device)
-    return scores, _top(scores, int(counts.sum()))
+    scores = torch.rand(attention.shape[-1], generator=generator)
+    if attention.is_cuda:  # a copy from pinned memory does not wait for the queued work
+        scores = scores.pin_memory()
+    scores = scores.to(attention.device, non_blocking=True)
+    return scores, _top(scores, counts.sum())
 
 
-def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
-    kept = torch.zeros_like(scores, dtype=torch.bool)
-    kept[scores.topk(min(count, len(scores))).indices] = True
-    return kept
+def _top(scores: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+    """(n,) bool: the `count` highest scores (all n when count > n), equal scores keeping the
+    lower index. `count` may be a 0-d tensor: it is compared with each token's rank, never read."""
+    order = scores.sort(descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=scores.device))
+    return rank < count
 
 
 # ---- rules before the language model -------------------------------------------------------
+# Every count here follows from T, N and the retention, which the host knows; the content only
+# decides which tokens, on the device, with no value read back and no loop over frames.
 
 
 def uniform_pool(features: torch.Tensor, config: PruneVidConfig, grid: tuple[int, int]) -> MergeResult:
@@ -103,15 +113,22 @@ def uniform_pool(features: torch.Tensor, config: PruneVidConfig, grid: tuple[int
     tokens than frames, runs of consecutive frames pool into one token each."""
     num_frames, num_tokens, _ = features.shape
     count = stage1_count(num_frames * num_tokens, config)
+    frames = torch.arange(num_frames, device=features.device)
     if count >= num_frames:
-        per_frame = allocate([num_tokens] * num_frames, count)
-        starts = torch.tensor(per_frame).cumsum(0) - torch.tensor(per_frame)
-        labels = torch.stack([grid_cells(grid, k) + s for k, s in zip(per_frame, starts.tolist())])
-        segments = torch.arange(num_frames)
+        # `allocate` of T equal frames: count // T cells each, one more in the first count % T.
+        cells, more = divmod(count, num_frames)
+        starts = frames * cells + frames.clamp(max=more)  # (T,) first token of each frame
+        labels = grid_cells(grid, cells, features.device)
+        if more:
+            labels = torch.where(
+                (frames < more)[:, None], grid_cells(grid, cells + 1, features.device), labels
+            )
+        labels = starts[:, None] + labels  # (T, N)
+        segments = frames
     else:
-        segments = _runs_of_frames(num_frames, count)
+        segments = _runs(num_frames, count, features.device)
         labels = segments[:, None].expand(-1, num_tokens)
-    return _reduced(features, labels, segments, grid)
+    return _reduced(features, labels, segments, grid, count)
 
 
 def evs(features: torch.Tensor, config: PruneVidConfig, grid: tuple[int, int]) -> MergeResult:
@@ -120,17 +137,17 @@ def evs(features: torch.Tensor, config: PruneVidConfig, grid: tuple[int, int]) -
     A budget below one frame keeps that many tokens of the first frame, evenly spread."""
     num_frames, num_tokens, _ = features.shape
     count = stage1_count(num_frames * num_tokens, config)
+    device = features.device
     if count <= num_tokens:
-        kept = torch.arange(count) * num_tokens // count
+        kept = torch.arange(count, device=device) * num_tokens // count
     else:
         unit = F.normalize(features.float(), dim=-1, eps=1e-12)
         change = 1 - (unit[1:] * unit[:-1]).sum(-1)  # (T - 1, N)
-        later = change.flatten().sort(descending=True, stable=True).indices[: count - num_tokens].cpu()
-        kept = torch.cat([torch.arange(num_tokens), later + num_tokens]).sort().values
-    labels = torch.full((num_frames * num_tokens,), -1, dtype=torch.long)
-    labels[kept] = torch.arange(count)
-    labels = labels.view(num_frames, num_tokens)
-    return _reduced(features, labels, torch.arange(num_frames), grid)
+        later = change.flatten().sort(descending=True, stable=True).indices[: count - num_tokens]
+        kept = torch.cat([torch.arange(num_tokens, device=device), later + num_tokens]).sort().values
+    labels = torch.full((num_frames * num_tokens,), -1, device=device)
+    labels = labels.scatter(0, kept, torch.arange(count, device=device)).view(num_frames, num_tokens)
+    return _reduced(features, labels, torch.arange(num_frames, device=device), grid, count)
 
 
 def dycoke(features: torch.Tensor, config: PruneVidConfig, grid: tuple[int, int]) -> MergeResult:
@@ -142,27 +159,29 @@ def dycoke(features: torch.Tensor, config: PruneVidConfig, grid: tuple[int, int]
     num_frames, num_tokens, _ = features.shape
     total = num_frames * num_tokens
     count = stage1_count(total, config)
+    device = features.device
     windows = max(1, min(math.ceil(num_frames / DYCOKE_WINDOW), count // num_tokens))
-    segments = _runs_of_frames(num_frames, windows)
+    segments = _runs(num_frames, windows, device)
     first = torch.searchsorted(segments, segments)  # (T,) first frame of each frame's window
-    flat = torch.arange(total).view(num_frames, num_tokens)
+    flat = torch.arange(total, device=device).view(num_frames, num_tokens)
     anchor = flat[first]  # (T, N) the token each token may merge into
-    unit = F.normalize(features.float(), dim=-1, eps=1e-12).cpu()
+    unit = F.normalize(features.float(), dim=-1, eps=1e-12)
     similarity = (unit * unit[first]).sum(-1).masked_fill(anchor == flat, -torch.inf)
     merged = similarity.flatten().sort(descending=True, stable=True).indices[: total - max(count, num_tokens)]
-    owner = flat.flatten().clone()
-    owner[merged] = anchor.flatten()[merged]
+    owner = flat.flatten().scatter(0, merged, anchor.flatten()[merged])  # (T * N,)
     if count < num_tokens:  # one window: pool its first frame's grid, which holds every token now
-        cells = grid_cells(grid, count)
-        first_of_cell = torch.full((count,), num_tokens).scatter_reduce(
-            0, cells, torch.arange(num_tokens), "amin"
+        cells = grid_cells(grid, count, device)
+        first_of_cell = torch.full((count,), num_tokens, device=device).scatter_reduce(
+            0, cells, torch.arange(num_tokens, device=device), "amin"
         )
         owner = first_of_cell[cells[owner % num_tokens]]
-    labels = owner.unique(return_inverse=True)[1].view(num_frames, num_tokens)
-    return _reduced(features, labels, segments, grid)
+    # Each owner is its token's first member: number the `count` owners in increasing order.
+    owns = torch.zeros(total, dtype=torch.long, device=device).scatter_(0, owner, 1)
+    labels = (owns.cumsum(0) - 1)[owner].view(num_frames, num_tokens)
+    return _reduced(features, labels, segments, grid, count)
 
 
-def grid_cells(grid: tuple[int, int], count: int) -> torch.Tensor:
+def grid_cells(grid: tuple[int, int], count: int, device: torch.device | str | None = None) -> torch.Tensor:
     """(H * W,) cell of each position when an H x W grid is cut into `count` near-equal
     rectangles: bands of rows, each cut into runs of columns; cells numbered row-major."""
     height, width = grid
@@ -171,42 +190,40 @@ def grid_cells(grid: tuple[int, int], count: int) -> torch.Tensor:
     bands = min(height, count, max(1, round(math.sqrt(count * height / width))))
     while bands * width < count:
         bands += 1
-    cells = torch.empty(height, width, dtype=torch.long)
-    start = 0
-    for rows, band_cells in zip(
-        torch.tensor_split(torch.arange(height), bands), allocate([width] * bands, count)
-    ):
-        for c, cols in enumerate(torch.tensor_split(torch.arange(width), band_cells)):
-            cells[rows[:, None], cols] = start + c
-        start += band_cells
-    return cells.flatten()
+    # `allocate` of equal bands: count // bands cells each, one more in the first count % bands.
+    cells, more = divmod(count, bands)
+    band = _runs(height, bands, device)[:, None]  # (H, 1)
+    starts = band * cells + band.clamp(max=more)  # (H, 1) first cell of each row's band
+    columns = torch.where(band < more, _runs(width, cells + 1, device), _runs(width, cells, device))
+    return (starts + columns).flatten()
 
 
-def _runs_of_frames(num_frames: int, runs: int) -> torch.Tensor:
-    """(T,) run index of each frame when T frames are cut into `runs` near-equal runs."""
-    return torch.cat(
-        [torch.full((len(r),), i) for i, r in enumerate(torch.tensor_split(torch.arange(num_frames), runs))]
-    )
+def _runs(length: int, parts: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(length,) run of each item when `length` items are cut into `parts` near-equal runs in
+    order, as `torch.tensor_split` cuts them: the first length % parts runs one item longer."""
+    items = torch.arange(length, device=device)
+    size, longer = divmod(length, parts)
+    edge = longer * (size + 1)  # items before it are in the longer runs
+    return torch.where(items < edge, items // (size + 1), longer + (items - edge) // max(size, 1))
 
 
 def _reduced(
-    features: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor, grid: tuple[int, int]
+    features: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor, grid: tuple[int, int], count: int
 ) -> MergeResult:
-    """The MergeResult of a labelling. labels: (T, N) the token each original token goes into,
-    numbered in the order of their first members, -1 where it is dropped; segments: (T,).
-    Each token is the mean of its members, static when they span more than one frame, and in
-    the budget set of its first member's frame."""
+    """The MergeResult of a labelling into `count` tokens. labels: (T, N) the token each original
+    token goes into, numbered in the order of their first members, -1 where it is dropped;
+    segments: (T,). Each token is the mean of its members, static when they span more than one
+    frame, and in the budget set of its first member's frame."""
     num_frames, num_tokens, channels = features.shape
-    labels, segments = labels.to(features.device), segments.to(features.device)
-    flat = labels.flatten()
-    kept = flat >= 0
-    count = int(flat.max()) + 1
-    tokens = cluster_means(features.reshape(1, -1, channels)[:, kept], flat[kept][None], count)[0]
-    frame = torch.arange(num_frames, device=flat.device).repeat_interleave(num_tokens)[kept]
-    first = torch.full((count,), num_frames, device=flat.device).scatter_reduce(0, flat[kept], frame, "amin")
-    last = torch.zeros(count, dtype=torch.long, device=flat.device).scatter_reduce(
-        0, flat[kept], frame, "amax"
-    )
+    device = features.device
+    # Dropped tokens go into one extra token, `count`, cut off at the end: no boolean mask.
+    into = labels.flatten().where(labels.flatten() >= 0, count)
+    tokens = cluster_means(features.reshape(1, -1, channels), into[None], count + 1)[0, :count]
+    frame = torch.arange(num_frames * num_tokens, device=device) // num_tokens
+    first = torch.full((count + 1,), num_frames, device=device).scatter_reduce(0, into, frame, "amin")[:count]
+    last = torch.zeros(count + 1, dtype=torch.long, device=device).scatter_reduce(0, into, frame, "amax")[
+        :count
+    ]
     static = (last > first)[labels.clamp(min=0)] & (labels >= 0)
     return MergeResult(tokens, labels, segments, static, first, grid)
 

@@ -62,12 +62,15 @@ def test_runs_cut_like_tensor_split():
 
 
 def test_in_llm_rules_break_ties_towards_the_lower_index():
-    attention = torch.full((2, 3, 12), 1 / 12)
-    attention[:, -1, 7] = 0.5  # the last row's favourite, then eleven equal scores
-    groups, counts = torch.zeros(12, dtype=torch.long), torch.tensor([2, 2])
-    assert fastv(attention, groups, counts)[1].nonzero().squeeze(1).tolist() == [0, 1, 2, 7]
-    everything = random_tokens(attention, groups, torch.tensor([20]))[1]
-    assert everything.all(), "a count above the tokens keeps them all"
+    attention = torch.full((2, 3, 200), 0.001)
+    attention[:, -1, ::7] = 0.004  # the last row's 29 favourites, then 171 equal scores
+    groups, counts = torch.zeros(200, dtype=torch.long), torch.tensor([30, 10])
+    lowest_others = [i for i in range(200) if i % 7][:11]
+    expected = sorted(list(range(0, 200, 7)) + lowest_others)
+    assert fastv(attention, groups, counts)[1].nonzero().squeeze(1).tolist() == expected
+    assert random_tokens(attention, groups, torch.tensor([250]))[1].all(), (
+        "a count above the tokens keeps them all"
+    )
     assert not fastv(attention, groups, torch.tensor([0, 0]))[1].any()
 
 

@@ -52,14 +52,15 @@ def dpc_knn(x: np.ndarray, num_clusters: int, k: int, noise: np.ndarray | None =
     """Labels (n,) of one set of tokens x (n, C); label r is the centre of rank r."""
     n, channels = x.shape
     assert 1 <= num_clusters <= n
-    x = x.astype(np.float32)
-    # D[i, j]: Euclidean distance / sqrt(C), in float32.
-    dist = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)) / np.float32(math.sqrt(channels))
+    # D[i, j]: Euclidean distance / sqrt(C), in float32. torch.cdist and torch's float32 exp
+    # rather than numpy's: on nearly identical frames (tiny random towers) the densities sit
+    # within a few float32 steps of 1, and only the same rounding decides them the same way.
+    points = torch.from_numpy(np.ascontiguousarray(x)).float()
+    dist = (torch.cdist(points, points) / math.sqrt(channels)).numpy()
 
-    density = np.zeros(n, dtype=np.float32)
-    for i in range(n):
-        nearest = np.sort(dist[i])[: min(k, n)]  # its own zero is among them
-        density[i] = np.exp(-np.mean(nearest**2))
+    # Density: the mean squared distance to the k nearest (its own zero among them).
+    nearest = torch.from_numpy(np.sort(dist, axis=1)[:, : min(k, n)])
+    density = torch.exp(-(nearest**2).mean(-1)).numpy()
     if noise is not None:
         density = density + noise.astype(np.float32)
 
@@ -165,7 +166,7 @@ def make_contiguous(labels: list[int]) -> list[int]:
 
 
 def temporal_labels(descriptors: np.ndarray, config: PruneVidConfig, noise: _Noise) -> list[int]:
-    """§2.2: DPC-KNN labels of the frame descriptors (T, C)."""
+    """§2.2: DPC-KNN labels of the frame descriptors (T, C) (float32 means of the frames)."""
     frames = len(descriptors)
     return dpc_knn(
         descriptors, max(1, int(frames * config.temporal_segment_ratio)), config.k, noise.draw(frames)
@@ -386,7 +387,7 @@ def stage1_reference(features: torch.Tensor, config: PruneVidConfig) -> Stage1:
         )
 
     noise = _Noise(config)
-    segments = segments_of(temporal_labels(x.mean(1), config, noise))
+    segments = segments_of(temporal_labels(features.detach().cpu().float().mean(1).numpy(), config, noise))
     cosine_input = x - x.mean((0, 1)) if config.centre else x
     similarity = [static_similarity(cosine_input[frames]) for frames in segments]
     if config.retention is None:
@@ -405,7 +406,8 @@ def stage1_reference(features: torch.Tensor, config: PruneVidConfig) -> Stage1:
             segment_of[t] = w
             static[t] = plan.static
         if static_positions:
-            averaged = x[plan.frames][:, static_positions].mean(0)  # §3.3: mean over the frames
+            # §3.3: the mean over the frames (clustered as float32 torch computes it: see dpc_knn).
+            averaged = features[plan.frames][:, static_positions].detach().cpu().float().mean(0).numpy()
             draw = noise.draw(len(static_positions)) if plan.static_count is not None else None
             merged, labels = _cluster(averaged, plan.static_count, config.k, draw)
             for p, label in zip(static_positions, labels):

@@ -124,7 +124,7 @@ def test_reference_budget_arithmetic_by_hand():
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("frames", "grid"), SHAPES)
-@pytest.mark.parametrize(("seed", "dpc_noise"), [(0, 0.0), (1, 0.0), (0, 1e-6), (2, 1e-6), (3, 0.5)])
+@pytest.mark.parametrize(("seed", "dpc_noise"), [(0, 0.0), (0, 1e-6), (2, 1e-6), (3, 0.5)])
 def test_stage1_equals_the_reference(kind, frames, grid, seed, dpc_noise):
     """dpc_noise 0.5 makes the noise decide the clusters, so every draw must come in order."""
     features = token_video(kind, frames, grid, seed)
@@ -145,7 +145,8 @@ BUDGET_CASES = [
     for kind in KINDS
     for frames, grid in SHAPES
     for seed, dpc_noise in [(0, 0.0), (1, 1e-6), (2, 0.5)]
-    if grid != (14, 14) or seed > 0  # the big grid: default and decisive noise only (time)
+    # The big grid (time): default noise for every kind, decisive noise for two.
+    if grid != (14, 14) or seed == 1 or (seed == 2 and kind in ("scene_cut", "small_object"))
 ]
 
 
@@ -179,3 +180,15 @@ def test_a_segment_whose_frames_are_partly_clustered_draws_noise_for_all_of_them
     frame_sets = [s for s in torch.bincount(reference.groups).tolist()]
     assert max(frame_sets) == 24 and min(frame_sets) == 23, "some frames kept, some clustered"
     assert_same_stage1(features, config, (4, 6))
+
+
+def test_a_similarity_equal_to_tau_is_not_static():
+    """Two frames whose tokens are exactly orthogonal at every position: similarity 0, and tau 0
+    is not exceeded (static means strictly above tau)."""
+    generator = torch.Generator().manual_seed(0)
+    video = torch.zeros(2, 24, 16)
+    video[0, :, :8] = torch.randn(24, 8, generator=generator)
+    video[1, :, 8:] = torch.randn(24, 8, generator=generator)
+    for config in (PruneVidConfig(tau=0.0), PruneVidConfig(tau=0.0, retention=0.5)):
+        assert not stage1_reference(video, config).static.any()
+        assert_same_stage1(video, config, (4, 6))

@@ -1,9 +1,9 @@
 """An independent reference for PruneVid's stage 2, from the stock (unpatched) model.
 
-Nothing here calls `prunevid.select`, `prunevid.models.decoder` or a patched forward: stage 1's
-output comes from `prunevid.merge_tokens` (tested on its own against the authors' worked
-example), and everything after it is written out with the stock model's own modules and plain
-torch, following ALGORITHM.md §4.5 and §5:
+Nothing here calls `prunevid.merge`, `cluster`, `budget`, `select`, `prunevid.models.decoder` or
+a patched forward: stage 1 and the budget arithmetic come from tests/stage1_reference.py (itself
+checked against the authors' worked example), and everything after it is written out with the
+stock model's own modules and plain torch, following ALGORITHM.md §4.5 and §5:
 
 * `logical_prompt`: the prompt as the language model sees it after stage 1 (text, merged
   tokens in the video's place, their positions: 1-D renumbered for LLaVA-OneVision, the stock
@@ -12,7 +12,8 @@ torch, following ALGORITHM.md §4.5 and §5:
   stock model on the stock inputs; on: the stock language model on the merged embeddings), that
   layer's input norm and q/k projections (+ q_norm/k_norm), grouped-query repeat, softmax of
   the question rows over all prompt keys in float32, max over heads and rows, then the budget
-  of §5.4 per stage-1 set;
+  of §5.4 per stage-1 set (under `config.retention`: the final count shared among the sets by
+  the reference's own largest remainder);
 * `slow_logits`: a full recomputation without a cache in which the pruned tokens stay in the
   sequence and are only masked out as keys (after `selected_layer`, and for generated tokens in
   every layer).
@@ -24,8 +25,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from stage1_reference import Stage1, keep_top, stage1_reference, stage2_counts
 
-from prunevid import PruneVidConfig, merge_tokens
+from prunevid import PruneVidConfig
 
 
 @dataclass
@@ -35,7 +37,8 @@ class Prompt:
     embeds: (n, C); positions: (1, n) or (3, n); visual: (M,) row of each merged token, in
     merged-token order; groups: (M,) its stage-2 budget set; question_start: first row after the
     video; deepstack: per deepstack layer (n, C), zero outside the visual rows (Qwen3-VL);
-    next_position: (1, 1) or (3, 1) position of the first generated token.
+    next_position: (1, 1) or (3, 1) position of the first generated token; stage1: the
+    reference's stage-1 record; num_visual: the video's T * N tokens before stage 1.
     """
 
     embeds: torch.Tensor
@@ -45,6 +48,8 @@ class Prompt:
     question_start: int
     deepstack: list[torch.Tensor]
     next_position: torch.Tensor
+    stage1: Stage1
+    num_visual: int
 
 
 def is_qwen(model) -> bool:
@@ -103,10 +108,11 @@ def logical_prompt(model, inputs, config: PruneVidConfig) -> Prompt:
         suffix, deepstack, positions = 1, [], None  # the trailing newline token stays
 
     per_frame = grid[0] * grid[1]
-    merge = merge_tokens(features[: t * per_frame].view(t, per_frame, -1), config, grid)
+    merge = stage1_reference(features[: t * per_frame].view(t, per_frame, -1), config)
+    num_merged = len(merge.tokens)
     assignment = merge.assignment.flatten()
-    first_member = torch.stack([(assignment == m).nonzero()[0, 0] for m in range(merge.num_tokens)])
-    members = F.one_hot(assignment, merge.num_tokens).T.to(features.dtype)  # (M, T * N)
+    first_member = torch.stack([(assignment == m).nonzero()[0, 0] for m in range(num_merged)])
+    members = F.one_hot(assignment, num_merged).T.to(features.dtype)  # (M, T * N)
     deepstack = [members @ x / members.sum(1, keepdim=True) for x in deepstack]
 
     # Walk the prompt: text stays; each run of placeholders (one, or one per frame) takes the
@@ -134,7 +140,7 @@ def logical_prompt(model, inputs, config: PruneVidConfig) -> Prompt:
     else:
         positions = torch.cat([*rows, positions[:, cursor:]], dim=1)
     visual, order = torch.cat(visual), torch.cat(order)
-    assert torch.equal(order, torch.arange(merge.num_tokens)), "merged tokens enter in their own order"
+    assert torch.equal(order, torch.arange(num_merged)), "merged tokens enter in their own order"
     full = []
     for x in deepstack:
         row = embeds.new_zeros(embeds.shape)
@@ -144,10 +150,12 @@ def logical_prompt(model, inputs, config: PruneVidConfig) -> Prompt:
         embeds=embeds,
         positions=positions,
         visual=visual,
-        groups=budget_sets(merge.assignment, merge.static, merge.segments),
+        groups=merge.groups,
         question_start=length,
         deepstack=full,
         next_position=next_position,
+        stage1=merge,
+        num_visual=t * per_frame,
     )
 
 
@@ -201,12 +209,7 @@ def stage2_reference(model, inputs, config: PruneVidConfig) -> tuple[torch.Tenso
     k = k.repeat_interleave(heads // kv_heads, dim=1)  # query head h reads key head h // (H / Hkv)
     weights = torch.einsum("qhd,khd->hqk", q.float(), k.float()).div(dim**0.5).softmax(-1)
     scores = weights.amax(dim=(0, 1))[prompt.visual]
-    kept = torch.zeros(len(scores), dtype=torch.bool)
-    for group in prompt.groups.unique():
-        members = (prompt.groups == group).nonzero().squeeze(1).tolist()
-        budget = max(1, int(config.alpha * len(members)))
-        best = sorted(members, key=lambda i: (-float(scores[i]), i))[:budget]  # ties: lower index
-        kept[best] = True
+    kept = keep_top(scores, prompt.groups, stage2_counts(prompt.groups, config, prompt.num_visual))
     return scores, kept, prompt
 
 

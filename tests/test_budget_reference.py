@@ -1,0 +1,74 @@
+"""The retention budget end to end, against the independent reference (tests/reference.py with
+tests/stage1_reference.py: its own stage 1, its own largest-remainder counts, the stock model).
+
+Right count, wrong tokens fails here: for methods prunevid, stage1 and stage2 at 25 / 10 / 3%,
+the patched model must merge exactly as the reference does (trace: assignment, static,
+segments), keep exactly the reference's tokens, and give the logits of the slow masked
+recomputation with that kept set.
+"""
+
+import pytest
+import torch
+from helpers import greedy, moving_square, tiny
+from reference import logical_prompt, patched_kept, slow_logits, stage2_reference
+from stage1_reference import final_count
+
+import prunevid
+from prunevid import PruneVidConfig
+from prunevid.models import llava_onevision, qwen2_vl
+from prunevid.testing import tiny_tokenizer
+
+# What each method runs (docs/budgets.md): stage 1 alone reduces to the final count, stage 2
+# alone treats every frame as its own budget set.
+STAGES = {"prunevid": (True, True), "stage1": (True, False), "stage2": (False, True)}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def case(family: str, tokenizer):
+    model = tiny(family, tokenizer)
+    if family == "llava_onevision":
+        return model, llava_onevision.build_inputs(
+            tokenizer, model.config, moving_square(0), "what colour is the object ?"
+        )
+    patchify = qwen2_vl.VideoPatchify(min_pixels=112 * 112, max_pixels=112 * 112)
+    return model, qwen2_vl.build_inputs(
+        tokenizer, model.config, moving_square(0), "what colour is the object ?", patchify
+    )
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
+@pytest.mark.parametrize("method", list(STAGES))
+def test_budget_keeps_the_reference_tokens_and_logits(family, method, tokenizer):
+    model, inputs = case(family, tokenizer)
+    stage1, stage2 = STAGES[method]
+    for retention in (0.25, 0.1, 0.03):
+        config = PruneVidConfig(selected_layer=1, retention=retention, stage1=stage1, stage2=stage2)
+        if stage2:
+            scores, kept, prompt = stage2_reference(model, inputs, config)
+        else:
+            prompt = logical_prompt(model, inputs, config)
+            kept = torch.ones(len(prompt.visual), dtype=torch.bool)
+        prunevid.patch(model, PruneVidConfig(selected_layer=1), method=method, retention=retention)
+        fast = greedy(model, inputs, steps=3)
+        trace = prunevid.last_trace(model)
+        prunevid.unpatch(model)
+        where = (method, retention)
+
+        reference = prompt.stage1
+        assert (
+            trace.merged_index.reshape(reference.assignment.shape).tolist() == reference.assignment.tolist()
+        ), where
+        assert trace.static.reshape(reference.static.shape).tolist() == reference.static.tolist(), where
+        assert trace.segment.tolist() == reference.segments.tolist(), where
+        assert int(kept.sum()) == final_count(prompt.num_visual, retention), where
+        patched, patched_scores = patched_kept(trace)
+        assert torch.equal(patched, kept), f"kept tokens differ from the reference: {where}"
+        if stage2:
+            torch.testing.assert_close(patched_scores, scores, atol=1e-6, rtol=1e-5)
+        slow = slow_logits(model, prompt, config, kept, fast.sequences[0, inputs["input_ids"].shape[1] :])
+        for step, (f, s) in enumerate(zip(fast.logits, slow)):
+            torch.testing.assert_close(f[0], s, atol=1e-4, rtol=0, msg=f"{where} step {step}")

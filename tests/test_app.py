@@ -108,7 +108,7 @@ def test_answer_endpoint_matches_trace(client):
     import prunevid
     from prunevid import PruneVidConfig
     from prunevid.models.llava_onevision import build_inputs
-    from prunevid.pipeline import load_model
+    from prunevid.pipeline import load_model, preset
     from prunevid.video import load_video
 
     question = "What colour is the object moving to the right?"
@@ -136,6 +136,7 @@ def test_answer_endpoint_matches_trace(client):
     # The answer is the patched model's own greedy answer at those settings, computed here
     # without the app.
     loaded = load_model("tiny", device="cpu")  # the model the app serves (PRUNEVID_MODEL=tiny)
+    assert config == preset("tiny", loaded.num_layers).replace(num_frames=16), "the page's defaults ran"
     frames = load_video(ASSETS / "shapes.mp4", trace["num_frames"]).frames
     inputs = build_inputs(loaded.tokenizer, loaded.model.config, frames, question)
     prunevid.patch(loaded.model, config)

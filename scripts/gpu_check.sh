@@ -4,14 +4,16 @@
 # docs/bench_speed.md (or $GPU_CHECK_OUT) under a heading naming the GPU, its JSON written beside it.
 # About 5 minutes on one H100/H200 (each 7B model is built on the CPU first: ~30 GB of host memory
 # in fp32). Without a CUDA GPU it says so in one line and exits 0.
-# GPU_CHECK_DEVICE and GPU_CHECK_ARCHS change where and what it measures (the tests run it on the CPU).
+# GPU_CHECK_DEVICE and GPU_CHECK_ARCHS change where and what it measures (the tests run it on the CPU);
+# PYTHON is the interpreter with torch and prunevid's dependencies (default: `python` on PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+python="${PYTHON:-python}"
 device="${GPU_CHECK_DEVICE:-cuda}"
 out="${GPU_CHECK_OUT:-docs/bench_speed.md}"
-if [[ "$device" == cuda* ]] && ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+if [[ "$device" == cuda* ]] && ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo "gpu_check: no CUDA GPU on this machine; nothing measured, $out unchanged."
   exit 0
 fi
@@ -19,7 +21,7 @@ fi
 report="$(mktemp)"
 trap 'rm -f "$report"' EXIT
 for arch in ${GPU_CHECK_ARCHS:-qwen2-7b qwen2.5-vl-7b}; do
-  python -m prunevid.cli bench speed --device "$device" --arch "$arch" --dtype bfloat16 \
+  "$python" -m prunevid.cli bench speed --device "$device" --arch "$arch" --dtype bfloat16 \
     --video assets/bbb.mp4 --frames 16 --repeats 3 --new-tokens 32 --stage1-retention 0.4 --alpha 0.4 \
     --seed 0 --warmup-frames 2 --vision-frames 16 \
     --json "$(dirname "$out")/bench_speed_${arch}_bfloat16_${device%%:*}.json" --markdown "$report"

@@ -4,9 +4,12 @@ language model fed the same tokens."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import prunevid
 from prunevid import PruneVidConfig
@@ -129,11 +132,84 @@ def test_the_registry_names_and_refuses_clearly():
 
 
 # ---- a pre-LLM method through the patch == the stock language model fed its tokens -------------
+#
+# The vision features are replaced by hand-built ones (through `mm_encoder_outputs`) whose
+# reduction is known by construction: the expected labelling is written out here, and the merged
+# tokens are averaged here, so nothing on the expected side comes from the method under test.
 
 
-def stock_logits_on(model, inputs, merge, grid_positions=None):
+@dataclass
+class HandMerge:
+    """A labelling built by hand and its merged tokens. assignment: (T, N), -1 where dropped."""
+
+    tokens: torch.Tensor  # (M, C)
+    assignment: torch.Tensor
+    first: list[int]  # flat index t * N + n of each merged token's first member
+
+    def first_members(self) -> list[int]:
+        return self.first
+
+
+def hand_merge(features: torch.Tensor, owner) -> HandMerge:
+    """features: (T, N, C); owner(t, n): the key of the token that (t, n) goes into (equal keys
+    merge), None when it is dropped. Tokens are numbered in the order of their first members
+    (frame, then position) and each is the plain mean of its members."""
+    frames, positions, _ = features.shape
+    labels, members = {}, []
+    assignment = torch.full((frames, positions), -1, dtype=torch.long)
+    for t in range(frames):
+        for n in range(positions):
+            key = owner(t, n)
+            if key is None:
+                continue
+            if key not in labels:
+                labels[key] = len(labels)
+                members.append([])
+            assignment[t, n] = labels[key]
+            members[labels[key]].append((t, n))
+    tokens = torch.stack([sum(features[t, n] for t, n in group) / len(group) for group in members])
+    return HandMerge(tokens, assignment, [t * positions + n for t, n in (group[0] for group in members)])
+
+
+def hand_built(method: str, frames: int, positions: int, channels: int) -> tuple[torch.Tensor, HandMerge]:
+    """Features (T, N, C) on which `method`'s right answer is known by construction, and that answer."""
+    generator = torch.Generator().manual_seed(5)
+    if method == "evs":
+        # A still video in which a few tokens take a new value (their negation) from one frame on:
+        # each is the only change at its position, the largest possible (1 - cos = 2); EVS keeps
+        # the first frame and exactly these.
+        features = torch.randn(positions, channels, generator=generator).expand(frames, -1, -1).clone()
+        changes = (
+            [(1 + i % (frames - 1), 2 * i + 1) for i in range(20)]
+            if positions == 49
+            else [(1, 5), (2, 10), (3, 0)]
+        )
+        for t, n in changes:
+            features[t:, n] = -features[t:, n]
+        kept = {(0, n) for n in range(positions)} | set(changes)
+        return features, hand_merge(features, lambda t, n: (t, n) if (t, n) in kept else None)
+    features = torch.randn(frames, positions, channels, generator=generator)
+    if method == "uniform":
+        if positions == 49:  # a budget of one token per frame: each frame's mean
+            return features, hand_merge(features, lambda t, n: t)
+        # 4 x 4 grids, 4 tokens per frame: the four 2 x 2 quadrants
+        return features, hand_merge(features, lambda t, n: (t, n // 8, n % 4 // 2))
+    # dycoke: windows of 4 frames. Some positions repeat their window's first frame (near copies
+    # in the first window, exact in the second); the rest are new noise every frame (cosine ~0).
+    # The budget is exactly the tokens left when every repeat merges into its window's first frame.
+    still = {0: positions if positions == 49 else 8, 4: 20}  # window start -> positions 0 .. k-1 repeat
+    for start, count in still.items():
+        for t in range(start + 1, min(start + 4, frames)):
+            noise = 0.01 * torch.randn(count, channels, generator=generator) if start == 0 else 0
+            features[t, :count] = features[start, :count] + noise
+    return features, hand_merge(
+        features, lambda t, n: (t - t % 4, n) if n < still.get(t - t % 4, 0) else (t, n)
+    )
+
+
+def stock_logits_on(model, inputs, merge: HandMerge, newline=None, grid_positions=None):
     """The unpatched model's last logits on the prompt whose video span holds `merge.tokens`
-    (LLaVA-OneVision: and its newline), positions numbered afresh (1-D) or each token at its
+    (LLaVA-OneVision: then `newline`), positions numbered afresh (1-D) or each token at its
     first member's stock (t, h, w) (M-RoPE)."""
     ids = inputs["input_ids"][0]
     is_video = ids == model.config.video_token_id
@@ -141,8 +217,7 @@ def stock_logits_on(model, inputs, merge, grid_positions=None):
     embed = model.get_input_embeddings()
     with torch.no_grad():
         if grid_positions is None:  # LLaVA-OneVision: the video's last placeholder is its newline
-            features = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output[0]
-            video = torch.cat([merge.tokens, features[-1:]])
+            video = torch.cat([merge.tokens, newline])
             embeds = torch.cat([embed(ids[:start]), video, embed(ids[end:])])[None]
             return model(inputs_embeds=embeds).logits[0, -1]
         video_positions = grid_positions[:, is_video][:, merge.first_members()]
@@ -155,39 +230,45 @@ def stock_logits_on(model, inputs, merge, grid_positions=None):
 @pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
 def test_pre_llm_method_equals_the_stock_model_on_its_tokens(family, method):
     tokenizer = tiny_tokenizer()
-    rng = np.random.default_rng(3)
-    frames = np.repeat(rng.integers(0, 256, (1, 112, 112, 3), dtype=np.uint8), 8, axis=0)
-    frames[:, 40:70, 10:40] = rng.integers(0, 256, (8, 30, 30, 3), dtype=np.uint8)  # a changing patch
+    frames = np.zeros((8, 112, 112, 3), dtype=np.uint8)  # the pixels only size the prompt
     if family == "llava_onevision":
         model = tiny_model(0, tokenizer)
         inputs = llava_onevision.build_inputs(tokenizer, model.config, frames, "what colour ?")
+        video = model.model.get_video_features(inputs["pixel_values_videos"], return_dict=True)
+        grid, positions = (7, 7), None
     else:
         model = tiny_qwen_vl(family, 0, tokenizer, initializer_range=0.1)
         patchify = qwen2_vl.VideoPatchify(min_pixels=112 * 112, max_pixels=112 * 112)
         inputs = qwen2_vl.build_inputs(tokenizer, model.config, frames, "what colour ?", patchify)
-    config = PruneVidConfig(selected_layer=1, retention=0.3)
+        video = model.model.get_video_features(
+            inputs["pixel_values_videos"], inputs["video_grid_thw"], return_dict=True
+        )
+        grid = (4, 4)
+        positions, _ = model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"]
+        )
+        positions = positions[:, 0]
+    num_frames = 8 if family == "llava_onevision" else 4  # Qwen: two frames per temporal patch
+    features, expected = hand_built(
+        method, num_frames, grid[0] * grid[1], model.config.text_config.hidden_size
+    )
+    if family == "llava_onevision":  # (1, T * N + 1, C): the video's tokens, then its newline
+        pooled = torch.cat([features.flatten(0, 1), video.pooler_output[0, -1:]])[None]
+    else:  # one (T * N, C) tensor per video
+        pooled = (features.flatten(0, 1),)
+    encoded = {"video": BaseModelOutputWithPooling(pooler_output=pooled)}
+    del inputs["pixel_values_videos"]
+
+    count = expected.tokens.shape[0]
+    config = PruneVidConfig(selected_layer=1, retention=count / features.shape[:2].numel())
     prunevid.patch(model, config, method=method)
     with torch.no_grad():
-        patched = model(**inputs).logits[0, -1]
+        patched = model(**inputs, mm_encoder_outputs=encoded).logits[0, -1]
     trace = prunevid.last_trace(model)
     prunevid.unpatch(model)
 
-    with torch.no_grad():
-        if family == "llava_onevision":
-            features = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output[0, :-1]
-            grid, positions = (7, 7), None
-        else:
-            features = model.model.get_video_features(
-                inputs["pixel_values_videos"], inputs["video_grid_thw"]
-            ).pooler_output[0]
-            grid = (4, 4)
-            positions, _ = model.model.get_rope_index(
-                inputs["input_ids"], inputs["mm_token_type_ids"], video_grid_thw=inputs["video_grid_thw"]
-            )
-            positions = positions[:, 0]
-    merge = METHODS[method].reduce(
-        features.view(-1, grid[0] * grid[1], features.shape[-1]), get_method(method).configure(config), grid
-    )
-    assert trace.num_after_stage2 == merge.num_tokens == round(0.3 * features.shape[0])
-    assert np.array_equal(trace.merged_index.reshape(-1), merge.assignment.flatten().numpy())
-    torch.testing.assert_close(patched, stock_logits_on(model, inputs, merge, positions), atol=1e-4, rtol=0)
+    assert count < features.shape[:2].numel() and trace.num_after_stage2 == count
+    assert np.array_equal(trace.merged_index.reshape(-1), expected.assignment.flatten().numpy())
+    newline = video.pooler_output[0, -1:] if family == "llava_onevision" else None
+    stock = stock_logits_on(model, inputs, expected, newline, positions)
+    torch.testing.assert_close(patched, stock, atol=1e-4, rtol=0)

@@ -146,8 +146,47 @@ def test_sweep_outputs(quick: dict) -> None:
 
 
 def test_targets_are_reported(quick: dict) -> None:
-    targets = quick["result"]["targets"]
-    assert len(targets) == 6 and all(isinstance(t["met"], bool) for t in targets)
+    """Each target's verdict and figure follow from the measured rows (whatever the timings are):
+    the test asserts the arithmetic, never a speed."""
+    result, by = quick["result"], _methods(quick)
+    stock, ours, fastv = by["stock"], by["prunevid"], by["fastv"]
+    kv_percent = 100 * ours["kv_bytes"] / stock["kv_bytes"]
+    efficiency = ours["speedup"] / ours["flops_speedup"]
+    points = [r for r in result["sweep"] if r["name"] != "stock"]
+    assert len(points) == 2
+    worst = min(points, key=lambda r: r["speedup"] / r["flops_speedup"])
+    worst_efficiency = worst["speedup"] / worst["flops_speedup"]
+    expected = [
+        ("LM prefill >= 3x faster than stock", ours["speedup"] >= 3, f"{ours['speedup']:.2f}x"),
+        (
+            "stage 1 < 5% of stock prefill",
+            ours["stage1_s"] < 0.05 * stock["llm_prefill_s"],
+            f"{ours['stage1_s']:.3f} s = {100 * ours['stage1_s'] / stock['llm_prefill_s']:.2f}% "
+            f"of {stock['llm_prefill_s']:.2f} s",
+        ),
+        ("KV cache <= 25% of stock", kv_percent <= 25, f"{kv_percent:.1f}%"),
+        (
+            "PruneVid at least as fast as FastV at equal retention",
+            ours["llm_prefill_s"] <= fastv["llm_prefill_s"],
+            f"{ours['llm_prefill_s']:.3f} s vs {fastv['llm_prefill_s']:.3f} s "
+            f"({ours['visual_tokens']} vs {fastv['visual_tokens']} tokens)",
+        ),
+        (
+            "PruneVid within 15% of its FLOPs-predicted speedup",
+            efficiency >= 0.85,
+            f"{ours['speedup']:.2f}x of {ours['flops_speedup']:.2f}x ({100 * efficiency:.0f}%)",
+        ),
+        (
+            "every sweep point within 15% of its FLOPs-predicted speedup",
+            worst_efficiency >= 0.85,
+            f"worst {worst['name']}: {worst['speedup']:.2f}x of {worst['flops_speedup']:.2f}x "
+            f"({100 * worst_efficiency:.0f}%); "
+            f"{sum(r['speedup'] / r['flops_speedup'] >= 0.85 for r in points)}/2 points within",
+        ),
+    ]
+    assert [(t["name"], t["met"], t["detail"]) for t in result["targets"]] == expected
+    # FastV is compared at PruneVid's retention: the same number of tokens.
+    assert ours["visual_tokens"] == fastv["visual_tokens"]
 
 
 @pytest.mark.parametrize(

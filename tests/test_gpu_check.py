@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ def gpu_check(env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, **(env or {})},
+        # This interpreter: `python` on PATH may be another one (a venv used without activating it).
+        env={**os.environ, "PYTHON": sys.executable, **(env or {})},
     )
 
 

@@ -105,11 +105,14 @@ def test_a_checkpoint_from_a_newer_transformers_is_a_version_problem(good, tmp_p
 def test_an_installed_transformers_outside_the_supported_range(good, monkeypatch):
     import transformers
 
+    # The checkpoint records the transformers that wrote it (whichever 5.x this environment has).
+    saved_with = json.loads((good / "config.json").read_text())["transformers_version"]
+    assert saved_with == transformers.__version__
     monkeypatch.setattr(transformers, "__version__", "6.0.0")
     error = failure(good)
     assert error.kind == "version"
     assert str(error).startswith(
-        f"The installed transformers 6.0.0 cannot load `{good}` (the checkpoint was saved with 5.24.0): "
+        f"The installed transformers 6.0.0 cannot load `{good}` (the checkpoint was saved with {saved_with}): "
         "install transformers>=5.24,<6"
     )
 

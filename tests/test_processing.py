@@ -6,7 +6,7 @@ Two kinds of test:
   resize, shape/dtype, no resampling at the target size, resized values on the uint8 grid) and the
   video placeholder count against transformers' own `LlavaOnevisionProcessor.replace_video_token`;
 * only where torchvision imports (skipped in the project's main environment, whose CPU torch has
-  no working torchvision): `FrameProcessing` against transformers' `LlavaOnevisionVideoProcessor`
+  no working torchvision; CI runs them in `.ci/processors`): `FrameProcessing` against transformers' `LlavaOnevisionVideoProcessor`
   with the llava-hf/llava-onevision-qwen2-*-ov-hf settings, and `build_inputs` against
   `LlavaOnevisionProcessor`. docs/processing_check.md says how to make such an environment.
 
@@ -160,9 +160,11 @@ def test_video_token_count_matches_transformers_formula() -> None:
 
 # --- only where torchvision works: against transformers' processors ----------------------------------
 
+TORCHVISION_ABSENT = "torchvision does not import here (CPU torch): CI runs these in `bash .ci/processors`"
+
 
 def _video_processor():
-    pytest.importorskip("torchvision")
+    pytest.importorskip("torchvision", reason=TORCHVISION_ABSENT)
     from transformers import LlavaOnevisionVideoProcessor
 
     # llava-hf/llava-onevision-qwen2-0.5b-ov-hf's video_preprocessor_config.json, set explicitly (no download).

@@ -7,7 +7,8 @@ Two kinds of test:
   compared clip sizes, Python's round-half-to-even, the max branch ending below min_pixels, the
   channel / time / in-patch order of a patch row, a constant colour through a resize) and the
   video placeholder count against `Qwen2_5_VLProcessor.replace_video_token`;
-* only where torchvision imports (`pytest.importorskip`, skipped in the main environment):
+* only where torchvision imports (`pytest.importorskip`, skipped in the main environment; CI runs
+  them in `.ci/processors`):
   `VideoPatchify` against `Qwen2VLVideoProcessor` (Qwen2-VL and Qwen2.5-VL) with its class
   defaults, with and without `cap_pixels_per_frame`, the cap's rule with a small
   `max_video_tokens`, and `build_inputs` against `Qwen2_5_VLProcessor` / `Qwen2VLProcessor`.
@@ -159,9 +160,11 @@ def test_video_token_count_matches_transformers_formula(t: int, h: int, w: int):
 
 # --- only where torchvision works: against transformers' processors ----------------------------------
 
+TORCHVISION_ABSENT = "torchvision does not import here (CPU torch): CI runs these in `bash .ci/processors`"
+
 
 def _video_processor(**kwargs):
-    pytest.importorskip("torchvision")
+    pytest.importorskip("torchvision", reason=TORCHVISION_ABSENT)
     from transformers import Qwen2VLVideoProcessor
 
     # The class defaults (Qwen2-VL and Qwen2.5-VL share this class): 128 .. 768 tokens of

@@ -1,8 +1,8 @@
 """A bounded soak of `python app.py` on 127.0.0.1 (stops by itself; about a minute on 2 cores).
 
 * A crowd: 8 gradio_client users at once, each asking 2 questions about 2 clips of its own
-  (16 distinct synthetic clips), all answered, each with the answer the library gives alone
-  (no user gets another's answer).
+  (16 distinct synthetic clips whose 16 answers are distinct words), all answered, each with the
+  answer the library gives alone (no user gets another's answer).
 * A run of distinct 1920x1080 uploads on a server with PRUNEVID_CACHE_MB=32: after two warm-up
   answers, its resident memory grows by less than the cache budget plus RSS_MARGIN_MB = 64 MB,
   what the interpreter, Gradio and the allocator may keep besides (measured: 22-45 MB in all over
@@ -75,17 +75,27 @@ def servers(tmp_path_factory):
         stop_app(process)
 
 
-def synthetic_clips(folder: Path, count: int) -> list[tuple[Path, str]]:
-    """`count` distinct known-answer clips (prunevid.synthetic) and one question each."""
+# 16 distinct known-answer clips (prunevid.synthetic seeds) and the question asked of each, chosen
+# so that the offline model's 16 answers are 16 different words (five shapes, four directions,
+# three counts, yes and no, two colours): a user given another's answer cannot pass unseen.
+CROWD = [
+    (500, "shape"), (501, "shape"), (502, "shape"), (503, "direction"), (504, "direction"),
+    (505, "count"), (506, "direction"), (507, "shape"), (508, "shape"), (509, "count"),
+    (510, "scene"), (511, "direction"), (512, "scene"), (513, "count"), (514, "colour"),
+    (515, "colour"),
+]  # fmt: skip
+
+
+def synthetic_clips(folder: Path) -> list[tuple[Path, str]]:
+    """The CROWD clips, written as videos, with their questions."""
+    from prunevid.synthetic import QUESTIONS as ASKED
     from prunevid.synthetic import make_sample
 
     clips = []
-    for seed in range(count):
-        sample = make_sample(500 + seed, num_frames=8, size=96)
+    for seed, family in CROWD:
         path = folder / f"crowd_{seed}.mp4"
-        write_video(path, sample.frames, fps=4.0)
-        _, question, _ = sample.questions[seed % len(sample.questions)]
-        clips.append((path, question))
+        write_video(path, make_sample(seed, num_frames=8, size=96).frames, fps=4.0)
+        clips.append((path, ASKED[family]))
     return clips
 
 
@@ -93,9 +103,11 @@ def test_eight_users_at_once_are_all_answered_each_with_their_own_answer(servers
     from prunevid.pipeline import answer, load_model, preset
 
     _, url, _ = servers["crowd"]
-    clips = synthetic_clips(tmp_path, USERS * QUESTIONS)
+    clips = synthetic_clips(tmp_path)
+    assert len(clips) == USERS * QUESTIONS
     loaded = load_model("tiny-trained")
     expected = [answer(loaded, str(path), q, preset("tiny-trained"), 4).text for path, q in clips]
+    assert len(set(expected)) >= 14, f"the answers must tell the users apart: {expected}"
 
     def user(index: int) -> list[str]:
         client = Client(url, verbose=False)

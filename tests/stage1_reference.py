@@ -1,15 +1,17 @@
 """An independent reference for PruneVid's stage 1 and its token budgets (tests only).
 
 Written from shared/ALGORITHM.md §1-4 and the prose of the retention budget (docs/budgets.md and
-the docstrings of `PruneVidConfig`): plain numpy, one set and one token at a time, readable
-rather than fast. Nothing here imports `prunevid.merge`, `cluster`, `budget` or `select`, so a
+the docstrings of `PruneVidConfig`): plain numpy loops, one set and one token at a time, readable
+rather than fast (only the float32 distances and densities use torch's cdist and exp, so that
+rounding-level ties fall the same way: see `dpc_knn`). Nothing here imports `prunevid.merge`, `cluster`, `budget` or `select`, so a
 bug there cannot show up on both sides of a comparison. It is the check that keeps any rewrite
 of stage 1 (batched, GPU) honest.
 
 * `dpc_knn`: ALGORITHM.md §1 for one set of tokens.
 * `make_contiguous`: §2.3.
 * `stage1_reference`: the whole of stage 1 on one video (T, N, C), with the seeded density noise
-  drawn in the documented order, in the paper's mode (`cluster_ratio`,
+  drawn in the documented order (a segment's per-frame dynamic sets are one batched call: one
+  draw of W x n_d values whenever any of them is clustered), in the paper's mode (`cluster_ratio`,
   `spatial_merge_threshold`) or under `config.retention`.
 * `largest_remainder`, `final_count`, `stage1_target`, `stage2_counts`, `keep_top`: the budget
   arithmetic and stage 2's per-set selection (ALGORITHM.md §5.4), in exact fractions.

@@ -11,16 +11,36 @@ import pytest
 import torch
 from helpers import greedy, moving_square, tiny
 from reference import logical_prompt, patched_kept, slow_logits, stage2_reference
-from stage1_reference import final_count
+from stage1_reference import final_count, stage2_counts
 
 import prunevid
 from prunevid import PruneVidConfig
 from prunevid.models import llava_onevision, qwen2_vl
+from prunevid.select import keep_counts
 from prunevid.testing import tiny_tokenizer
 
 # What each method runs (docs/budgets.md): stage 1 alone reduces to the final count, stage 2
 # alone treats every frame as its own budget set.
 STAGES = {"prunevid": (True, True), "stage1": (True, False), "stage2": (False, True)}
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[50, 30, 20], [7] * 16, [49, 12, 12, 12, 12, 30, 11, 11], [3, 1, 1, 1], [100, 1, 1, 1, 1, 1], [5, 0, 5]],
+)
+def test_stage2_counts_equal_the_reference(sizes):
+    """Stage 2's per-set counts, paper mode and every final count from 1 to all tokens (fewer
+    tokens than sets, exactly as many, more), against the reference's own largest remainder."""
+    groups = torch.cat([torch.full((size,), g) for g, size in enumerate(sizes)])
+    num_visual = 4 * len(groups)  # stage 1 kept a quarter
+    assert keep_counts(groups, PruneVidConfig(), num_visual).tolist() == stage2_counts(
+        groups, PruneVidConfig(), num_visual
+    )
+    for final in range(1, len(groups) + 1):
+        config = PruneVidConfig(retention=final / num_visual)
+        assert final_count(num_visual, config.retention) == final
+        expected = stage2_counts(groups, config, num_visual)
+        assert keep_counts(groups, config, num_visual).tolist() == expected, (final, expected)
 
 
 @pytest.fixture(scope="module")

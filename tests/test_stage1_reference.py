@@ -192,3 +192,15 @@ def test_a_similarity_equal_to_tau_is_not_static():
     for config in (PruneVidConfig(tau=0.0), PruneVidConfig(tau=0.0, retention=0.5)):
         assert not stage1_reference(video, config).static.any()
         assert_same_stage1(video, config, (4, 6))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fewer_tokens_than_frames_on_a_small_grid(kind):
+    """16 frames of 2 x 2 tokens, every final count from 1 to 20: one or more runs of frames
+    merged as static segments (counts that are exact multiples of N included), then a token
+    per frame and more."""
+    features = token_video(kind, 16, (2, 2), seed=4)
+    for target in range(1, 21):
+        config = PruneVidConfig(retention=target / 64, stage2=False, dpc_noise=0.5, seed=4)
+        assert final_count(64, config.retention) == target
+        assert_same_stage1(features, config, (2, 2))

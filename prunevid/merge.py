@@ -61,10 +61,10 @@ class MergeResult:
         """(M,) flat index t * N + n of each merged token's first member (earliest frame, then
         row-major): the member whose position a merged token takes."""
         flat = self.assignment.flatten()
-        kept = flat >= 0
+        target = flat.where(flat >= 0, self.num_tokens)  # dropped tokens go to a spare slot
         index = torch.arange(flat.numel(), device=flat.device)
-        first = torch.full((self.num_tokens,), flat.numel(), dtype=torch.long, device=flat.device)
-        return first.scatter_reduce(0, flat[kept], index[kept], "amin")
+        first = torch.full((self.num_tokens + 1,), flat.numel(), dtype=torch.long, device=flat.device)
+        return first.scatter_reduce(0, target, index, "amin")[: self.num_tokens]
 
 
 def merge_tokens(
@@ -100,10 +100,7 @@ def merge_tokens(
     max_width = max(max(widths) for _, widths in segments)
     similarity = _similarity(reference, bounds[0, 0], bounds[0, 1], max(segments[0][1]))  # (S, N)
     if target is None:
-        plan = _plan(bounds[0], similarity > config.tau, num_frames, max_width)
-        clustered = plan.sizes > config.spatial_merge_threshold
-        clusters = (plan.sizes.double() * config.cluster_ratio).long().clamp(min=1)  # int(n * ratio)
-        plan.counts, plan.clustered = torch.where(clustered, clusters, plan.sizes), clustered
+        plan = _paper_plan(bounds[0], similarity, config, num_frames, max_width)
     else:
         plan = _budget_plan(bounds, similarity, config, target, num_frames, max_width)
     return _merge(features, plan, config, noise, grid, target)
@@ -141,6 +138,18 @@ def _plan(bounds: torch.Tensor, static: torch.Tensor, num_frames: int, max_width
     sizes = torch.cat([num_static, static.shape[1] - num_static[segment]])
     slots = torch.cat([starts + torch.arange(len(starts), device=static.device), frames + segment + 1])
     return _Plan(starts, widths, max_width, segment, static, sizes, slots)
+
+
+def _paper_plan(
+    bounds: torch.Tensor, similarity: torch.Tensor, config: PruneVidConfig, num_frames: int, max_width: int
+) -> _Plan:
+    """ALGORITHM.md §3-4: tau marks the static positions; sets above `spatial_merge_threshold`
+    keep max(1, int(n * cluster_ratio)) clusters."""
+    plan = _plan(bounds, similarity > config.tau, num_frames, max_width)
+    plan.clustered = plan.sizes > config.spatial_merge_threshold
+    clusters = (plan.sizes.double() * config.cluster_ratio).long().clamp(min=1)  # float64, as int(n * r)
+    plan.counts = torch.where(plan.clustered, clusters, plan.sizes)
+    return plan
 
 
 def _budget_plan(

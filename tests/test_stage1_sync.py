@@ -106,3 +106,17 @@ def test_sets_of_different_sizes_cluster_in_one_call_as_each_would_alone():
         alone = dpc_knn(x[None], k, 7, u[None])[0]
         assert torch.equal(labels[i, : len(x)], alone), i
         assert sorted(set(alone.tolist())) == list(range(k))
+
+
+def test_padded_distances_are_bit_equal_to_each_set_alone():
+    # torch.cdist switches from direct differences to a matrix product above 25 tokens; the two
+    # differ in the last bits, and those bits decide DPC ties: a padded set must get its own.
+    from prunevid.cluster import _distances
+
+    g = torch.Generator().manual_seed(2)
+    sizes = [2, 24, 25, 26, 50]
+    padded = torch.randn(len(sizes), 50, 16, generator=g)
+    dist = _distances(padded, torch.tensor(sizes))
+    for i, n in enumerate(sizes):
+        alone = torch.cdist(padded[i : i + 1, :n], padded[i : i + 1, :n])[0]
+        assert torch.equal(dist[i, :n, :n], alone), n

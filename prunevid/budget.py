@@ -65,8 +65,7 @@ def allocate_tensor(
     steps = torch.arange(
         len(sizes) * (max(1, minimum) if isinstance(minimum, int) else 1), device=sizes.device
     )
-    total = torch.as_tensor(total, device=sizes.device)
-    minimum = torch.as_tensor(minimum, device=sizes.device)
+    total, minimum = _on_device(total, sizes.device), _on_device(minimum, sizes.device)
     floors = torch.minimum(sizes, minimum)
     # float64 and an exact integer numerator: the same quotas as Python's total * size / whole.
     quotas = (total * sizes).double() / sizes.sum().clamp(min=1).double()
@@ -82,3 +81,10 @@ def allocate_tensor(
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=sizes.device))
     taken = (rank < gap.abs()).view(len(sizes), -1).sum(1)
     return counts + gap.sign() * taken
+
+
+def _on_device(value: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A 0-d long tensor on `device`; a host int is filled there rather than copied over."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return torch.full((), value, dtype=torch.long, device=device)

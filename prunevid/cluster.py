@@ -1,11 +1,18 @@
 """DPC-KNN clustering (density peaks with k-nearest-neighbour density), batched.
 
-ALGORITHM.md §1. One call clusters B independent sets of n tokens each.
+ALGORITHM.md §1. One call clusters B independent sets of up to n tokens each: every set its own
+size and cluster count, given as tensors, so a video's sets of different sizes (the static sets
+of its segments, the dynamic sets of its frames) cluster in one call with nothing read back.
 """
 
 from __future__ import annotations
 
 import torch
+
+# torch.cdist computes Euclidean distances directly for sets of at most this many tokens and
+# through a matrix product above; the two differ in the last bits, and a set is clustered as
+# torch.cdist would cluster it alone (ties between distances must break as they always did).
+_DIRECT_CDIST = 25
 
 
 def dpc_knn(
@@ -18,31 +25,74 @@ def dpc_knn(
     (rank 0 = highest rho * delta score; equal scores: lower token index first).
     Computed in float32 whatever the input dtype.
     """
-    batch, n, channels = x.shape
+    batch, n, _ = x.shape
     if not 1 <= num_clusters <= n:
         raise ValueError(f"num_clusters must be in [1, {n}] for a set of {n} tokens, got {num_clusters}")
-    x = x.float()
-    dist = torch.cdist(x, x) / channels**0.5  # (B, n, n)
+    sizes = torch.full((batch,), n, device=x.device)
+    return dpc_knn_sets(x, sizes, torch.full_like(sizes, num_clusters), k, noise)
 
-    # Density: each token's k nearest distances include its own zero.
-    nearest = dist.topk(min(k, n), dim=-1, largest=False).values
-    density = torch.exp(-(nearest**2).mean(-1))  # (B, n)
+
+def dpc_knn_sets(
+    x: torch.Tensor,
+    sizes: torch.Tensor,
+    num_clusters: torch.Tensor,
+    k: int = 7,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`dpc_knn` on B sets of different sizes and cluster counts, without a host read.
+
+    x: (B, n, C), set b's tokens in x[b, :sizes[b]] (the rest is padding and ignored);
+    sizes, num_clusters: (B,) with 1 <= num_clusters <= sizes where sizes > 0 (the caller
+    guarantees it); noise: optional (B, n). Returns labels (B, n), each set's exactly as
+    `dpc_knn` gives for that set alone; padding gets labels too (meaningless).
+    """
+    n, channels = x.shape[1], x.shape[2]
+    ids = torch.arange(n, device=x.device)
+    valid = ids < sizes[:, None]  # (B, n)
+    pair = valid[:, :, None] & valid[:, None, :]
+    dist = _distances(x.float(), sizes) / channels**0.5  # (B, n, n)
+
+    # Density: each token's k nearest distances include its own zero; a set smaller than k
+    # averages all its distances.
+    neighbours = min(k, n)
+    nearest = dist.masked_fill(~pair, torch.inf).topk(neighbours, dim=-1, largest=False).values
+    used = ids[:neighbours] < sizes.clamp(max=k)[:, None, None]
+    squares = (nearest**2).where(used, 0.0).sum(-1)
+    density = torch.exp(-(squares / sizes.clamp(min=1, max=k)[:, None]))  # (B, n)
     if noise is not None:
         density = density + noise.to(density)
 
     # Separation: distance to the nearest denser token; the densest takes the set's largest distance.
-    denser = density[:, None, :] > density[:, :, None]  # [b, i, j]: j is denser than i
+    denser = (density[:, None, :] > density[:, :, None]) & valid[:, None, :]  # [b, i, j]
     separation = dist.masked_fill(~denser, torch.inf).amin(-1)
-    largest = dist.flatten(1).amax(-1, keepdim=True).expand(-1, n)
+    largest = dist.masked_fill(~pair, -torch.inf).flatten(1).amax(-1, keepdim=True)
     separation = torch.where(denser.any(-1), separation, largest)
 
-    score = density * separation
-    centres = score.sort(dim=-1, descending=True, stable=True).indices[:, :num_clusters]  # (B, K)
+    score = (density * separation).masked_fill(~valid, -torch.inf)
+    order = score.sort(dim=-1, descending=True, stable=True).indices  # (B, n): centres by rank
+    rank = torch.empty_like(order).scatter_(1, order, ids.expand_as(order))
 
-    # argmin takes the first minimum, so ties go to the lower label.
-    labels = dist.gather(1, centres[:, :, None].expand(-1, -1, n)).argmin(1)  # (B, n)
-    ranks = torch.arange(num_clusters, device=x.device).expand(batch, -1)
-    return labels.scatter(1, centres, ranks)
+    # Distances from each centre (row r: rank r) to every token; argmin takes the first
+    # minimum, so ties go to the lower label.
+    from_centres = dist.gather(1, order[:, :, None].expand(-1, -1, n))
+    centre = ids < num_clusters[:, None]  # (B, n) over ranks
+    labels = from_centres.masked_fill(~centre[:, :, None], torch.inf).argmin(1)
+    return torch.where(rank < num_clusters[:, None], rank, labels)
+
+
+def _distances(x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """(B, n, C) -> (B, n, n) Euclidean distances, each set's as torch.cdist computes them for
+    that set alone: directly for sets of at most 25 tokens, else by a matrix product."""
+    n = x.shape[1]
+    if n <= _DIRECT_CDIST:
+        return torch.cdist(x, x)
+    dist = torch.cdist(x, x, compute_mode="use_mm_for_euclid_dist")
+    head = x[:, :_DIRECT_CDIST]
+    direct = torch.cdist(head, head, compute_mode="donot_use_mm_for_euclid_dist")
+    small = (sizes <= _DIRECT_CDIST)[:, None, None]
+    corner = dist[:, :_DIRECT_CDIST, :_DIRECT_CDIST]
+    corner.copy_(torch.where(small, direct, corner))
+    return dist
 
 
 def cluster_means(x: torch.Tensor, labels: torch.Tensor, num_clusters: int) -> torch.Tensor:

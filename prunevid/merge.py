@@ -6,18 +6,23 @@ sequence (M, C) and records where every original token went. Pure torch, no mode
 Output order: segment by segment; inside a segment its static tokens first, then frame by
 frame its dynamic tokens; inside a set, merged tokens come in cluster-label order (as the
 reference implementation), unclustered sets keep grid (row-major) order.
+
+Written for a GPU (DESIGN.md "On a GPU: no host stalls"): every step runs once over all
+segments and frames, as padded batches, with no loop over them. The host reads the temporal
+labels (T ints, to know the segments) and, in the paper's mode, the merged token counts of the
+sets in one transfer at the end (the output length is content-dependent); under a retention the
+output length follows from N and r, and nothing else is read.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from itertools import pairwise
 
 import torch
 
-from .budget import allocate, stage1_count
-from .cluster import cluster_means, dpc_knn
+from .budget import allocate_tensor, stage1_count
+from .cluster import dpc_knn, dpc_knn_sets
 from .config import PruneVidConfig
 
 
@@ -35,6 +40,9 @@ class MergeResult:
     groups: (M,) stage-2 budget set of each merged token: one set per segment for its static
         tokens and one per frame for its dynamic tokens, numbered in output order.
     grid: (H, W) of the per-frame token grid, N = H * W.
+    set_sizes: the number of merged tokens in each budget set (`groups` numbering) where the
+        host knows them without a read (the paper's mode, stage 1 off); None where they stay on
+        the device (under a retention). `select.keep_counts` takes them.
     """
 
     tokens: torch.Tensor
@@ -43,6 +51,7 @@ class MergeResult:
     static: torch.Tensor
     groups: torch.Tensor
     grid: tuple[int, int]
+    set_sizes: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -52,10 +61,10 @@ class MergeResult:
         """(M,) flat index t * N + n of each merged token's first member (earliest frame, then
         row-major): the member whose position a merged token takes."""
         flat = self.assignment.flatten()
-        kept = flat >= 0
+        target = flat.where(flat >= 0, self.num_tokens)  # dropped tokens go to a spare slot
         index = torch.arange(flat.numel(), device=flat.device)
-        first = torch.full((self.num_tokens,), flat.numel(), dtype=torch.long, device=flat.device)
-        return first.scatter_reduce(0, flat[kept], index[kept], "amin")
+        first = torch.full((self.num_tokens + 1,), flat.numel(), dtype=torch.long, device=flat.device)
+        return first.scatter_reduce(0, target, index, "amin")[: self.num_tokens]
 
 
 def merge_tokens(
@@ -68,7 +77,7 @@ def merge_tokens(
     `budget.stage1_count(T * N, config)` tokens (see `_budget_plan`). `grid` defaults to a
     square grid.
     """
-    num_tokens = features.shape[1]
+    num_frames, num_tokens, _ = features.shape
     grid = grid or _square_grid(num_tokens)
     if grid[0] * grid[1] != num_tokens:
         raise ValueError(f"grid {grid} does not hold the {num_tokens} tokens per frame")
@@ -78,157 +87,286 @@ def merge_tokens(
     noise = _Noise(config)
     # Centring matters to cosines only: the clustering's Euclidean distances do not depend on it.
     reference = features - features.mean((0, 1), keepdim=True) if config.centre else features
-    segments = temporal_segments(features.mean(1), config, noise)
-    frames = [(segments == s).nonzero().squeeze(1) for s in segments.unique_consecutive()]
-    similarity = [static_similarity(reference[f]) for f in frames]
-    if config.retention is None:
-        plans = [_paper_plan(f, s > config.tau, config) for f, s in zip(frames, similarity)]
-    else:
-        plans = _budget_plan(frames, similarity, config, num_tokens)
-        segments = torch.cat([torch.full_like(p.frames, i) for i, p in enumerate(plans)])
-
-    parts, assignment, static, groups = [], [], [], []
-    offset = 0
-    for plan in plans:
-        part = _merge_segment(features[plan.frames], plan, config, noise)
-        parts.append(part.tokens)
-        assignment.append(part.assignment + offset)
-        static.append(part.static)
-        groups.append(part.groups + (groups[-1].max() + 1 if groups else 0))
-        offset += part.tokens.shape[0]
-    return MergeResult(
-        tokens=torch.cat(parts),
-        assignment=torch.cat(assignment),
-        segments=segments,
-        static=torch.cat(static),
-        groups=torch.cat(groups),
-        grid=grid,
+    segments = [_segment_bounds(features.mean(1), config, noise)]  # the host read of the labels
+    target = None if config.retention is None else stage1_count(num_frames * num_tokens, config)
+    if target is not None and target < num_frames:  # the fallback a small budget may need
+        segments.append(_even_runs(num_frames, math.ceil(target / num_tokens)))
+    # One upload: (plans, 2, S) first frames and widths, segments padded to a common count.
+    padded = max(len(starts) for starts, _ in segments)
+    bounds = torch.tensor(
+        [[s + [num_frames] * (padded - len(s)), w + [0] * (padded - len(w))] for s, w in segments],
+        device=features.device,
     )
+    max_width = max(max(widths) for _, widths in segments)
+    similarity = _similarity(reference, bounds[0, 0], bounds[0, 1], max(segments[0][1]))  # (S, N)
+    if target is None:
+        plan = _paper_plan(bounds[0], similarity, config, num_frames, max_width)
+    else:
+        plan = _budget_plan(bounds, similarity, config, target, num_frames, max_width)
+    return _merge(features, plan, config, noise, grid, target)
 
 
 @dataclass
-class _SegmentPlan:
-    """How one segment is merged. frames: (W,) its frame indices; static: (N,) its static
-    positions; static_clusters / dynamic_clusters: the cluster count of its static set and of
-    each frame's dynamic set, None where a set is kept as it is."""
+class _Plan:
+    """How a video is merged, on the device. Segments are padded to S (width 0 after the last
+    one); a video has S + T sets ("rows"): S static sets, then the T frames' dynamic sets.
 
-    frames: torch.Tensor
+    starts, widths: (S,) first frame and frame count of each segment; max_width: the largest
+    width (host-known); segment: (T,) segment of each frame; static: (S, N) static positions;
+    sizes: (S + T,) tokens in each set; slots: (S + T,) each set's place in output order (per
+    segment its static set, then its frames); counts: (S + T,) merged tokens each set yields;
+    clustered: (S + T,) whether it is clustered (else kept as it is, counts == sizes).
+    """
+
+    starts: torch.Tensor
+    widths: torch.Tensor
+    max_width: int
+    segment: torch.Tensor
     static: torch.Tensor
-    static_clusters: int | None
-    dynamic_clusters: list[int | None]
+    sizes: torch.Tensor
+    slots: torch.Tensor
+    counts: torch.Tensor | None = None
+    clustered: torch.Tensor | None = None
 
 
-def _paper_plan(frames: torch.Tensor, static: torch.Tensor, config: PruneVidConfig) -> _SegmentPlan:
-    """ALGORITHM.md §4: sets above `spatial_merge_threshold` keep int(n * cluster_ratio) clusters."""
+def _plan(bounds: torch.Tensor, static: torch.Tensor, num_frames: int, max_width: int) -> _Plan:
+    """The sets of segments `bounds` (2, S) with static positions `static` (S, N)."""
+    starts, widths = bounds
+    frames = torch.arange(num_frames, device=static.device)
+    segment = (frames[:, None] >= starts).sum(1) - 1
+    num_static = static.sum(1)
+    sizes = torch.cat([num_static, static.shape[1] - num_static[segment]])
+    slots = torch.cat([starts + torch.arange(len(starts), device=static.device), frames + segment + 1])
+    return _Plan(starts, widths, max_width, segment, static, sizes, slots)
 
-    def clusters(n: int) -> int | None:
-        return max(1, int(n * config.cluster_ratio)) if n > config.spatial_merge_threshold else None
 
-    num_static = int(static.sum())
-    dynamic = clusters(len(static) - num_static)
-    return _SegmentPlan(frames, static, clusters(num_static), [dynamic] * len(frames))
+def _paper_plan(
+    bounds: torch.Tensor, similarity: torch.Tensor, config: PruneVidConfig, num_frames: int, max_width: int
+) -> _Plan:
+    """ALGORITHM.md §3-4: tau marks the static positions; sets above `spatial_merge_threshold`
+    keep max(1, int(n * cluster_ratio)) clusters."""
+    plan = _plan(bounds, similarity > config.tau, num_frames, max_width)
+    plan.clustered = plan.sizes > config.spatial_merge_threshold
+    clusters = (plan.sizes.double() * config.cluster_ratio).long().clamp(min=1)  # float64, as int(n * r)
+    plan.counts = torch.where(plan.clustered, clusters, plan.sizes)
+    return plan
 
 
 def _budget_plan(
-    frames: list[torch.Tensor], similarity: list[torch.Tensor], config: PruneVidConfig, num_tokens: int
-) -> list[_SegmentPlan]:
-    """Plans whose token counts add up to exactly `budget.stage1_count(T * N, config)`, for any
-    content.
+    bounds: torch.Tensor,
+    similarity: torch.Tensor,
+    config: PruneVidConfig,
+    target: int,
+    num_frames: int,
+    max_width: int,
+) -> _Plan:
+    """A plan whose token counts add up to exactly `target` (`budget.stage1_count(T * N,
+    config)`), for any content.
 
     tau marks the static positions; when averaging them over time would leave fewer tokens than
     the budget, the least similar of them turn dynamic until it fits. The count is then shared
     among the static and per-frame dynamic sets in proportion to their sizes. A budget smaller
     than the number of sets drops the static sets (every frame its own set) while it holds a
     token per frame, and below that merges runs of consecutive frames as static segments (one
-    run per N tokens of budget, at least one).
-    frames: per segment (W,) frame indices; similarity: per segment (N,) static similarity.
+    run per N tokens of budget, at least one). Which of these applies depends on the content,
+    so the device chooses (`torch.where`), and the host never learns which.
+    bounds: (P, 2, S) the temporal segments and, where the budget is below T, the runs;
+    similarity: (S, N).
     """
-    widths = [len(f) for f in frames]
-    total = sum(widths) * num_tokens
-    target = stage1_count(total, config)
-    static = _fit_static(similarity, widths, config.tau, total - target)
-    sizes, owners = _sets(widths, static, num_tokens)
-    if len(sizes) > target:
-        if target < sum(widths):
-            return _static_runs(torch.cat(frames), num_tokens, target)
-        static = [torch.zeros_like(mask) for mask in static]
-        sizes, owners = _sets(widths, static, num_tokens)
-    counts = allocate(sizes, target)
-    plans = [_SegmentPlan(f, m, None, [None] * len(f)) for f, m in zip(frames, static)]
-    for (w, frame), size, count in zip(owners, sizes, counts):
-        if frame is None:
-            plans[w].static_clusters = _below(count, size)
-        else:
-            plans[w].dynamic_clusters[frame] = _below(count, size)
-    return plans
+    num_tokens = similarity.shape[1]
+    room = num_frames * num_tokens - target
+    plan = _plan(bounds[0], _fit_static(similarity, bounds[0, 1], config.tau, room), num_frames, max_width)
+    too_many = (plan.sizes > 0).sum() > target
+    if len(bounds) == 1:  # a token per frame fits: frames fall back to their own sets
+        static = plan.static & ~too_many
+        plan = _plan(bounds[0], static, num_frames, max_width)
+    else:  # fewer tokens than frames: runs of frames fall back to static segments
+        runs = bounds[1, 1] > 0
+        static = torch.where(too_many, runs[:, None].expand_as(plan.static), plan.static)
+        plan = _plan(torch.where(too_many, bounds[1], bounds[0]), static, num_frames, max_width)
+    shares = torch.zeros_like(plan.sizes).scatter_(0, plan.slots, plan.sizes)  # in output order
+    plan.counts = allocate_tensor(shares, target)[plan.slots]
+    plan.clustered = plan.counts < plan.sizes
+    return plan
 
 
-def _sets(
-    widths: list[int], static: list[torch.Tensor], num_tokens: int
-) -> tuple[list[int], list[tuple[int, int | None]]]:
-    """Every set's size, and its owner: (segment, frame), or (segment, None) for a static set."""
-    sizes, owners = [], []
-    for w, (width, mask) in enumerate(zip(widths, static)):
-        num_static = int(mask.sum())
-        if num_static:
-            sizes.append(num_static)
-            owners.append((w, None))
-        if num_static < num_tokens:
-            sizes += [num_tokens - num_static] * width
-            owners += [(w, i) for i in range(width)]
-    return sizes, owners
-
-
-def _static_runs(frames: torch.Tensor, num_tokens: int, target: int) -> list[_SegmentPlan]:
-    """Fewer tokens than frames: ceil(target / N) runs of consecutive frames, each one static
-    segment, sharing the target. frames: (T,) all frame indices."""
-    runs = torch.tensor_split(frames, math.ceil(target / num_tokens))
-    static = torch.ones(num_tokens, dtype=torch.bool, device=frames.device)
-    counts = allocate([num_tokens] * len(runs), target)
-    return [
-        _SegmentPlan(run, static, _below(c, num_tokens), [None] * len(run)) for run, c in zip(runs, counts)
-    ]
-
-
-def _fit_static(
-    similarity: list[torch.Tensor], widths: list[int], tau: float, room: int
-) -> list[torch.Tensor]:
-    """Static masks (N,) per segment: similarity above tau, unless averaging them over time
-    would save more than `room` tokens (T * N minus the budget); then the least similar static
-    positions turn dynamic until it does not (one in a segment of W frames gives back W - 1)."""
-    static = [s > tau for s in similarity]
-    excess = sum((width - 1) * int(m.sum()) for width, m in zip(widths, static)) - room
-    if excess <= 0:
-        return static
-    device = similarity[0].device
-    segment = torch.cat([torch.full((len(s),), w, device=device) for w, s in enumerate(similarity)])
-    position = torch.cat([torch.arange(len(s), device=device) for s in similarity])
-    gain = torch.tensor(widths, device=device)[segment] - 1
-    values = torch.cat(similarity).masked_fill(~torch.cat(static), torch.inf)  # static ones first
+def _fit_static(similarity: torch.Tensor, widths: torch.Tensor, tau: float, room: int) -> torch.Tensor:
+    """Static masks (S, N): similarity above tau, unless averaging them over time would save
+    more than `room` tokens (T * N minus the budget); then the least similar static positions
+    turn dynamic until it does not (one in a segment of W frames gives back W - 1).
+    similarity: (S, N); widths: (S,)."""
+    static = similarity > tau
+    gain = (widths - 1)[:, None].expand_as(similarity).flatten()  # (S * N,)
+    excess = (gain * static.flatten()).sum() - room
+    values = similarity.masked_fill(~static, torch.inf).flatten()  # static ones first
     order = values.sort(stable=True).indices
-    needed = int((gain[order].cumsum(0) < excess).sum()) + 1
-    for w, p in zip(segment[order[:needed]].tolist(), position[order[:needed]].tolist()):
-        static[w][p] = False
-    return static
+    needed = (gain[order].cumsum(0) < excess).sum() + 1
+    ranks = torch.arange(len(order), device=order.device)
+    dynamic = torch.zeros_like(static.flatten()).scatter_(0, order, ranks < needed)
+    return static & ~(dynamic.view_as(static) & (excess > 0))
 
 
-def _below(count: int, size: int) -> int | None:
-    """A set's cluster count, None when it keeps all its tokens."""
-    return count if count < size else None
+def _even_runs(num_frames: int, num_runs: int) -> tuple[list[int], list[int]]:
+    """(first frames, widths) of `num_runs` runs of consecutive frames, as torch.tensor_split
+    cuts them (the first T % runs one frame longer)."""
+    base, longer = divmod(num_frames, num_runs)
+    widths = [base + 1] * longer + [base] * (num_runs - longer)
+    return [sum(widths[:i]) for i in range(num_runs)], widths
+
+
+def _merge(
+    features: torch.Tensor,
+    plan: _Plan,
+    config: PruneVidConfig,
+    noise: _Noise,
+    grid: tuple[int, int],
+    num_merged: int | None,
+) -> MergeResult:
+    """Merge every set of `plan` in one batch. features: (T, N, C). `num_merged`: the output
+    length where the host knows it (under a retention); else it is read, with the sets' sizes."""
+    num_frames, num_tokens, channels = features.shape
+    device = features.device
+    num_segments = len(plan.starts)
+    ids = torch.arange(num_tokens, device=device)
+
+    # Rows of the batch: each set's members gathered to the front, in grid order.
+    members_static = (~plan.static).long().argsort(dim=1, stable=True)  # (S, N): static first
+    members_dynamic = plan.static.long().argsort(dim=1, stable=True)[plan.segment]  # (T, N)
+    means = _static_means(features, plan)  # (S, N, C)
+    rows = torch.cat(
+        [
+            means.gather(1, members_static[:, :, None].expand(-1, -1, channels)),
+            features.gather(1, members_dynamic[:, :, None].expand(-1, -1, channels)),
+        ]
+    )  # (S + T, N, C)
+    draw = _row_noise(noise, plan, num_frames, num_tokens)
+    labels = dpc_knn_sets(rows, plan.sizes, plan.counts.clamp(min=1), config.k, draw)
+    labels = torch.where(plan.clustered[:, None], labels, ids)  # sets kept as they are: grid order
+
+    # Output order: sets in slot order, each set's merged tokens in label order.
+    per_slot = torch.zeros_like(plan.counts).scatter_(0, plan.slots, plan.counts)
+    set_sizes = None
+    if num_merged is None:  # the paper's mode: the one read of the output length
+        per_slot_host = per_slot.tolist()
+        num_merged = sum(per_slot_host)
+        set_sizes = [count for count in per_slot_host if count]
+    slot_starts = per_slot.cumsum(0) - per_slot
+    valid = ids < plan.sizes[:, None]
+    target = torch.where(valid, slot_starts[plan.slots][:, None] + labels, num_merged).flatten()
+
+    # Each merged token is the plain mean of its members (summed in float32); padding goes to a
+    # spare row that is dropped.
+    sums = rows.new_zeros(num_merged + 1, channels, dtype=torch.float32)
+    sums.index_add_(0, target, rows.flatten(0, 1).float())
+    members = sums.new_zeros(num_merged + 1).index_add_(0, target, valid.flatten().float())
+    tokens = (sums[:num_merged] / members[:num_merged, None]).to(features.dtype)
+
+    # Where every original token went: its segment's static set or its frame's dynamic set.
+    static = plan.static[plan.segment]  # (T, N)
+    row = torch.where(
+        static, plan.segment[:, None], num_segments + torch.arange(num_frames, device=device)[:, None]
+    )
+    member = (
+        torch.where(
+            static, plan.static.long().cumsum(1)[plan.segment], (~plan.static).long().cumsum(1)[plan.segment]
+        )
+        - 1
+    )
+    assignment = slot_starts[plan.slots][row] + labels.flatten()[row * num_tokens + member]
+
+    # Budget sets: the non-empty slots, numbered densely in output order.
+    slot_ends = per_slot.cumsum(0)
+    slot = torch.searchsorted(slot_ends, torch.arange(num_merged, device=device), right=True)
+    groups = ((per_slot > 0).long().cumsum(0) - 1)[slot]
+    return MergeResult(
+        tokens=tokens,
+        assignment=assignment,
+        segments=plan.segment,
+        static=static,
+        groups=groups,
+        grid=grid,
+        set_sizes=set_sizes,
+    )
+
+
+def _static_means(features: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """(T, N, C) -> (S, N, C): each position's mean over its segment's frames (a plain mean,
+    accumulated in float32 at least, as `Tensor.mean` does)."""
+    table, valid = _frame_table(plan.starts, plan.widths, plan.max_width, features.shape[0])
+    accumulate = torch.promote_types(features.dtype, torch.float32)
+    padded = features[table].masked_fill(~valid[:, :, None, None], 0)  # (S, W, N, C)
+    sums = padded.sum(1, dtype=accumulate)
+    return (sums / plan.widths.clamp(min=1)[:, None, None]).to(features.dtype)
+
+
+def _row_noise(noise: _Noise, plan: _Plan, num_frames: int, num_tokens: int) -> torch.Tensor | None:
+    """(S + T, N) each set's DPC tie-break noise, the values ALGORITHM.md §1.3's order of draws
+    gives it: per segment its static set (if clustered), then its frames' dynamic sets (if any
+    is clustered). One draw covers the most any content can take; the generator is local to
+    the call, so drawing more than is used changes nothing."""
+    num_segments = len(plan.starts)
+    stream = noise(num_segments * num_tokens + num_frames * num_tokens)
+    if stream is None:
+        return None
+    stream = stream.to(plan.sizes.device)
+    static_sizes, dynamic_sizes = plan.sizes[:num_segments], plan.sizes[num_segments:]
+    static_draw = static_sizes * plan.clustered[:num_segments]
+    frames_clustered = torch.zeros_like(static_sizes).index_add_(
+        0, plan.segment, plan.clustered[num_segments:].long()
+    )
+    dynamic_per_frame = num_tokens - static_sizes  # per segment
+    taken = static_draw + (frames_clustered > 0) * plan.widths * dynamic_per_frame
+    first = taken.cumsum(0) - taken  # (S,) where each segment's draws begin
+    frames = torch.arange(num_frames, device=stream.device)
+    dynamic_first = (
+        first[plan.segment] + static_draw[plan.segment] + (frames - plan.starts[plan.segment]) * dynamic_sizes
+    )
+    offsets = torch.cat([first, dynamic_first])[:, None] + torch.arange(num_tokens, device=stream.device)
+    return stream[offsets.clamp(max=len(stream) - 1)]
+
+
+def _frame_table(
+    starts: torch.Tensor, widths: torch.Tensor, max_width: int, num_frames: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, W) frame index of each segment's w-th frame (clamped where padding) and its mask."""
+    steps = torch.arange(max_width, device=starts.device)
+    return (starts[:, None] + steps).clamp(max=num_frames - 1), steps < widths[:, None]
+
+
+def _similarity(
+    frames: torch.Tensor, starts: torch.Tensor, widths: torch.Tensor, max_width: int
+) -> torch.Tensor:
+    """`static_similarity` of every segment at once. frames: (T, N, C); starts, widths: (S,)
+    -> (S, N) float32; -inf in a segment of fewer than two frames."""
+    table, valid = _frame_table(starts, widths, max_width, frames.shape[0])
+    unit = torch.nn.functional.normalize(frames.float(), dim=-1, eps=1e-12)
+    padded = unit[table].masked_fill(~valid[:, :, None, None], 0)  # (S, W, N, C)
+    gram = torch.einsum("sanc,sbnc->snab", padded, padded)  # (S, N, W, W)
+    off_diagonal = gram.sum((2, 3)) - gram.diagonal(dim1=2, dim2=3).sum(-1)
+    pairs = (widths * (widths - 1))[:, None]
+    return (off_diagonal / pairs.clamp(min=1)).masked_fill(pairs == 0, -torch.inf)
+
+
+def _segment_bounds(
+    descriptors: torch.Tensor, config: PruneVidConfig, noise: _Noise | None = None
+) -> tuple[list[int], list[int]]:
+    """(first frames, widths) of the temporal segments, on the host: the one read of stage 1's
+    content (T labels). descriptors: (T, C) one per frame."""
+    num_frames = descriptors.shape[0]
+    num_clusters = max(1, int(num_frames * config.temporal_segment_ratio))
+    draw = noise(1, num_frames) if noise is not None else None
+    labels = dpc_knn(descriptors[None], num_clusters, config.k, draw)[0]
+    runs = _runs(make_contiguous(labels.tolist()))
+    return [start for _, start, _ in runs], [end - start for _, start, end in runs]
 
 
 def temporal_segments(
     descriptors: torch.Tensor, config: PruneVidConfig, noise: _Noise | None = None
 ) -> torch.Tensor:
     """Contiguous temporal segments. descriptors: (T, C) one per frame -> segment id per frame (T,)."""
-    num_frames = descriptors.shape[0]
-    num_clusters = max(1, int(num_frames * config.temporal_segment_ratio))
-    draw = noise(1, num_frames) if noise is not None else None
-    labels = dpc_knn(descriptors[None], num_clusters, config.k, draw)[0]
-    contiguous = make_contiguous(labels.tolist())
-    # Segment ids count the maximal runs of the relabelled sequence.
-    changes = torch.tensor([0] + [int(a != b) for a, b in pairwise(contiguous)])
-    return changes.cumsum(0).to(descriptors.device)
+    _, widths = _segment_bounds(descriptors, config, noise)
+    segment = torch.arange(len(widths)).repeat_interleave(torch.tensor(widths), output_size=len(descriptors))
+    return segment.to(descriptors.device)
 
 
 def make_contiguous(labels: list[int]) -> list[int]:
@@ -271,84 +409,13 @@ def make_contiguous(labels: list[int]) -> list[int]:
 def static_similarity(frames: torch.Tensor) -> torch.Tensor:
     """Mean pairwise cosine similarity of each grid position over a segment's frames, self-pairs
     excluded. frames: (W, N, C) -> (N,) float32; -inf for a one-frame segment (nothing is static)."""
-    num_frames = frames.shape[0]
-    if num_frames < 2:
-        return torch.full((frames.shape[1],), -torch.inf, device=frames.device)
-    unit = torch.nn.functional.normalize(frames.float(), dim=-1, eps=1e-12)
-    gram = torch.einsum("anc,bnc->nab", unit, unit)  # (N, W, W)
-    off_diagonal = gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
-    return off_diagonal / (num_frames * (num_frames - 1))
+    bounds = torch.tensor([0, frames.shape[0]], device=frames.device)
+    return _similarity(frames, bounds[:1], bounds[1:], frames.shape[0])[0]
 
 
 def static_positions(frames: torch.Tensor, tau: float) -> torch.Tensor:
     """Static grid positions of one segment: similarity strictly above tau. (W, N, C) -> (N,) bool."""
     return static_similarity(frames) > tau
-
-
-def merge_spatial(
-    tokens: torch.Tensor, num_clusters: int | None, k: int, noise: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ALGORITHM.md §4: merge each of B sets of n tokens into `num_clusters` by DPC-KNN.
-
-    tokens: (B, n, C) -> (merged (B, K, C), labels (B, n)); `num_clusters` None keeps the sets
-    as they are (labels = arange(n)). noise: (B, n) tie-break values or None.
-    """
-    batch, n, _ = tokens.shape
-    if num_clusters is None:
-        return tokens, torch.arange(n, device=tokens.device).expand(batch, -1)
-    labels = dpc_knn(tokens, num_clusters, k, noise)
-    return cluster_means(tokens, labels, num_clusters), labels
-
-
-def _merge_segment(
-    frames: torch.Tensor, plan: _SegmentPlan, config: PruneVidConfig, noise: _Noise
-) -> MergeResult:
-    """Stage 1 inside one segment, as `plan` says. frames: (W, N, C). Indices in the result are
-    segment-local."""
-    width, num_tokens, _ = frames.shape
-    static = plan.static
-    static_idx, dynamic_idx = static.nonzero().squeeze(1), (~static).nonzero().squeeze(1)
-    assignment = torch.empty(width, num_tokens, dtype=torch.long, device=frames.device)
-
-    # Static positions: the mean over time, then one spatial merge for the whole segment.
-    static_set = frames[:, static_idx].mean(0, keepdim=True)
-    draw = noise(1, len(static_idx)) if plan.static_clusters is not None else None
-    static_tokens, static_labels = merge_spatial(static_set, plan.static_clusters, config.k, draw)
-    num_static = static_tokens.shape[1]
-    assignment[:, static_idx] = static_labels
-
-    # Dynamic positions: one spatial merge per frame, batched over the frames that get the same
-    # cluster count (all of them, but under a budget), with one noise draw for the segment.
-    dynamic_set = frames[:, dynamic_idx]  # (W, n_d, C)
-    clustered = any(c is not None for c in plan.dynamic_clusters)
-    draw = noise(width, len(dynamic_idx)) if clustered else None
-    per_frame: list[torch.Tensor] = [dynamic_set[0, :0]] * width  # (K_i, C) merged tokens of frame i
-    labels = torch.empty(width, len(dynamic_idx), dtype=torch.long, device=frames.device)
-    for count in dict.fromkeys(plan.dynamic_clusters):
-        rows = [i for i, c in enumerate(plan.dynamic_clusters) if c == count]
-        merged, labels[rows] = merge_spatial(
-            dynamic_set[rows], count, config.k, None if draw is None else draw[rows]
-        )
-        for i, tokens in zip(rows, merged):
-            per_frame[i] = tokens
-    sizes = torch.tensor([len(tokens) for tokens in per_frame])
-    starts = num_static + sizes.cumsum(0) - sizes
-    assignment[:, dynamic_idx] = labels + starts.to(frames.device)[:, None]
-
-    groups = torch.cat(
-        [
-            torch.zeros(num_static, dtype=torch.long),
-            torch.arange(width).repeat_interleave(sizes) + (1 if num_static else 0),
-        ]
-    ).to(frames.device)
-    return MergeResult(
-        tokens=torch.cat([static_tokens[0], *per_frame]),
-        assignment=assignment,
-        segments=torch.zeros(width, dtype=torch.long, device=frames.device),
-        static=static.expand(width, -1),
-        groups=groups,
-        grid=(0, 0),
-    )
 
 
 def _identity(features: torch.Tensor, grid: tuple[int, int]) -> MergeResult:
@@ -359,8 +426,9 @@ def _identity(features: torch.Tensor, grid: tuple[int, int]) -> MergeResult:
         assignment=torch.arange(num_frames * num_tokens, device=features.device).view(num_frames, num_tokens),
         segments=frame_ids,
         static=torch.zeros(num_frames, num_tokens, dtype=torch.bool, device=features.device),
-        groups=frame_ids.repeat_interleave(num_tokens),
+        groups=frame_ids[:, None].expand(-1, num_tokens).flatten(),
         grid=grid,
+        set_sizes=[num_tokens] * num_frames,
     )
 
 

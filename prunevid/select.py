@@ -1,4 +1,10 @@
-"""Stage 2: question-guided selection of visual tokens (ALGORITHM.md §5.2-5.4). Pure torch."""
+"""Stage 2: question-guided selection of visual tokens (ALGORITHM.md §5.2-5.4). Pure torch.
+
+Everything here runs on the device without reading a value back (DESIGN.md "On a GPU: no host
+stalls"), given what the host already knows: the sets' sizes in the paper's mode
+(`MergeResult.set_sizes`), the number of merged tokens under a retention. `kept_total` says how
+many tokens are kept from that alone.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .budget import allocate, final_count
+from .budget import allocate_tensor, final_count
 from .config import PruneVidConfig
 
 # A stage-2 rule: (attention (H, nq, n) of the question rows over the n visual tokens, groups
@@ -43,38 +49,82 @@ def question_guided(
     Returns (scores (n,), kept (n,) bool): max over heads and rows, then the per-set budget.
     """
     scores = visual_scores(attention)
-    kept = torch.zeros_like(scores, dtype=torch.bool)
-    kept[keep_by_budget(scores, groups, counts)] = True
-    return scores, kept
+    return scores, kept_mask(scores, groups, counts)
 
 
-def keep_counts(groups: torch.Tensor, config: PruneVidConfig, num_visual: int) -> torch.Tensor:
+def keep_counts(
+    groups: torch.Tensor,
+    config: PruneVidConfig,
+    num_visual: int,
+    set_sizes: list[int] | None = None,
+    num_sets: int | None = None,
+) -> torch.Tensor:
     """How many tokens stage 2 keeps in each budget set. groups: (n,) -> (S,).
 
     The paper's max(1, int(alpha * size)) per set; under `config.retention` the final count of
     a video of `num_visual` tokens, shared among the sets in proportion to their sizes (at least
     one each while there are enough). Empty sets keep nothing.
+
+    Where the sets' sizes come from decides what the host pays:
+    - `set_sizes` (`MergeResult.set_sizes`, host-known): a CPU tensor, nothing read;
+    - else `num_sets`, any host-known bound on the number of sets (`len(groups)` will do):
+      (num_sets,) counts on groups' device, zero past the last set, nothing read;
+    - else the sets are counted on the host: one read.
     """
-    sizes = torch.bincount(groups.cpu())
+    if set_sizes is not None:
+        sizes = torch.tensor(set_sizes, dtype=torch.long)
+    elif num_sets is not None:
+        sizes = torch.zeros(num_sets, dtype=torch.long, device=groups.device)
+        sizes.scatter_add_(0, groups, torch.ones_like(groups))
+    else:
+        sizes = torch.bincount(groups.cpu())
     if config.retention is None:
         counts = (config.alpha * sizes.double()).long().clamp(min=1)  # float64, as int(alpha * size)
         return counts.where(sizes > 0, 0)
     total = final_count(num_visual, config.retention)
-    minimum = 1 if total >= int((sizes > 0).sum()) else 0
-    return torch.tensor(allocate(sizes.tolist(), min(total, len(groups)), minimum))
+    minimum = (total >= (sizes > 0).sum()).long()  # one each, if there are enough
+    return allocate_tensor(sizes, min(total, len(groups)), minimum)
 
 
-def keep_by_budget(scores: torch.Tensor, groups: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def kept_total(
+    config: PruneVidConfig, num_visual: int, num_merged: int, set_sizes: list[int] | None = None
+) -> int | None:
+    """How many of `num_merged` visual tokens stage 2 keeps (the sum of `keep_counts`), known on
+    the host without a read: min(final_count(num_visual, r), num_merged) under a retention; in
+    the paper's mode the sum of max(1, int(alpha * size)) over `set_sizes`, or None without them
+    (the count then depends on content the host has not read)."""
+    if config.retention is not None:
+        return min(final_count(num_visual, config.retention), num_merged)
+    if set_sizes is None:
+        return None
+    return sum(max(1, int(config.alpha * size)) for size in set_sizes if size)
+
+
+def keep_by_budget(
+    scores: torch.Tensor, groups: torch.Tensor, counts: torch.Tensor, total: int | None = None
+) -> torch.Tensor:
     """Indices of the tokens kept, in increasing order.
 
     scores: (M,) relevance; groups: (M,) budget set of each token (stage 1's static set of a
     segment or dynamic set of a frame); counts: (S,) tokens each set keeps, its best first.
-    Equal scores keep the lower index.
+    Equal scores keep the lower index. `total`: how many are kept (`kept_total`), where the
+    host knows it; without it their number is read back.
     """
+    kept = kept_mask(scores, groups, counts)
+    if total is None:
+        return kept.nonzero().squeeze(1)
+    return (~kept).long().argsort(stable=True)[:total]  # kept ones first, in index order
+
+
+def kept_mask(scores: torch.Tensor, groups: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(M,) bool: the `counts[s]` best-scored tokens of each set s (ties: the lower index), on
+    the device, nothing read. scores, groups: (M,); counts: (S,), S above every group id."""
     order = scores.sort(descending=True, stable=True).indices
     order = order[groups[order].sort(stable=True).indices]  # by set, best first inside each
-    sizes = torch.bincount(groups, minlength=len(counts))
+    sizes = torch.zeros(len(counts), dtype=torch.long, device=groups.device)
+    sizes.scatter_add_(0, groups, torch.ones_like(groups))
     starts = sizes.cumsum(0) - sizes
     ordered_groups = groups[order]
     rank = torch.arange(len(order), device=scores.device) - starts[ordered_groups]
-    return order[rank < counts.to(scores.device)[ordered_groups]].sort().values
+    best = rank < counts.to(scores.device)[ordered_groups]
+    return torch.zeros_like(best).scatter_(0, order, best)

@@ -206,7 +206,7 @@ def video_prefill(
         merge, reused = runtime.merge(video.tokens, video.grid)
         stage1_s.append((clock(embeds.device) - tic, reused))
         merges.append(merge)
-    layout = _layout(is_video, rows, videos, merges)
+    layout = _layout(is_video, mask, rows, videos, merges)
     spans: list[VisualSpan | None] = [None] * embeds.shape[0]
     for b, video, merge, index, question_start in zip(
         rows, videos, merges, layout.index, layout.question_start
@@ -243,7 +243,9 @@ def video_prefill(
         cache = DynamicCache(config=lm.config)
     tic = clock(embeds.device)
     rule = runtime.method.select or question_guided
-    hidden, selection = prefill(lm, logical, mask, positions, cache, spans, config, rule, residuals)
+    hidden, selection = prefill(
+        lm, logical, mask, positions, cache, spans, config, rule, residuals, layout.lengths
+    )
     prefill_s = clock(embeds.device) - tic
 
     last = positions[..., -1]  # every row ends with a real token (left padding)
@@ -328,7 +330,7 @@ class _Layout:
     source: (B, W) index into a table of a row's stock tokens (L), then its video's own tokens
     (merged tokens, then suffix; `extra` columns, the longest video's), then one padding slot;
     position_source: (B, W) the stock token whose position each takes (a merged token: its
-    first member's placeholder); padded: some row is shorter than W; per video row (`rows`):
+    first member's placeholder); lengths: each row's real tokens (W the longest); per video row (`rows`):
     index (M,) its merged tokens' columns, question_start () the first column after the video.
     """
 
@@ -336,7 +338,7 @@ class _Layout:
     position_source: torch.Tensor
     length: int
     extra: int
-    padded: bool
+    lengths: list[int]
     rows: list[int]
     index: list[torch.Tensor]
     question_start: list[torch.Tensor]
@@ -352,7 +354,7 @@ class _Layout:
 
     def mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The logical prompt's (B, W) mask from the stock (B, L) one; None: no padding."""
-        if mask is None and not self.padded:
+        if mask is None and len(set(self.lengths)) == 1:
             return None
         if mask is None:
             mask = self.source.new_ones(self.source.shape[0], self.length)
@@ -362,37 +364,51 @@ class _Layout:
 
 
 def _layout(
-    is_video: torch.Tensor, rows: list[int], videos: list[VideoGrid], merges: list[MergeResult]
+    is_video: torch.Tensor,
+    mask: torch.Tensor | None,
+    rows: list[int],
+    videos: list[VideoGrid],
+    merges: list[MergeResult],
 ) -> _Layout:
     """The logical prompt's layout from the (B, L) placeholder mask, on the device. Each row's
-    length follows from its video's size and stage 1's count, so nothing is read back."""
+    length follows from its video's size and stage 1's count; a padded batch's padding is
+    dropped (its real lengths: one read, for padded batches only)."""
     batch, length = is_video.shape
     extra = max(m.num_tokens + len(v.suffix) for v, m in zip(videos, merges))
-    lengths = [length] * batch
+    lengths = [length] * batch if mask is None else mask.sum(1).tolist()
     for b, video, merge in zip(rows, videos, merges):
-        lengths[b] = length - video.tokens.shape[:2].numel() + merge.num_tokens
+        lengths[b] += merge.num_tokens - video.tokens.shape[:2].numel()
     width = max(lengths)
     pad_slot = length + extra
     source = is_video.new_full((batch, width), pad_slot, dtype=torch.long)
     position_source = torch.zeros_like(source)
     at = torch.arange(length, device=is_video.device)
-    for b in set(range(batch)) - set(rows):  # rows without a video keep their tokens
-        source[b, width - length :] = at
-        position_source[b, width - length :] = at
+    for b in set(range(batch)) - set(rows):  # rows without a video keep their real tokens
+        real = torch.ones_like(is_video[b]) if mask is None else mask[b].bool()
+        column = (width - real.flip(0).cumsum(0).flip(0)).where(real, width)
+        source[b] = at.new_full((width + 1,), pad_slot).scatter_(0, column, at)[:width]
+        position_source[b] = at.new_zeros(width + 1).scatter_(0, column, at)[:width]
     index, question_start = [], []
     for b, video, merge in zip(rows, videos, merges):
-        row, positions, columns, start = _place(is_video[b], video, merge, width, pad_slot)
+        real = None if mask is None else mask[b].bool()
+        row, positions, columns, start = _place(is_video[b], real, video, merge, width, pad_slot)
         source[b], position_source[b] = row, positions
         index.append(columns)
         question_start.append(start)
-    return _Layout(source, position_source, length, extra, len(set(lengths)) > 1, rows, index, question_start)
+    return _Layout(source, position_source, length, extra, lengths, rows, index, question_start)
 
 
 def _place(
-    flags: torch.Tensor, video: VideoGrid, merge: MergeResult, width: int, pad_slot: int
+    flags: torch.Tensor,
+    real: torch.Tensor | None,
+    video: VideoGrid,
+    merge: MergeResult,
+    width: int,
+    pad_slot: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One row's layout. flags: (L,) its video placeholders: one run, or one run per time step
-    (models that put text, e.g. timestamps, between frames), the suffix's placeholders last.
+    (models that put text, e.g. timestamps, between frames), the suffix's placeholders last;
+    real: (L,) its mask, None for no padding (padding is dropped).
 
     Text and suffix tokens keep their order; each merged token goes into the run of its first
     member's time step (stage 1 emits them in that time order), before the run's suffix.
@@ -407,6 +423,8 @@ def _place(
     rank = flags.cumsum(0) - 1  # (L,) index of each placeholder among the video's
     suffix = flags & (rank >= frames * per_frame)
     stay = ~flags | suffix  # tokens that keep their place
+    if real is not None:
+        stay &= real
     starts = flags & ~torch.cat([flags.new_zeros(1), flags[:-1]])
     runs = starts.cumsum(0)  # (L,) runs begun up to each token
     run_start = at.new_zeros(frames + 1).scatter_(0, (runs - 1).clamp(max=frames).where(starts, frames), at)

@@ -120,6 +120,7 @@ def prefill(
     config: PruneVidConfig,
     rule: Rule = question_guided,
     residuals: list[torch.Tensor] | None = None,
+    lengths: list[int] | None = None,
 ) -> tuple[torch.Tensor, Selection]:
     """Prefill a stock decoder `lm` (e.g. Qwen2Model) on the logical prompt, with stage 2.
 
@@ -129,7 +130,7 @@ def prefill(
     crops those layers' cache to them and runs the remaining layers on the P kept tokens.
     `rule` picks the kept visual tokens from the question rows' attention (baselines swap it).
     `residuals[i]` (B, L, C) is added to the output of layer i (Qwen3-VL's deepstack features,
-    zero outside the visual tokens).
+    zero outside the visual tokens). `lengths`: each row's real tokens, right-aligned (None: L).
     Returns the final-normed hidden states (B, P, C) and the selection.
     """
     prune_at = config.selected_layer if config.stage2 and any(spans) else None
@@ -153,7 +154,7 @@ def prefill(
         if residuals is not None and i < len(residuals):
             hidden = hidden + residuals[i]
         if i == prune_at:
-            selection = select_tokens(layer, layer_input, mask, spans, rule)
+            selection = select_tokens(layer, layer_input, mask, spans, rule, lengths)
             index = selection.keep[:, :, None].expand(-1, -1, hidden.shape[2])
             hidden = hidden.gather(1, index)
             residuals = None if residuals is None else [r.gather(1, index) for r in residuals]
@@ -174,10 +175,12 @@ def select_tokens(
     mask: torch.Tensor | None,
     spans: list[VisualSpan | None],
     rule: Rule = question_guided,
+    lengths: list[int] | None = None,
 ) -> Selection:
     """Stage 2 (ALGORITHM.md §5.2-5.4) from `layer`'s own query/key projections of its input.
 
-    hidden: (B, L, C) the input of the selected layer; mask: (B, L) or None (no padding).
+    hidden: (B, L, C) the input of the selected layer; mask: (B, L) or None (no padding);
+    lengths: each row's real tokens (None: L).
     Only the last Q rows of q k^T are formed (Q bounds every row's question: all tokens but
     its visual ones), so the model's real attention (SDPA / FlashAttention) is untouched; the
     rule sees the question rows and zeros for the rows before them (its max over rows, or its
@@ -209,7 +212,10 @@ def select_tokens(
         keep[b] = keep[b].index_put((span.index,), kept)
         kept_masks.append(kept)
         scores.append(score)
-    lengths = [width if s is None else width - len(s.index) + s.num_kept for s in spans]
+    if mask is not None:
+        keep &= mask.bool()
+    lengths = lengths or [width] * batch
+    lengths = [n if s is None else n - len(s.index) + s.num_kept for n, s in zip(lengths, spans)]
     keep, keep_mask = _right_aligned(keep, mask, max(lengths), len(set(lengths)) > 1)
     return Selection(keep, keep_mask, kept_masks, scores, time.perf_counter() - start)
 

@@ -71,7 +71,11 @@ def materialize(traces: list[PendingTrace | PruningTrace | None]) -> list[Prunin
             groups=torch.empty(0, dtype=torch.long),
             grid=t.grid,
         )
-        done[id(t)] = PruningTrace.from_stages(merge, kept=kept, scores=scores, **t.details)
+        details = dict(t.details)
+        # Timings may still be device intervals (`models.base.Interval`): read them now.
+        timings = details.pop("timings", {})
+        timings = {k: v if isinstance(v, float) else v.seconds() for k, v in timings.items()}
+        done[id(t)] = PruningTrace.from_stages(merge, kept=kept, scores=scores, timings=timings, **details)
     return [done.get(id(t), t) for t in traces]
 
 

@@ -13,6 +13,7 @@ each side's bound is checked on its own; `TOTAL_*` bound the whole prefill.
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -20,8 +21,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import prunevid
 from prunevid import PruneVidConfig
 from prunevid.bench.probe import HostProbe, _caller
+from prunevid.merge import merge_tokens
 from prunevid.models import llava_onevision, qwen2_vl
 from prunevid.testing import tiny_config, tiny_qwen_vl, tiny_tokenizer
+from prunevid.trace import PendingTrace, PruningTrace, materialize
 
 STAGES = ("merge.py", "cluster.py", "budget.py", "select.py")  # stage 1 and stage 2's rule
 QUESTION = "what colour is the object ?"
@@ -29,6 +32,10 @@ SIDE = 14  # tokens per frame: SIDE x SIDE = 196
 # The model side's ops over stock, and how much more 32 frames may cost than 8.
 MODEL_SIDE_OPS = 250
 GROWTH = 1.25
+# The model side's reads over stock: the kept count, read until stage 1 reports its set sizes
+# on the host (stage-1 branch); Qwen-VL also reads its grid sizes off the positions once
+# (generate() consumes video_grid_thw).
+MODEL_SIDE_READS = {"llava": 1, "qwen": 2}
 # The whole prefill, stages included: the issue's target is 400 ops and 2 / 1 reads; these are
 # the bounds while stage 1 is rewritten on its own branch (the lead tightens them on merging).
 TOTAL_OPS = 5000
@@ -175,10 +182,49 @@ def test_patched_prefill_and_decode_cost_what_stock_costs(request, tokenizer, fa
     # The model side: bounded, independent of the frame count, and no host read beyond stock's.
     assert many["side_ops"] <= MODEL_SIDE_OPS, report
     assert many["side_ops"] <= GROWTH * max(few["side_ops"], 1), report
-    assert many["side_reads"] <= 0, model_reads
+    assert many["side_reads"] <= MODEL_SIDE_READS[family], model_reads
     # The whole prefill, stage 1 included (bounds the lead tightens on merging stage 1).
     assert many["ops"] <= TOTAL_OPS, report
     assert many["reads"] <= TOTAL_READS, dict(side_reads)
     # A decode step: no host read, at most 2 ops over stock.
     assert many["step_reads"] <= 0, report
     assert many["step_ops"] <= 2, report
+
+
+def test_traces_stay_on_the_device_until_read_then_one_transfer(llava, tokenizer):
+    inputs = _llava_inputs(llava, tokenizer, 8)
+    prunevid.patch(llava, PruneVidConfig(selected_layer=1))
+    try:
+        probe = _generate(llava, inputs, 2)
+        pending = llava.model._prunevid.traces
+        with _Probe() as read:
+            traces = prunevid.last_traces(llava)
+        again = prunevid.last_traces(llava)
+    finally:
+        prunevid.unpatch(llava)
+    assert not any("trace.py" in op for op in probe.reads_by_op), dict(probe.reads_by_op)
+    assert isinstance(pending[0], PendingTrace), "generate() leaves the trace on the device"
+    # One device-to-host copy; from_stages then works on host tensors (its .cpu() copies nothing).
+    copies = [op for op in read.reads_by_op if op.startswith("Tensor.cpu") and "(materialize)" in op]
+    assert [read.reads_by_op[op] for op in copies] == [1], dict(read.reads_by_op)
+    assert again[0] is traces[0], "read once, then kept as numpy"
+    assert traces[0].num_after_stage2 < traces[0].num_after_stage1 < traces[0].num_visual_tokens
+
+
+def test_a_materialized_trace_equals_the_one_built_from_host_arrays():
+    """Packing every field into one float64 transfer loses nothing (indices, flags, NaN scores)."""
+    features = _features(4, 16).view(4, SIDE * SIDE, 16)
+    merge = merge_tokens(features, PruneVidConfig(), (SIDE, SIDE))
+    kept = torch.rand(merge.num_tokens) > 0.5
+    scores = torch.rand(merge.num_tokens)
+    scores[::7] = float("nan")
+    details = {"timings": {"stage1_s": 0.5}, "config": {"alpha": 0.4}, "method": "prunevid", "num_layers": 4}
+    expected = PruningTrace.from_stages(merge, kept=kept.numpy(), scores=scores.numpy(), **details)
+    both = materialize([PendingTrace.of(merge, kept, scores, **details), None])
+    got = both[0]
+    assert both[1] is None
+    for name in ("segment", "static", "merged_index", "kept"):
+        assert np.array_equal(getattr(got, name), getattr(expected, name)), name
+        assert getattr(got, name).dtype == getattr(expected, name).dtype, name
+    assert np.array_equal(got.score, expected.score, equal_nan=True)
+    assert got.summary() == expected.summary()

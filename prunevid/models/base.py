@@ -202,9 +202,9 @@ def video_prefill(
     rows = video_rows(is_video, len(videos))
     merges, stage1_s = [], []
     for video in videos:
-        tic = clock(embeds.device)
+        timer = Interval(embeds.device)
         merge, reused = runtime.merge(video.tokens, video.grid)
-        stage1_s.append((clock(embeds.device) - tic, reused))
+        stage1_s.append((timer.stop(), reused))
         merges.append(merge)
     layout = _layout(is_video, mask, rows, videos, merges)
     spans: list[VisualSpan | None] = [None] * embeds.shape[0]
@@ -241,12 +241,12 @@ def video_prefill(
     ] or None
     if cache is None and use_cache is not False:
         cache = DynamicCache(config=lm.config)
-    tic = clock(embeds.device)
+    timer = Interval(embeds.device)
     rule = runtime.method.select or question_guided
     hidden, selection = prefill(
         lm, logical, mask, positions, cache, spans, config, rule, residuals, layout.lengths
     )
-    prefill_s = clock(embeds.device) - tic
+    prefill_s = timer.stop()
 
     last = positions[..., -1]  # every row ends with a real token (left padding)
     runtime.state = None if cache is None else DecodeState(cache, selection.mask, last + 1, offset)
@@ -463,6 +463,34 @@ def merged_means(features: torch.Tensor, merge: MergeResult) -> torch.Tensor:
     spare = merge.num_tokens
     labels = index.where(index >= 0, spare)
     return cluster_means(features[None], labels[None], spare + 1)[0, :spare]
+
+
+class Interval:
+    """The time between two points of a device's work, measured without waiting for it: CUDA
+    events on a GPU (read when a trace is), the host clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self._start = self._mark(device)
+        self._end = None
+
+    @staticmethod
+    def _mark(device: torch.device):
+        if device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+    def stop(self) -> Interval:
+        self._end = self._mark(self._device)
+        return self
+
+    def seconds(self) -> float:
+        if isinstance(self._start, float):
+            return self._end - self._start
+        self._end.synchronize()
+        return self._start.elapsed_time(self._end) / 1000
 
 
 def clock(device: torch.device) -> float:

@@ -71,9 +71,10 @@ def last_traces(model: torch.nn.Module) -> list[PruningTrace | None]:
     runtime = getattr(model.model, "_prunevid", None)
     if runtime is None:
         raise RuntimeError("this model is not patched: call prunevid.patch(model) first")
-    if runtime.traces is None:
+    traces = runtime.read_traces()  # numpy from here: one device-to-host copy on the first read
+    if traces is None:
         raise RuntimeError("no video has gone through this model since it was patched")
-    return runtime.traces
+    return traces
 
 
 def last_trace(model: torch.nn.Module, row: int = 0) -> PruningTrace:

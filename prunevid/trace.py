@@ -7,8 +7,76 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from .merge import MergeResult
+
+
+@dataclass
+class PendingTrace:
+    """A trace still on the device, as a prefill leaves it: `PruningTrace.from_stages`'s
+    arguments, stage 1's as the tensors the trace needs (not the merged tokens).
+    `materialize` turns a batch of them into PruningTraces in one device-to-host copy."""
+
+    assignment: torch.Tensor  # (T, N)
+    segments: torch.Tensor  # (T,)
+    static: torch.Tensor  # (T, N)
+    grid: tuple[int, int]
+    num_merged: int
+    kept: torch.Tensor | None  # (M,) bool
+    scores: torch.Tensor | None  # (M,)
+    details: dict[str, Any] = field(default_factory=dict)  # from_stages' other arguments
+
+    @classmethod
+    def of(
+        cls, merge: MergeResult, kept: torch.Tensor | None, scores: torch.Tensor | None, **details: Any
+    ) -> PendingTrace:
+        return cls(
+            merge.assignment,
+            merge.segments,
+            merge.static,
+            merge.grid,
+            merge.num_tokens,
+            kept,
+            scores,
+            details,
+        )
+
+    def _parts(self) -> list[torch.Tensor]:
+        parts = [self.assignment, self.segments, self.static]
+        parts += [t for t in (self.kept, self.scores) if t is not None]
+        return [t.reshape(-1) for t in parts]
+
+
+def materialize(traces: list[PendingTrace | PruningTrace | None]) -> list[PruningTrace | None]:
+    """PruningTraces of a batch's traces: the pending ones' tensors in one transfer (as
+    float64, exact for their indices, flags and float32 scores)."""
+    pending = [t for t in traces if isinstance(t, PendingTrace)]
+    if not pending:
+        return list(traces)
+    parts = [p for t in pending for p in t._parts()]
+    values = torch.cat([p.to(parts[0].device, torch.float64) for p in parts]).cpu().numpy()
+    chunks = iter(np.split(values, np.cumsum([p.numel() for p in parts])[:-1]))
+    done = {}
+    for t in pending:
+        assignment, segments, static = (next(chunks) for _ in range(3))
+        kept = None if t.kept is None else next(chunks).astype(bool)
+        scores = None if t.scores is None else next(chunks).astype(np.float32)
+        shape = tuple(t.assignment.shape)
+        merge = MergeResult(
+            tokens=torch.empty(t.num_merged, 0),
+            assignment=torch.from_numpy(assignment.astype(np.int64).reshape(shape)),
+            segments=torch.from_numpy(segments.astype(np.int64)),
+            static=torch.from_numpy(static.astype(bool).reshape(shape)),
+            groups=torch.empty(0, dtype=torch.long),
+            grid=t.grid,
+        )
+        details = dict(t.details)
+        # Timings may still be device intervals (`models.base.Interval`): read them now.
+        timings = details.pop("timings", {})
+        timings = {k: v if isinstance(v, float) else v.seconds() for k, v in timings.items()}
+        done[id(t)] = PruningTrace.from_stages(merge, kept=kept, scores=scores, timings=timings, **details)
+    return [done.get(id(t), t) for t in traces]
 
 
 @dataclass

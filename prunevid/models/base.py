@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..baselines import METHODS, Method
@@ -22,7 +21,7 @@ from ..config import PruneVidConfig
 from ..lru import ByteLRU, shared_cache
 from ..merge import MergeResult, merge_tokens
 from ..select import keep_counts, question_guided
-from ..trace import PruningTrace
+from ..trace import PendingTrace, PruningTrace, materialize
 from .decoder import DecodeState, VisualSpan, positions_from_mask, prefill
 
 STAGE1_FIELDS = (
@@ -50,7 +49,7 @@ class Runtime:
     config: PruneVidConfig
     method: Method = METHODS["prunevid"]
     state: DecodeState | None = None
-    traces: list[PruningTrace | None] | None = None
+    traces: list[PendingTrace | PruningTrace | None] | None = None
     stage1_cache: ByteLRU = field(default_factory=shared_cache)
 
     def decode_arguments(
@@ -60,7 +59,14 @@ class Runtime:
         any other call keeps its own arguments."""
         if self.state is None or cache is None or cache is not self.state.cache:
             return attention_mask, position_ids
-        return self.state.decode_inputs(attention_mask, num_new)
+        return self.state.decode_inputs(attention_mask, position_ids, num_new)
+
+    def read_traces(self) -> list[PruningTrace | None] | None:
+        """The last prefill's traces as numpy, copied from the device in one transfer on the
+        first read (generate() leaves them on the device)."""
+        if self.traces is not None:
+            self.traces = materialize(self.traces)
+        return self.traces
 
     def merge(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[MergeResult, bool]:
         """Stage 1 on (T, N, C) tokens, reused when the same feature tensor comes back (an app
@@ -177,85 +183,94 @@ def video_prefill(
     positions: torch.Tensor | None,
     cache,
     use_cache: bool | None,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, DynamicCache | None]:
-    """Prefill with PruneVid. embeds: (B, L, C) stock prompt embeddings; is_video: (B, L) its
-    video placeholders (at most one contiguous run per row, filled in order by `videos`).
+    """Prefill with PruneVid. embeds: (B, L, C) stock prompt embeddings; mask: (B, L) or None
+    (no padding); is_video: (B, L) its video placeholders (at most one video per row, filled in
+    order by `videos`: one run, or one run per time step).
 
     positions: the stock positions (R, B, L) for M-RoPE models, kept for every token and given
     to each merged token from its representative member (the first of its members in time,
     then row-major order); None for 1-D RoPE, where the shorter prompt is numbered afresh
-    (ALGORITHM.md §4.5). Sets `runtime.state` and `runtime.traces`; returns the final hidden
-    states (B, P, C) of the kept tokens and the cache.
+    (ALGORITHM.md §4.5); then `position_ids` (B, L) are the caller's positions of the unpruned
+    prompt (generate()'s), which decode steps map onto the shorter one. Sets `runtime.state` and
+    `runtime.traces` (device tensors until read); returns the final hidden states (B, P, C) of
+    the kept tokens and the cache. Reads nothing back to the host beyond the kept counts.
     """
     config = runtime.config
     check_cache(cache)
-    if mask is None:
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-    rows, spans, merges, stage1_s = [], [], [], []
-    pending = iter(videos)
-    for b in range(embeds.shape[0]):
-        real = mask[b].bool()
-        pos = positions[:, b] if positions is not None else None  # (R, L)
-        if not is_video[b].any():
-            rows.append(_Row(embeds[b, real], None if pos is None else pos[:, real], []))
-            spans.append(None)
-            merges.append(None)
-            continue
-        video = next(pending)
-        tic = clock(embeds.device)
+    rows = video_rows(is_video, len(videos))
+    merges, stage1_s = [], []
+    for video in videos:
+        timer = Interval(embeds.device)
         merge, reused = runtime.merge(video.tokens, video.grid)
-        stage1_s.append((clock(embeds.device) - tic, reused))
-        row, span = _splice(embeds[b], real, is_video[b], pos, video, merge, config)
-        rows.append(row)
-        spans.append(span)
+        stage1_s.append((timer.stop(), reused))
         merges.append(merge)
-
-    embeds, mask, pads = _left_pad_rows([r.embeds for r in rows])
-    spans = [None if s is None else s.shifted(p) for s, p in zip(spans, pads)]
+    layout = _layout(is_video, mask, rows, videos, merges)
+    spans: list[VisualSpan | None] = [None] * embeds.shape[0]
+    for b, video, merge, index, question_start in zip(
+        rows, videos, merges, layout.index, layout.question_start
+    ):
+        counts = keep_counts(merge.groups, config, video.tokens.shape[:2].numel())
+        # host-known once stage 1 reports set sizes (stage1 branch)
+        num_kept = min(int(counts.sum()), merge.num_tokens)
+        spans[b] = VisualSpan(index, merge.groups, counts, question_start, num_kept)
+    merged = [
+        torch.cat([m.tokens.to(embeds.dtype), v.suffix.to(embeds.dtype)]) for v, m in zip(videos, merges)
+    ]
+    logical = layout.gather(embeds, merged)
+    mask = layout.mask(mask)
     if positions is None:
-        positions = positions_from_mask(mask)
+        positions = _numbered(mask, logical)
+        offset = None if position_ids is None else (position_ids[:, -1] - positions[:, -1])[:, None]
     else:
-        positions = torch.stack([F.pad(r.positions, (pad, 0)) for r, pad in zip(rows, pads)], 1)
-    num_extras = max(len(r.extras) for r in rows)
+        positions, offset = (
+            positions.gather(-1, layout.position_source.expand(positions.shape[0], -1, -1)),
+            None,
+        )
+    num_extras = max(len(v.extras) for v in videos)
     residuals = [
-        torch.stack(
+        layout.gather(
+            torch.zeros_like(embeds),
             [
-                F.pad(r.extras[i] if r.extras else torch.zeros_like(r.embeds), (0, 0, pad, 0))
-                for r, pad in zip(rows, pads)
-            ]
+                torch.cat([merged_means(v.extras[i], m).to(embeds.dtype), v.suffix.new_zeros(v.suffix.shape)])
+                for v, m in zip(videos, merges)
+            ],
         )
         for i in range(num_extras)
     ] or None
     if cache is None and use_cache is not False:
         cache = DynamicCache(config=lm.config)
-    tic = clock(embeds.device)
+    timer = Interval(embeds.device)
     rule = runtime.method.select or question_guided
-    hidden, selection = prefill(lm, embeds, mask, positions, cache, spans, config, rule, residuals)
-    prefill_s = clock(embeds.device) - tic
+    hidden, selection = prefill(
+        lm, logical, mask, positions, cache, spans, config, rule, residuals, layout.lengths
+    )
+    prefill_s = timer.stop()
 
     last = positions[..., -1]  # every row ends with a real token (left padding)
-    runtime.state = None if cache is None else DecodeState(cache, selection.mask, last + 1)
-    stage1 = iter(stage1_s)
-    runtime.traces = []
-    for b, merge in enumerate(merges):
-        if merge is None:
-            runtime.traces.append(None)
-            continue
-        seconds, reused = next(stage1)
-        scores = selection.visual_scores[b]
-        runtime.traces.append(
-            PruningTrace.from_stages(
-                merge,
-                kept=selection.visual_kept[b].cpu().numpy(),
-                scores=None if scores is None else scores.float().cpu().numpy(),
-                timings={"stage1_s": seconds, "stage2_s": selection.seconds, "llm_prefill_s": prefill_s},
-                config=config.to_dict(),
-                stage1_reused=reused,
-                method=runtime.method.name,
-                num_layers=len(lm.layers),
-            )
+    runtime.state = None if cache is None else DecodeState(cache, selection.mask, last + 1, offset)
+    runtime.traces = [None] * embeds.shape[0]
+    for b, merge, (seconds, reused) in zip(rows, merges, stage1_s):
+        runtime.traces[b] = PendingTrace.of(
+            merge,
+            kept=selection.visual_kept[b],
+            scores=selection.visual_scores[b],
+            timings={"stage1_s": seconds, "stage2_s": selection.seconds, "llm_prefill_s": prefill_s},
+            config=config.to_dict(),
+            stage1_reused=reused,
+            method=runtime.method.name,
+            num_layers=len(lm.layers),
         )
     return hidden, cache
+
+
+def video_rows(is_video: torch.Tensor, num_videos: int) -> list[int]:
+    """The rows of a (B, L) placeholder mask that hold a video: all of them when there is one
+    video per row (nothing read back), else one read."""
+    if num_videos == is_video.shape[0]:
+        return list(range(num_videos))
+    return [b for b, has in enumerate(is_video.any(1).tolist()) if has]
 
 
 def check_cache(cache) -> None:
@@ -308,122 +323,174 @@ def normalize(video: torch.Tensor, mean, std, rescale: float) -> torch.Tensor:
 
 
 @dataclass
-class _Row:
-    """One sample's logical prompt: embeds (L, C), positions (R, L) or None, extras [(L, C)]."""
+class _Layout:
+    """Where every token of the logical prompt (stage 1's tokens in place of the video
+    placeholders) comes from, right-aligned in W columns (a row's left padding first).
 
-    embeds: torch.Tensor
-    positions: torch.Tensor | None
-    extras: list[torch.Tensor]
+    source: (B, W) index into a table of a row's stock tokens (L), then its video's own tokens
+    (merged tokens, then suffix; `extra` columns, the longest video's), then one padding slot;
+    position_source: (B, W) the stock token whose position each takes (a merged token: its
+    first member's placeholder); lengths: each row's real tokens (W the longest); per video row (`rows`):
+    index (M,) its merged tokens' columns, question_start () the first column after the video.
+    """
+
+    source: torch.Tensor
+    position_source: torch.Tensor
+    length: int
+    extra: int
+    lengths: list[int]
+    rows: list[int]
+    index: list[torch.Tensor]
+    question_start: list[torch.Tensor]
+
+    def gather(self, stock: torch.Tensor, own: list[torch.Tensor]) -> torch.Tensor:
+        """(B, L, C) stock rows and each video row's own (E_b, C) tokens -> (B, W, C)."""
+        batch, _, channels = stock.shape
+        table = stock.new_zeros(batch, self.extra + 1, channels)
+        for b, tokens in zip(self.rows, own):
+            table[b, : len(tokens)] = tokens
+        table = torch.cat([stock, table], 1)
+        return table.gather(1, self.source[..., None].expand(-1, -1, channels))
+
+    def mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The logical prompt's (B, W) mask from the stock (B, L) one; None: no padding."""
+        if mask is None and len(set(self.lengths)) == 1:
+            return None
+        if mask is None:
+            mask = self.source.new_ones(self.source.shape[0], self.length)
+        batch = mask.shape[0]
+        table = torch.cat([mask, mask.new_ones(batch, self.extra), mask.new_zeros(batch, 1)], 1)
+        return table.gather(1, self.source)
 
 
-def _splice(
-    embeds: torch.Tensor,
-    real: torch.Tensor,
+def _layout(
     is_video: torch.Tensor,
-    positions: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    rows: list[int],
+    videos: list[VideoGrid],
+    merges: list[MergeResult],
+) -> _Layout:
+    """The logical prompt's layout from the (B, L) placeholder mask, on the device. Each row's
+    length follows from its video's size and stage 1's count; a padded batch's padding is
+    dropped (its real lengths: one read, for padded batches only)."""
+    batch, length = is_video.shape
+    extra = max(m.num_tokens + len(v.suffix) for v, m in zip(videos, merges))
+    lengths = [length] * batch if mask is None else mask.sum(1).tolist()
+    for b, video, merge in zip(rows, videos, merges):
+        lengths[b] += merge.num_tokens - video.tokens.shape[:2].numel()
+    width = max(lengths)
+    pad_slot = length + extra
+    source = is_video.new_full((batch, width), pad_slot, dtype=torch.long)
+    position_source = torch.zeros_like(source)
+    at = torch.arange(length, device=is_video.device)
+    for b in set(range(batch)) - set(rows):  # rows without a video keep their real tokens
+        real = torch.ones_like(is_video[b]) if mask is None else mask[b].bool()
+        column = (width - real.flip(0).cumsum(0).flip(0)).where(real, width)
+        source[b] = at.new_full((width + 1,), pad_slot).scatter_(0, column, at)[:width]
+        position_source[b] = at.new_zeros(width + 1).scatter_(0, column, at)[:width]
+    index, question_start = [], []
+    for b, video, merge in zip(rows, videos, merges):
+        real = None if mask is None else mask[b].bool()
+        row, positions, columns, start = _place(is_video[b], real, video, merge, width, pad_slot)
+        source[b], position_source[b] = row, positions
+        index.append(columns)
+        question_start.append(start)
+    return _Layout(source, position_source, length, extra, lengths, rows, index, question_start)
+
+
+def _place(
+    flags: torch.Tensor,
+    real: torch.Tensor | None,
     video: VideoGrid,
     merge: MergeResult,
-    config: PruneVidConfig,
-) -> tuple[_Row, VisualSpan]:
-    """Replace one sample's video placeholders by stage 1's merged tokens.
+    width: int,
+    pad_slot: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One row's layout. flags: (L,) its video placeholders: one run, or one run per time step
+    (models that put text, e.g. timestamps, between frames), the suffix's placeholders last;
+    real: (L,) its mask, None for no padding (padding is dropped).
 
-    embeds: (L, C), real / is_video: (L,), positions: (R, L) or None. The placeholders form one
-    run, or one run per time step (models that put text, e.g. timestamps, between frames); then
-    each merged token goes into the run of its first member's time step. The video's suffix
-    tokens (the last placeholders of its last run) stay. Text keeps its place and positions;
-    merged tokens take their first member's positions.
+    Text and suffix tokens keep their order; each merged token goes into the run of its first
+    member's time step (stage 1 emits them in that time order), before the run's suffix.
+    Columns count from the right: a token's column is W minus the tokens from it to the end.
+    Returns its (W,) source and position source, its merged tokens' (M,) columns and the
+    first column after the video ().
     """
-    runs = runs_of(is_video)
-    num_frames = video.tokens.shape[0]
-    first = merge.first_members()  # (M,) flat t * N + n of each merged token's first member
-    if len(runs) == 1:
-        run_of = torch.zeros_like(first)
-    elif len(runs) == num_frames:
-        run_of = first // video.tokens.shape[1]
-    else:
-        raise ValueError("a video's placeholders must form one run, or one run per frame")
-    if not real[is_video].all():
-        raise ValueError("video placeholders cannot be padding")
-    video_positions = None if positions is None else positions[:, is_video]  # (R, T * N + k)
-    extras = [merged_means(x, merge) for x in video.extras]
-
-    pieces, piece_positions, piece_extras, visual = [], [], [], []
-    cursor, length = 0, 0
-    for r, (start, end) in enumerate(runs):
-        text = torch.zeros_like(real)
-        text[cursor:start] = real[cursor:start]
-        members = (run_of == r).nonzero().squeeze(1)
-        members_suffix = len(video.suffix) if r == len(runs) - 1 else 0
-        count_text = int(text.sum())
-        visual.append(torch.arange(length + count_text, length + count_text + len(members)))
-        pieces += [
-            embeds[text],
-            merge.tokens[members].to(embeds.dtype),
-            video.suffix if members_suffix else embeds[:0],
-        ]
-        if positions is not None:
-            tail = (
-                video_positions[:, video_positions.shape[1] - members_suffix :]
-                if members_suffix
-                else positions[:, :0]
-            )
-            piece_positions += [positions[:, text], video_positions[:, first[members]], tail]
-        piece_extras.append((count_text, members, members_suffix))
-        length += count_text + len(members) + members_suffix
-        cursor = end
-    after = torch.zeros_like(real)
-    after[cursor:] = real[cursor:]
-    pieces.append(embeds[after])
-    if positions is not None:
-        piece_positions.append(positions[:, after])
-    row_extras = [_extra_row(x, piece_extras, int(after.sum()), embeds) for x in extras]
-    # Stage 1 emits tokens in time order of their first member, so the runs take consecutive
-    # merged tokens and the visual tokens stay in merged-token order (as the trace assumes).
-    assert bool((run_of.diff() >= 0).all()), "stage-1 output must be in time order"
-    counts = keep_counts(merge.groups, config, video.tokens.shape[:2].numel())
-    span = VisualSpan(torch.cat(visual).to(embeds.device), merge.groups, counts, length)
-    row = _Row(
-        torch.cat(pieces), None if positions is None else torch.cat(piece_positions, dim=1), row_extras
-    )
-    return row, span
+    length = flags.shape[0]
+    frames, per_frame = video.tokens.shape[:2]
+    num_merged = merge.num_tokens
+    at = torch.arange(length, device=flags.device)
+    rank = flags.cumsum(0) - 1  # (L,) index of each placeholder among the video's
+    suffix = flags & (rank >= frames * per_frame)
+    stay = ~flags | suffix  # tokens that keep their place
+    if real is not None:
+        stay &= real
+    starts = flags & ~torch.cat([flags.new_zeros(1), flags[:-1]])
+    runs = starts.cumsum(0)  # (L,) runs begun up to each token
+    run_start = at.new_zeros(frames + 1).scatter_(0, (runs - 1).clamp(max=frames).where(starts, frames), at)
+    first = merge.first_members().to(flags.device)  # (M,) flat t * N + n of the first member
+    frame = first // per_frame
+    single = runs[-1:] == 1  # one run for the whole video, else one per time step
+    run_of = torch.where(single, 0, frame)
+    stock_first = torch.where(single, run_start[:1] + first, run_start.gather(0, frame) + first % per_frame)
+    stays_from = stay.flip(0).cumsum(0).flip(0)  # (L,) tokens that stay from each token on
+    merged_in = at.new_zeros(frames + 1).index_add_(0, run_of, torch.ones_like(run_of))
+    merged_from = merged_in.flip(0).cumsum(0).flip(0)  # (T + 1,) merged tokens in runs r and later
+    stay_column = (width - stays_from - merged_from[runs.clamp(max=frames)]).where(stay, width)
+    order = torch.arange(num_merged, device=flags.device)
+    columns = width - (num_merged - order) - stays_from.gather(0, run_start.gather(0, run_of))
+    own = length + num_merged + rank - frames * per_frame  # a suffix token's slot in the table
+    source = at.new_full((width + 1,), pad_slot)
+    source.scatter_(0, stay_column, torch.where(suffix, own, at)).scatter_(0, columns, length + order)
+    positions = at.new_zeros(width + 1).scatter_(0, stay_column, at).scatter_(0, columns, stock_first)
+    last = at.where(flags, -1).amax(0, keepdim=True)  # (1,) the video's last placeholder
+    after = (stays_from - stay.long()).gather(0, last)  # tokens after the video
+    return source[:width], positions[:width], columns, (width - after)[0]
 
 
-def _extra_row(
-    merged: torch.Tensor, layout: list[tuple[int, torch.Tensor, int]], tail: int, like: torch.Tensor
-) -> torch.Tensor:
-    """A (L, C) row that holds `merged` (M, C) at the visual tokens and zeros elsewhere."""
-    parts = []
-    for count_text, members, count_suffix in layout:
-        parts += [
-            like.new_zeros(count_text, like.shape[1]),
-            merged[members].to(like.dtype),
-            like.new_zeros(count_suffix, like.shape[1]),
-        ]
-    parts.append(like.new_zeros(tail, like.shape[1]))
-    return torch.cat(parts)
+def _numbered(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """1-D positions of a (B, W) prompt: generate()'s convention (`positions_from_mask`)."""
+    if mask is None:
+        return torch.arange(like.shape[1], device=like.device).expand(like.shape[0], -1)
+    return positions_from_mask(mask)
 
 
 def merged_means(features: torch.Tensor, merge: MergeResult) -> torch.Tensor:
     """(T * N, C) per-original-token features -> (M, C) the plain mean over each merged token's
-    members: what stage 1 does to the tokens themselves (a merged token is its members' mean)."""
+    members: what stage 1 does to the tokens themselves (a merged token is its members' mean).
+    Tokens dropped before the language model go to a spare cluster."""
     index = merge.assignment.flatten().to(features.device)
-    kept = index >= 0
-    return cluster_means(features[kept][None], index[kept][None], merge.num_tokens)[0]
+    spare = merge.num_tokens
+    labels = index.where(index >= 0, spare)
+    return cluster_means(features[None], labels[None], spare + 1)[0, :spare]
 
 
-def runs_of(flags: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, end) of each maximal run of True in a (L,) bool tensor."""
-    edges = torch.diff(F.pad(flags.long(), (1, 1))).nonzero().squeeze(1).tolist()
-    return list(zip(edges[::2], edges[1::2]))
+class Interval:
+    """The time between two points of a device's work, measured without waiting for it: CUDA
+    events on a GPU (read when a trace is), the host clock elsewhere."""
 
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self._start = self._mark(device)
+        self._end = None
 
-def _left_pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Stack (L_b, C) rows into (B, L, C) with left padding; returns embeds, mask, pads."""
-    width = max(len(r) for r in rows)
-    pads = [width - len(r) for r in rows]
-    embeds = torch.stack([torch.cat([r.new_zeros(p, r.shape[1]), r]) for r, p in zip(rows, pads)])
-    mask = torch.stack([torch.arange(width, device=embeds.device) >= p for p in pads]).long()
-    return embeds, mask, pads
+    @staticmethod
+    def _mark(device: torch.device):
+        if device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+    def stop(self) -> Interval:
+        self._end = self._mark(self._device)
+        return self
+
+    def seconds(self) -> float:
+        if isinstance(self._start, float):
+            return self._end - self._start
+        self._end.synchronize()
+        return self._start.elapsed_time(self._end) / 1000
 
 
 def clock(device: torch.device) -> float:

@@ -29,27 +29,27 @@ class VisualSpan:
 
     index: (n,) their positions in the row, increasing (one run, or one run per time step when
     the model puts text between frames); groups: (n,) stage-2 budget set of each; counts: (S,)
-    tokens stage 2 keeps per set; question_start: first token after the video, i.e. the first
-    query row.
+    tokens stage 2 keeps per set; question_start: () the first token after the video, i.e. the
+    first query row (a device scalar); num_kept: the visual tokens stage 2 keeps (counts.sum(),
+    at most n), known on the host: every shape after stage 2 follows from it.
     """
 
     index: torch.Tensor
     groups: torch.Tensor
     counts: torch.Tensor
-    question_start: int
-
-    def shifted(self, offset: int) -> VisualSpan:
-        return VisualSpan(self.index + offset, self.groups, self.counts, self.question_start + offset)
+    question_start: torch.Tensor
+    num_kept: int
 
 
 @dataclass
 class Selection:
-    """Stage 2's decision for a batch. keep: (B, P) logical indices, left-padded by repeating
-    the first kept index; mask: (B, P) 1 for real tokens; per sample, the kept mask and the
-    scores of its visual tokens (None for samples without video)."""
+    """Stage 2's decision for a batch. keep: (B, P) logical indices, right-aligned (the left
+    padding points at index 0); mask: (B, P) 1 for real tokens, None when every row is full;
+    per sample, the kept mask and the scores of its visual tokens (None for samples without
+    video), device tensors."""
 
     keep: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     visual_kept: list[torch.Tensor | None]
     visual_scores: list[torch.Tensor | None]
     seconds: float
@@ -59,32 +59,50 @@ class Selection:
 class DecodeState:
     """Ties generate()'s logical bookkeeping to the physical cache after a pruned prefill.
 
-    prompt_mask: (B, P) physical mask of the prompt; next_position: (B,), or (R, B) for
-    M-RoPE rows, the position of the first generated token: decoding continues from the
-    unpruned prompt's positions.
+    prompt_mask: (B, P) physical mask of the prompt, None when it has no padding;
+    next_position: (B,), or (R, B) for M-RoPE rows, the position of the first generated token:
+    decoding continues from the unpruned prompt's positions; offset: what to subtract from the
+    positions the caller numbered on the unpruned prompt ((B, 1) or (R, B, 1)), None where the
+    logical positions are the caller's own (M-RoPE models keep their stock positions).
+
+    A step costs what a stock step costs: with generate()'s positions and no padding, nothing;
+    else one subtraction, or the prompt mask joined to the caller's mask of the new tokens.
     """
 
     cache: Cache
-    prompt_mask: torch.Tensor
+    prompt_mask: torch.Tensor | None
     next_position: torch.Tensor
+    offset: torch.Tensor | None = None
 
     def decode_inputs(
-        self, attention_mask: torch.Tensor | None, num_new: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Physical attention mask (B, P + g + q) and positions (..., B, q) for a step of q new tokens."""
-        prompt_len = self.prompt_mask.shape[1]
-        generated = self.cache.get_seq_length() - prompt_len
-        batch = self.prompt_mask.shape[0]
-        if attention_mask is None:
-            tail = self.prompt_mask.new_ones(batch, generated + num_new)
-        elif attention_mask.ndim != 2:
+        self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, num_new: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Physical attention mask (B, P + g + q), or None without padding, and logical positions
+        (..., B, q) for a step of q new tokens."""
+        if attention_mask is not None and attention_mask.ndim != 2:
             raise NotImplementedError(
                 "PruneVid decoding needs a 2-D attention mask (a DynamicCache, not a static cache)"
             )
+        if position_ids is None:
+            generated = self.cache.get_seq_length() - self._prompt_length
+            steps = torch.arange(generated, generated + num_new, device=self.next_position.device)
+            position_ids = self.next_position[..., None] + steps
+        elif self.offset is not None:
+            position_ids = position_ids - self.offset
+        if attention_mask is None and self.prompt_mask is None:
+            return None, position_ids
+        generated = self.cache.get_seq_length() - self._prompt_length
+        prompt = self.prompt_mask
+        if prompt is None:
+            prompt = self.next_position.new_ones(attention_mask.shape[0], self._prompt_length)
+        if attention_mask is None:
+            tail = prompt.new_ones(prompt.shape[0], generated + num_new)
         else:
-            tail = attention_mask[:, attention_mask.shape[1] - generated - num_new :].to(self.prompt_mask)
-        steps = torch.arange(generated, generated + num_new, device=self.next_position.device)
-        return torch.cat([self.prompt_mask, tail], dim=1), self.next_position[..., None] + steps
+            tail = attention_mask[:, attention_mask.shape[1] - generated - num_new :].to(prompt.dtype)
+        return torch.cat([prompt, tail], dim=1), position_ids
+
+    def __post_init__(self) -> None:
+        self._prompt_length = self.cache.get_seq_length()
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -95,23 +113,24 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 def prefill(
     lm: torch.nn.Module,
     embeds: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     position_ids: torch.Tensor,
     cache: Cache | None,
     spans: list[VisualSpan | None],
     config: PruneVidConfig,
     rule: Rule = question_guided,
     residuals: list[torch.Tensor] | None = None,
+    lengths: list[int] | None = None,
 ) -> tuple[torch.Tensor, Selection]:
     """Prefill a stock decoder `lm` (e.g. Qwen2Model) on the logical prompt, with stage 2.
 
-    embeds: (B, L, C); mask: (B, L); position_ids: (B, L), or (3, B, L) for M-RoPE, or
-    (4, B, L) with the text positions first (Qwen-VL's generate()).
+    embeds: (B, L, C); mask: (B, L), None when no token is padding; position_ids: (B, L), or
+    (3, B, L) for M-RoPE, or (4, B, L) with the text positions first (Qwen-VL's generate()).
     Layers 0..selected_layer run on all L tokens; stage 2 then keeps the selected tokens,
     crops those layers' cache to them and runs the remaining layers on the P kept tokens.
     `rule` picks the kept visual tokens from the question rows' attention (baselines swap it).
     `residuals[i]` (B, L, C) is added to the output of layer i (Qwen3-VL's deepstack features,
-    zero outside the visual tokens).
+    zero outside the visual tokens). `lengths`: each row's real tokens, right-aligned (None: L).
     Returns the final-normed hidden states (B, P, C) and the selection.
     """
     prune_at = config.selected_layer if config.stage2 and any(spans) else None
@@ -119,9 +138,9 @@ def prefill(
     layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"] * len(lm.layers)
     hidden = embeds
     rope_positions, text_positions = _split_positions(position_ids)
-    masks = _layer_masks(lm, layer_types, hidden, mask, text_positions, cache)
+    masks = _layer_masks(lm, layer_types, hidden, mask, cache)
     rotary = lm.rotary_emb(hidden, rope_positions)
-    selection = _keep_all(mask, spans)
+    selection = _keep_all(mask, spans, hidden)
     for i, layer in enumerate(lm.layers):
         layer_input = hidden
         hidden = layer(
@@ -135,7 +154,7 @@ def prefill(
         if residuals is not None and i < len(residuals):
             hidden = hidden + residuals[i]
         if i == prune_at:
-            selection = select_tokens(layer, layer_input, mask, spans, rule)
+            selection = select_tokens(layer, layer_input, mask, spans, rule, lengths)
             index = selection.keep[:, :, None].expand(-1, -1, hidden.shape[2])
             hidden = hidden.gather(1, index)
             residuals = None if residuals is None else [r.gather(1, index) for r in residuals]
@@ -144,7 +163,7 @@ def prefill(
             if cache is not None:
                 crop_cache(cache, selection.keep, upto_layer=i)
             # Layers after the cut see only the kept tokens: their cache is still empty.
-            masks = _layer_masks(lm, layer_types, hidden, selection.mask, text_positions, None)
+            masks = _layer_masks(lm, layer_types, hidden, selection.mask, None)
             rotary = lm.rotary_emb(hidden, rope_positions)
     return lm.norm(hidden), selection
 
@@ -153,38 +172,51 @@ def prefill(
 def select_tokens(
     layer: torch.nn.Module,
     hidden: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     spans: list[VisualSpan | None],
     rule: Rule = question_guided,
+    lengths: list[int] | None = None,
 ) -> Selection:
     """Stage 2 (ALGORITHM.md §5.2-5.4) from `layer`'s own query/key projections of its input.
 
-    hidden: (B, L, C) the input of the selected layer. Only the question rows of q k^T are
-    formed, so the model's real attention (SDPA / FlashAttention) is untouched.
+    hidden: (B, L, C) the input of the selected layer; mask: (B, L) or None (no padding);
+    lengths: each row's real tokens (None: L).
+    Only the last Q rows of q k^T are formed (Q bounds every row's question: all tokens but
+    its visual ones), so the model's real attention (SDPA / FlashAttention) is untouched; the
+    rule sees the question rows and zeros for the rows before them (its max over rows, or its
+    last row, does not change). Runs on the device: every shape follows from `num_kept`.
     """
     start = time.perf_counter()
     attn = layer.self_attn
+    batch, width = hidden.shape[:2]
     normed = layer.input_layernorm(hidden)
-    keeps, kept_masks, scores = [], [], []
+    rows = width - min(len(s.index) for s in spans if s is not None)  # Q
+    queries = _heads(attn, "q", normed[:, width - rows :])  # (B, H, Q, d)
+    keys = _heads(attn, "k", normed)  # (B, Hkv, L, d)
+    row_index = torch.arange(width - rows, width, device=hidden.device)  # (Q,)
+    keep = torch.ones(batch, width, dtype=torch.bool, device=hidden.device)
+    kept_masks, scores = [], []
     for b, span in enumerate(spans):
-        real = mask[b].nonzero().squeeze(1)
         if span is None:
-            keeps.append(real)
             kept_masks.append(None)
             scores.append(None)
             continue
-        question = real[real >= span.question_start]
-        if question.numel() == 0:  # video ends the prompt: the last token asks
-            question = real[-1:]
-        queries = _heads(attn, "q", normed[b, question])
-        keys = _heads(attn, "k", normed[b, real])
-        visual = torch.isin(real, span.index.to(real.device))
-        attention = question_attention(queries, keys)[:, :, visual]
+        attention = question_attention(queries[b], keys[b])  # (H, Q, L)
+        if mask is not None:  # over the real keys only (renormalised: padding keys had some weight)
+            attention = attention * mask[b]
+            attention = attention / attention.sum(-1, keepdim=True)
+        # The video may end the prompt: then its last token asks.
+        question = row_index >= span.question_start.clamp(max=width - 1)  # (Q,)
+        attention = attention.index_select(2, span.index) * question[:, None]  # (H, Q, n)
         score, kept = rule(attention, span.groups.to(keys.device), span.counts)
-        keeps.append(torch.cat([real[~visual], real[visual][kept]]).sort().values)
+        keep[b] = keep[b].index_put((span.index,), kept)
         kept_masks.append(kept)
         scores.append(score)
-    keep, keep_mask = _left_pad(keeps)
+    if mask is not None:
+        keep &= mask.bool()
+    lengths = lengths or [width] * batch
+    lengths = [n if s is None else n - len(s.index) + s.num_kept for n, s in zip(lengths, spans)]
+    keep, keep_mask = _right_aligned(keep, mask, max(lengths), len(set(lengths)) > 1)
     return Selection(keep, keep_mask, kept_masks, scores, time.perf_counter() - start)
 
 
@@ -201,27 +233,37 @@ def crop_cache(cache: Cache, keep: torch.Tensor, upto_layer: int) -> None:
 
 
 def _heads(attn: torch.nn.Module, which: str, x: torch.Tensor) -> torch.Tensor:
-    """The layer's own q or k projection of x (n, C) as (heads, n, head_dim), with its
+    """The layer's own q or k projection of x (B, n, C) as (B, heads, n, head_dim), with its
     per-head norm if the family has one (Qwen3); no RoPE."""
-    states = getattr(attn, f"{which}_proj")(x).view(x.shape[0], -1, attn.head_dim)
+    states = getattr(attn, f"{which}_proj")(x).view(*x.shape[:2], -1, attn.head_dim)
     norm = getattr(attn, f"{which}_norm", None)
     if norm is not None:
         states = norm(states)
-    return states.transpose(0, 1)
+    return states.transpose(1, 2)
 
 
-def _keep_all(mask: torch.Tensor, spans: list[VisualSpan | None]) -> Selection:
-    keep = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
-    kept = [None if s is None else torch.ones(len(s.groups), dtype=torch.bool) for s in spans]
+def _keep_all(mask: torch.Tensor | None, spans: list[VisualSpan | None], like: torch.Tensor) -> Selection:
+    keep = torch.arange(like.shape[1], device=like.device).expand(like.shape[0], -1)
+    kept = [None if s is None else s.index.new_ones(len(s.index), dtype=torch.bool) for s in spans]
     return Selection(keep, mask, kept, [None] * len(spans), 0.0)
 
 
-def _left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack index rows of different lengths, left-padded (by repeating each row's first index)."""
-    width = max(len(r) for r in rows)
-    keep = torch.stack([torch.cat([r[:1].expand(width - len(r)), r]) for r in rows])
-    mask = torch.stack([torch.arange(width, device=keep.device) >= width - len(r) for r in rows]).long()
-    return keep, mask
+def _right_aligned(
+    flags: torch.Tensor, mask: torch.Tensor | None, width: int, uneven: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The indices of each row's True flags (B, L), in order and right-aligned in `width`
+    columns (the left padding points at index 0), and their mask (None when no row is padded:
+    `mask` None and every row as long as `width`)."""
+    batch, length = flags.shape
+    # The k-th flag from the right goes to column width - k; the others to a spare column.
+    column = width - flags.flip(1).cumsum(1).flip(1)
+    column = column.where(flags, width)
+    index = torch.arange(length, device=flags.device).expand(batch, -1)
+    keep = flags.new_zeros(batch, width + 1, dtype=torch.long).scatter_(1, column, index)[:, :width]
+    if mask is None and not uneven:
+        return keep, None
+    real = flags.long() if mask is None else flags * mask
+    return keep, real.new_zeros(batch, width + 1).scatter_(1, column, real)[:, :width]
 
 
 def _split_positions(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -237,17 +279,19 @@ def _layer_masks(
     lm: torch.nn.Module,
     layer_types: list[str],
     hidden: torch.Tensor,
-    mask: torch.Tensor,
-    position_ids: torch.Tensor | None,
+    mask: torch.Tensor | None,
     cache: Cache | None,
 ) -> dict[str, torch.Tensor | None]:
-    """The stock mask builders, one mask per layer type (always given the 2-D mask)."""
+    """The stock mask builders, one mask per layer type. `mask` None means no padding: the
+    builders then read nothing back (given a mask, SDPA's reads whether it is all ones). No
+    position ids: without a mask and a cache they would be read as packed sequences, and the
+    kept tokens' positions have gaps."""
     kwargs = {
         "config": lm.config,
         "inputs_embeds": hidden,
         "attention_mask": mask,
         "cache": cache,
-        "position_ids": position_ids,
+        "position_ids": None,
     }
     masks = {"full_attention": create_causal_mask(**kwargs)}
     if "sliding_attention" in layer_types:

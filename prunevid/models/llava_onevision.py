@@ -90,6 +90,7 @@ class PruneVidLlavaOnevisionModel(LlavaOnevisionModel):
                 None,
                 cache,
                 use_cache,
+                position_ids,
             )
             return LlavaOnevisionModelOutputWithPast(
                 last_hidden_state=hidden, cache=cache, video_outputs=video

@@ -25,8 +25,8 @@ from .base import (
     chat_prompt,
     normalize,
     resize_uint8,
-    runs_of,
     video_prefill,
+    video_rows,
 )
 
 # Qwen-VL chat format for one video and a question (Qwen2-VL / Qwen2.5-VL template): the
@@ -100,15 +100,15 @@ class PruneVidQwenVLModel(torch.nn.Module):
             )
             is_video = is_video[..., 0]
             # generate() consumes video_grid_thw when it encodes the video, so read each grid
-            # off the stock 3-D positions of its first frame's tokens instead.
+            # off the stock 3-D positions of its tokens instead (one read for all videos).
             deepstack = getattr(video, "deepstack_features", None) or []  # Qwen3-VL: per layer, per video
-            rows = [b for b in range(len(is_video)) if is_video[b].any()]
-            grids = []
-            for v, (f, b) in enumerate(zip(features, rows)):
-                start, end = runs_of(is_video[b])[0]
-                grids.append(
-                    _video_grid(f, position_ids[-3:, b, start:end], [layer[v] for layer in deepstack])
-                )
+            rows = video_rows(is_video, len(features))
+            every = len(rows) == len(is_video)
+            sizes = grid_sizes(position_ids[-2:] if every else position_ids[-2:, rows], is_video[rows])
+            grids = [
+                _video_grid(f, size, [layer[v] for layer in deepstack])
+                for v, (f, size) in enumerate(zip(features, sizes))
+            ]
             hidden, cache = video_prefill(
                 runtime,
                 self.language_model,
@@ -141,13 +141,22 @@ class PruneVidQwenVLModel(torch.nn.Module):
         )
 
 
-def _video_grid(features: torch.Tensor, first_frame: torch.Tensor, extras: list[torch.Tensor]) -> VideoGrid:
-    """(t * h * w, C) merger output of one video, row-major, and the (3, n) stock (t, h, w)
-    positions of its first frame's tokens -> per-time-step (h, w) grids."""
-    height = int(first_frame[1].max() - first_frame[1].min()) + 1
-    width = int(first_frame[2].max() - first_frame[2].min()) + 1
-    tokens = features.view(-1, height * width, features.shape[-1])
-    return VideoGrid(tokens, (height, width), features[:0], [x.to(features) for x in extras])
+def grid_sizes(positions: torch.Tensor, is_video: torch.Tensor) -> list[tuple[int, int]]:
+    """(2, V, L) stock (h, w) positions of V rows and their (V, L) video placeholders -> each
+    video's per-time-step grid (height, width): the span of its first run's positions (Qwen3-VL
+    numbers each time step's run afresh), in one read."""
+    starts = is_video & ~torch.cat([is_video[:, :1] & False, is_video[:, :-1]], 1)
+    first_run = is_video & (starts.cumsum(1) == 1)
+    big = torch.iinfo(positions.dtype).max
+    high = positions.masked_fill(~first_run, -big).amax(-1)
+    low = positions.masked_fill(~first_run, big).amin(-1)
+    return [tuple(size) for size in (high - low + 1).T.tolist()]
+
+
+def _video_grid(features: torch.Tensor, size: tuple[int, int], extras: list[torch.Tensor]) -> VideoGrid:
+    """(t * h * w, C) merger output of one video, row-major -> per-time-step (h, w) grids."""
+    tokens = features.view(-1, size[0] * size[1], features.shape[-1])
+    return VideoGrid(tokens, size, features[:0], [x.to(features) for x in extras])
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,243 @@
+"""What a patched model asks of the host, against the stock model (DESIGN.md "On a GPU").
+
+`HostProbe` counts aten ops (about one kernel launch each on a GPU) and host reads (each a
+device sync on a GPU) of a whole `generate()` call on the CPU. A patched prefill of a video of
+196 tokens a frame (LLaVA-OneVision's 14 x 14 pooled grid, a 14 x 14 Qwen2.5-VL merger grid)
+must add a bounded number of ops over stock, independent of the frame count, and read back
+nothing beyond what a shape needs; a decode step must cost what a stock one costs.
+
+Stage 1 and stage 2's rule (merge.py, cluster.py, budget.py, select.py) are counted apart from
+the rest (the model side: splicing, stage-2 gathering, cache, positions, masks, traces), so that
+each side's bound is checked on its own; `TOTAL_*` bound the whole prefill.
+
+Measured (over stock, 8 / 32 frames, selected_layer 1; paper mode | retention 0.25):
+                        before (6ca9106)               after
+LLaVA-OV prefill ops    +503/+1187 | +733/+1496        +535/+1219 | +765/+1528
+  model side ops        +139 | +139                    +171 | +171
+  prefill reads         +46/+66 | +55/+79              +19/+39 | +28/+52
+  model side reads      +28 | +28                      +1 | +1
+  decode step           +9 ops, +1 read                +1 op, 0 reads
+Qwen2.5-VL prefill ops  +589/+1233 | +764/+1508        +604/+1248 | +779/+1523
+  model side ops        +185 | +185                    +200 | +200
+  model side reads      +36 | +36                      +2 | +2
+  decode step           +9 ops, +1 read                0 ops, 0 reads
+The rest of the prefill's ops and reads are stage 1's and the stage-2 rule's (other branch).
+"""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import prunevid
+from prunevid import PruneVidConfig
+from prunevid.bench.probe import HostProbe, _caller
+from prunevid.merge import merge_tokens
+from prunevid.models import llava_onevision, qwen2_vl
+from prunevid.testing import tiny_config, tiny_qwen_vl, tiny_tokenizer
+from prunevid.trace import PendingTrace, PruningTrace, materialize
+
+STAGES = ("merge.py", "cluster.py", "budget.py", "select.py")  # stage 1 and stage 2's rule
+QUESTION = "what colour is the object ?"
+SIDE = 14  # tokens per frame: SIDE x SIDE = 196
+# The model side's ops over stock, and how much more 32 frames may cost than 8.
+MODEL_SIDE_OPS = 250
+GROWTH = 1.25
+# The model side's reads over stock: the kept count, read until stage 1 reports its set sizes
+# on the host (stage-1 branch); Qwen-VL also reads its grid sizes off the positions once
+# (generate() consumes video_grid_thw).
+MODEL_SIDE_READS = {"llava": 1, "qwen": 2}
+# The whole prefill, stages included: the issue's target is 400 ops and 2 / 1 reads; these are
+# the bounds while stage 1 is rewritten on its own branch (the lead tightens them on merging).
+TOTAL_OPS = 1600
+TOTAL_READS = 56
+DECODE_STEPS = 4
+
+
+class _Probe(HostProbe):
+    """HostProbe that also counts ops by the file of prunevid's innermost frame that issued them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops_by_file: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops_by_file[_caller().split(":")[0]] += 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def model_side(self) -> tuple[int, int]:
+        """(ops, reads) outside the stages' files."""
+        ops = sum(n for f, n in self.ops_by_file.items() if f not in STAGES)
+        reads = sum(n for op, n in self.reads_by_op.items() if not op.split(" at ")[1].startswith(STAGES))
+        return ops, reads
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llava(tokenizer):
+    config = tiny_config(tokenizer)
+    config.vision_config.image_size = 2 * SIDE * config.vision_config.patch_size  # pooled SIDE x SIDE
+    torch.manual_seed(0)
+    model = llava_onevision.LlavaOnevisionForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen(tokenizer):
+    return tiny_qwen_vl("qwen2_5_vl", seed=0, tokenizer=tokenizer)
+
+
+def _features(frames: int, width: int, extra: int = 0) -> torch.Tensor:
+    """(frames * 196 + extra, width): a still background with noise and a moving square, so that
+    stage 1 finds static and dynamic tokens."""
+    generator = torch.Generator().manual_seed(frames)
+    background = torch.randn(SIDE * SIDE, width, generator=generator)
+    video = background.expand(frames, -1, -1).clone() + 0.05 * torch.randn(frames, SIDE * SIDE, width)
+    grid = video.view(frames, SIDE, SIDE, width)
+    for t in range(frames):
+        x = t % (SIDE - 4)
+        grid[t, 4:8, x : x + 4] = 3.0
+    return torch.cat([video.flatten(0, 1), torch.randn(extra, width, generator=generator)])
+
+
+def _llava_inputs(model, tokenizer, frames: int) -> dict:
+    prompt = llava_onevision.video_prompt(tokenizer, model.config, frames, QUESTION)
+    inputs = dict(tokenizer([prompt], return_tensors="pt"))
+    width = model.config.text_config.hidden_size
+    features = _features(frames, width, extra=1)[None]  # the video's newline token last
+    return {**inputs, "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=features)}}
+
+
+def _qwen_inputs(model, tokenizer, frames: int) -> dict:
+    merge = model.config.vision_config.spatial_merge_size
+    thw = torch.tensor([frames, SIDE * merge, SIDE * merge])
+    prompt = qwen2_vl.video_prompt(tokenizer, model.config, thw, QUESTION)
+    inputs = dict(tokenizer([prompt], return_tensors="pt"))
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == model.config.video_token_id).long() * 2
+    inputs["video_grid_thw"] = thw[None]
+    features = _features(frames, model.config.text_config.hidden_size)
+    encoded = BaseModelOutputWithPooling(pooler_output=[features])
+    return {**inputs, "mm_encoder_outputs": {"video": encoded}}
+
+
+def _generate(model, inputs: dict, new_tokens: int) -> _Probe:
+    # Fresh features every call: a patched model would reuse stage 1 on the same tensor.
+    video = inputs["mm_encoder_outputs"]["video"]
+    fresh = BaseModelOutputWithPooling(pooler_output=_clone(video.pooler_output))
+    inputs = {**inputs, "mm_encoder_outputs": {"video": fresh}}
+    with torch.no_grad(), _Probe() as probe:
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return probe
+
+
+def _clone(features):
+    return [f.clone() for f in features] if isinstance(features, list) else features.clone()
+
+
+def _counts(model, inputs: dict) -> dict:
+    """Prefill (a one-token generate) and one decode step (the difference per extra token)."""
+    prefill = _generate(model, inputs, 1)
+    longer = _generate(model, inputs, 1 + DECODE_STEPS)
+    return {
+        "prefill": prefill,
+        "step_ops": (longer.ops - prefill.ops) / DECODE_STEPS,
+        "step_reads": (longer.reads - prefill.reads) / DECODE_STEPS,
+    }
+
+
+def measure(model, make_inputs, tokenizer, frames: int, retention: float | None) -> dict:
+    """Stock and patched counts of one prompt of `frames` frames."""
+    inputs = make_inputs(model, tokenizer, frames)
+    stock = _counts(model, inputs)
+    prunevid.patch(model, PruneVidConfig(selected_layer=1), retention=retention)
+    try:
+        patched = _counts(model, inputs)
+    finally:
+        prunevid.unpatch(model)
+    stock_side, patched_side = stock["prefill"].model_side(), patched["prefill"].model_side()
+    return {
+        "ops": patched["prefill"].ops - stock["prefill"].ops,
+        "reads": patched["prefill"].reads - stock["prefill"].reads,
+        "side_ops": patched_side[0] - stock_side[0],
+        "side_reads": patched_side[1] - stock_side[1],
+        "step_ops": patched["step_ops"] - stock["step_ops"],
+        "step_reads": patched["step_reads"] - stock["step_reads"],
+        "probe": patched["prefill"],
+    }
+
+
+CASES = [
+    pytest.param("llava", None, id="llava-paper"),
+    pytest.param("llava", 0.25, id="llava-budget"),
+    pytest.param("qwen", None, id="qwen-paper"),
+    pytest.param("qwen", 0.25, id="qwen-budget"),
+]
+
+
+@pytest.mark.parametrize("family,retention", CASES)
+def test_patched_prefill_and_decode_cost_what_stock_costs(request, tokenizer, family, retention):
+    model = request.getfixturevalue(family)
+    make_inputs = _llava_inputs if family == "llava" else _qwen_inputs
+    few = measure(model, make_inputs, tokenizer, 8, retention)
+    many = measure(model, make_inputs, tokenizer, 32, retention)
+    side_reads = many["probe"].reads_by_op
+    model_reads = {op: n for op, n in side_reads.items() if not op.split(" at ")[1].startswith(STAGES)}
+    report = {k: (few[k], many[k]) for k in few if k != "probe"}
+    print(family, retention, report)
+    # The model side: bounded, independent of the frame count, and no host read beyond stock's.
+    assert many["side_ops"] <= MODEL_SIDE_OPS, report
+    assert many["side_ops"] <= GROWTH * max(few["side_ops"], 1), report
+    assert many["side_reads"] <= MODEL_SIDE_READS[family], model_reads
+    # The whole prefill, stage 1 included (bounds the lead tightens on merging stage 1).
+    assert many["ops"] <= TOTAL_OPS, report
+    assert many["reads"] <= TOTAL_READS, dict(side_reads)
+    # A decode step: no host read, at most 2 ops over stock.
+    assert many["step_reads"] <= 0, report
+    assert many["step_ops"] <= 2, report
+
+
+def test_traces_stay_on_the_device_until_read_then_one_transfer(llava, tokenizer):
+    inputs = _llava_inputs(llava, tokenizer, 8)
+    prunevid.patch(llava, PruneVidConfig(selected_layer=1))
+    try:
+        probe = _generate(llava, inputs, 2)
+        pending = llava.model._prunevid.traces
+        with _Probe() as read:
+            traces = prunevid.last_traces(llava)
+        again = prunevid.last_traces(llava)
+    finally:
+        prunevid.unpatch(llava)
+    assert not any("trace.py" in op for op in probe.reads_by_op), dict(probe.reads_by_op)
+    assert isinstance(pending[0], PendingTrace), "generate() leaves the trace on the device"
+    # One device-to-host copy; from_stages then works on host tensors (its .cpu() copies nothing).
+    copies = [op for op in read.reads_by_op if op.startswith("Tensor.cpu") and "(materialize)" in op]
+    assert [read.reads_by_op[op] for op in copies] == [1], dict(read.reads_by_op)
+    assert again[0] is traces[0], "read once, then kept as numpy"
+    assert traces[0].num_after_stage2 < traces[0].num_after_stage1 < traces[0].num_visual_tokens
+
+
+def test_a_materialized_trace_equals_the_one_built_from_host_arrays():
+    """Packing every field into one float64 transfer loses nothing (indices, flags, NaN scores)."""
+    features = _features(4, 16).view(4, SIDE * SIDE, 16)
+    merge = merge_tokens(features, PruneVidConfig(), (SIDE, SIDE))
+    kept = torch.rand(merge.num_tokens) > 0.5
+    scores = torch.rand(merge.num_tokens)
+    scores[::7] = float("nan")
+    details = {"timings": {"stage1_s": 0.5}, "config": {"alpha": 0.4}, "method": "prunevid", "num_layers": 4}
+    expected = PruningTrace.from_stages(merge, kept=kept.numpy(), scores=scores.numpy(), **details)
+    both = materialize([PendingTrace.of(merge, kept, scores, **details), None])
+    got = both[0]
+    assert both[1] is None
+    for name in ("segment", "static", "merged_index", "kept"):
+        assert np.array_equal(getattr(got, name), getattr(expected, name)), name
+        assert getattr(got, name).dtype == getattr(expected, name).dtype, name
+    assert np.array_equal(got.score, expected.score, equal_nan=True)
+    assert got.summary() == expected.summary()

@@ -11,17 +11,21 @@ the rest (the model side: splicing, stage-2 gathering, cache, positions, masks, 
 each side's bound is checked on its own; `TOTAL_*` bound the whole prefill.
 
 Measured (over stock, 8 / 32 frames, selected_layer 1; paper mode | retention 0.25):
-                        before (6ca9106)               after
-LLaVA-OV prefill ops    +503/+1187 | +733/+1496        +535/+1219 | +765/+1528
-  model side ops        +139 | +139                    +171 | +171
-  prefill reads         +46/+66 | +55/+79              +19/+39 | +28/+52
-  model side reads      +28 | +28                      +1 | +1
+                        before (6a7421b)               after
+LLaVA-OV prefill ops    +503/+1187 | +733/+1496        +543/+557 | +674/+688
+  model side ops        +139 | +139                    +169 | +169
+  prefill reads         +46/+66 | +55/+79              2/2 | 1/1
+  model side reads      +28 | +28                      0 | 0
   decode step           +9 ops, +1 read                +1 op, 0 reads
-Qwen2.5-VL prefill ops  +589/+1233 | +764/+1508        +604/+1248 | +779/+1523
-  model side ops        +185 | +185                    +200 | +200
-  model side reads      +36 | +36                      +2 | +2
+Qwen2.5-VL prefill ops  +589/+1233 | +764/+1508        +572/+586 | +703/+717
+  model side ops        +185 | +185                    +198 | +198
+  prefill reads         (not measured)                 3/3 | 2/2
+  model side reads      +36 | +36                      +1 | +1
   decode step           +9 ops, +1 read                0 ops, 0 reads
-The rest of the prefill's ops and reads are stage 1's and the stage-2 rule's (other branch).
+Stage 1 reads the T temporal labels once (its contiguity walk runs on the host) and, in the
+paper's mode, its output count with the budget sets' sizes once; Qwen-VL reads its grid sizes
+once (generate() consumes video_grid_thw). The issue's ops target (+400) is not met: stage 1's
+batched DPC-KNN and budget split are ~340-430 of the ops.
 """
 
 from collections import Counter
@@ -45,14 +49,13 @@ SIDE = 14  # tokens per frame: SIDE x SIDE = 196
 # The model side's ops over stock, and how much more 32 frames may cost than 8.
 MODEL_SIDE_OPS = 250
 GROWTH = 1.25
-# The model side's reads over stock: the kept count, read until stage 1 reports its set sizes
-# on the host (stage-1 branch); Qwen-VL also reads its grid sizes off the positions once
-# (generate() consumes video_grid_thw).
-MODEL_SIDE_READS = {"llava": 1, "qwen": 2}
-# The whole prefill, stages included: the issue's target is 400 ops and 2 / 1 reads; these are
-# the bounds while stage 1 is rewritten on its own branch (the lead tightens them on merging).
-TOTAL_OPS = 1600
-TOTAL_READS = 56
+# The model side's reads over stock: Qwen-VL reads its grid sizes off the positions once
+# (generate() consumes video_grid_thw); the kept count is host-known (`select.kept_total`).
+MODEL_SIDE_READS = {"llava": 0, "qwen": 1}
+# The whole prefill, stages included: ops at most these (measured 557-717 at 32 frames), and the
+# reads of the paper's mode (stage 1's labels and counts) | a retention (the labels only).
+TOTAL_OPS = 750
+TOTAL_READS = {None: 2, 0.25: 1}
 DECODE_STEPS = 4
 
 
@@ -196,9 +199,10 @@ def test_patched_prefill_and_decode_cost_what_stock_costs(request, tokenizer, fa
     assert many["side_ops"] <= MODEL_SIDE_OPS, report
     assert many["side_ops"] <= GROWTH * max(few["side_ops"], 1), report
     assert many["side_reads"] <= MODEL_SIDE_READS[family], model_reads
-    # The whole prefill, stage 1 included (bounds the lead tightens on merging stage 1).
+    # The whole prefill, stage 1 included.
     assert many["ops"] <= TOTAL_OPS, report
-    assert many["reads"] <= TOTAL_READS, dict(side_reads)
+    assert many["ops"] <= GROWTH * few["ops"], report
+    assert many["reads"] <= TOTAL_READS[retention] + MODEL_SIDE_READS[family], dict(side_reads)
     # A decode step: no host read, at most 2 ops over stock.
     assert many["step_reads"] <= 0, report
     assert many["step_ops"] <= 2, report

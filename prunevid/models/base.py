@@ -20,7 +20,7 @@ from ..cluster import cluster_means
 from ..config import PruneVidConfig
 from ..lru import ByteLRU, shared_cache
 from ..merge import MergeResult, merge_tokens
-from ..select import keep_counts, question_guided
+from ..select import keep_counts, kept_total, question_guided
 from ..trace import PendingTrace, PruningTrace, materialize
 from .decoder import DecodeState, VisualSpan, positions_from_mask, prefill
 
@@ -211,9 +211,13 @@ def video_prefill(
     for b, video, merge, index, question_start in zip(
         rows, videos, merges, layout.index, layout.question_start
     ):
-        counts = keep_counts(merge.groups, config, video.tokens.shape[:2].numel())
-        # host-known once stage 1 reports set sizes (stage1 branch)
-        num_kept = min(int(counts.sum()), merge.num_tokens)
+        num_frames, num_visual = video.tokens.shape[0], video.tokens.shape[:2].numel()
+        # Counted on the device (an upload of host-known counts would wait for the GPU too); a
+        # video has at most a static set per segment and a dynamic set per frame: 2T bounds them.
+        counts = keep_counts(merge.groups, config, num_visual, num_sets=2 * num_frames)
+        num_kept = kept_total(config, num_visual, merge.num_tokens, merge.set_sizes)
+        if num_kept is None:  # a paper-mode reducer that reported no set sizes: count on the host
+            num_kept = min(int(counts.sum()), merge.num_tokens)
         spans[b] = VisualSpan(index, merge.groups, counts, question_start, num_kept)
     merged = [
         torch.cat([m.tokens.to(embeds.dtype), v.suffix.to(embeds.dtype)]) for v, m in zip(videos, merges)

@@ -12,7 +12,6 @@ only, each sample left-padded to the batch's longest.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from ..config import PruneVidConfig
 from ..select import Rule, question_attention, question_guided
+from .timing import clock
 
 
 @dataclass
@@ -162,7 +162,7 @@ def select_tokens(
     hidden: (B, L, C) the input of the selected layer. Only the question rows of q k^T are
     formed, so the model's real attention (SDPA / FlashAttention) is untouched.
     """
-    start = time.perf_counter()
+    start = clock(hidden.device)
     attn = layer.self_attn
     normed = layer.input_layernorm(hidden)
     keeps, kept_masks, scores = [], [], []
@@ -185,7 +185,7 @@ def select_tokens(
         kept_masks.append(kept)
         scores.append(score)
     keep, keep_mask = _left_pad(keeps)
-    return Selection(keep, keep_mask, kept_masks, scores, time.perf_counter() - start)
+    return Selection(keep, keep_mask, kept_masks, scores, clock(hidden.device) - start)
 
 
 def crop_cache(cache: Cache, keep: torch.Tensor, upto_layer: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -97,6 +98,56 @@ def test_device_counts_of_a_known_trace() -> None:
         "busy_ms": pytest.approx((15 + 2 + 1 + 4 + 1) / 1000),
     }
     assert cpu_busy_ms(events) == pytest.approx(3.0)
+
+
+def test_a_cuda_call_is_profiled_for_kernels_syncs_and_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`call_cost`'s GPU branch on a made-up CUDA trace: the GPU's counts replace the CPU's busy
+    time, the profile's own closing fence is not counted, annotations are no kernels."""
+    from torch.autograd import DeviceType
+
+    from prunevid.bench import profile
+
+    def event(name: str, on_gpu: bool, start: float, end: float, annotation: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(
+            name=name,
+            device_type=DeviceType.CUDA if on_gpu else DeviceType.CPU,
+            time_range=SimpleNamespace(start=start, end=end),
+            self_cpu_time_total=0 if on_gpu else end - start,
+            is_user_annotation=annotation,
+        )
+
+    trace = [
+        event("aten::mm", False, 0, 4),
+        event("cudaLaunchKernel", False, 1, 2),
+        event("## forward ##", True, 0, 100, annotation=True),
+        event("gemm_kernel", True, 5, 9),
+        event("Memcpy DtoH (Device -> Pageable)", True, 9, 10),
+        event("cudaStreamSynchronize", False, 10, 11),
+        event("cudaDeviceSynchronize", False, 20, 21),  # the profile's closing fence
+    ]
+    asked = []
+
+    class Profiler:
+        def __init__(self, activities: list) -> None:
+            asked.append(activities)
+
+        def __enter__(self) -> Profiler:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def events(self) -> list:
+            return trace
+
+    ticks = iter(range(100))
+    monkeypatch.setattr(profile, "generate", lambda *args: None)
+    monkeypatch.setattr(profile, "clock", lambda device, fence=None: next(ticks) / 1000)
+    monkeypatch.setattr(torch.profiler, "profile", Profiler)
+    cost = profile.call_cost(SimpleNamespace(device=CUDA), None, 1)
+    assert torch.profiler.ProfilerActivity.CUDA in asked[0]
+    assert (cost.kernels, cost.syncs, cost.copies) == (1, 1, 1)
+    assert cost.busy_ms == pytest.approx(0.005) and cost.wall_ms == pytest.approx(1.0)
 
 
 def test_a_decode_step_is_the_difference_over_the_steps() -> None:

@@ -115,7 +115,8 @@ def cpu_busy_ms(events: Iterable[Event]) -> float:
 
 
 def profiled_events(profile: torch.profiler.profile) -> list[Event]:
-    """torch.profiler's events as `Event`s (times relative to the trace, in us)."""
+    """torch.profiler's events as `Event`s (times relative to the trace, in us), without user
+    annotations (`record_function` ranges, which kineto also draws on the GPU's timeline)."""
     from torch.autograd import DeviceType
 
     return [
@@ -127,6 +128,7 @@ def profiled_events(profile: torch.profiler.profile) -> list[Event]:
             e.self_cpu_time_total,
         )
         for e in profile.events()
+        if not getattr(e, "is_user_annotation", False)
     ]
 
 
@@ -150,6 +152,7 @@ def call_cost(model: torch.nn.Module, prompt: Prompt, new_tokens: int) -> Cost:
     cost = Cost(statistics.median(walls), cpu_busy_ms(events), probe.ops, probe.reads, probe.uploads)
     if device.type == "cuda":
         counts = device_counts(events)
+        counts["syncs"] -= 1  # the closing fence above is the profile's, not the call's
         cost.busy_ms = counts.pop("busy_ms")
         cost = dataclasses.replace(cost, **counts)
     return cost

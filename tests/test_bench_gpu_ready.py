@@ -20,7 +20,7 @@ from prunevid.bench.measure import TokenClock, time_vision
 from prunevid.bench.profile import Cost, Event, cpu_busy_ms, device_counts
 from prunevid.bench.report import profile_table
 from prunevid.bench.speed import METHOD_NAMES
-from prunevid.models import llava_onevision, qwen2_vl, timing
+from prunevid.models import base, llava_onevision, qwen2_vl, timing
 from prunevid.models.base import for_device
 
 FIXTURES = np.load(Path(__file__).parent / "data" / "processor_fixtures.npz")
@@ -245,6 +245,20 @@ def test_device_preprocessing_is_within_two_levels_of_the_processors(name: str, 
     assert ours.shape == theirs.shape and ours.dtype == torch.float32
     assert float(difference.max()) <= 2 * level + 1e-5
     assert float((difference > 1e-6).float().mean()) < 0.015
+
+
+@pytest.mark.parametrize("family", [llava_onevision.FrameProcessing, qwen2_vl.VideoPatchify])
+def test_a_device_selects_the_torch_path(family: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = []
+    for name in ("resize_uint8", "resize_float"):
+        original = getattr(base, name)
+        monkeypatch.setattr(
+            base, name, lambda *args, name=name, original=original: (paths.append(name), original(*args))[1]
+        )
+    frames = np.zeros((2, 56, 56, 3), np.uint8)
+    family()(frames)
+    family(device="cpu")(frames)
+    assert paths == ["resize_uint8", "resize_float"]
 
 
 def test_preprocessing_moves_to_a_gpu_only() -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from prunevid import cli, pipeline
+from prunevid import PruneVidConfig, cli, pipeline
 from prunevid.bench import measure
 from prunevid.bench.measure import TokenClock, time_vision
 from prunevid.bench.profile import Cost, Event, cpu_busy_ms, device_counts
@@ -61,6 +61,26 @@ def test_token_clock_fences_every_new_token_on_a_gpu(syncs: list) -> None:
     for _ in range(4):
         cpu.put(torch.zeros(1))
     assert len(syncs) == 3
+
+
+def test_stage_timings_on_a_gpu_come_from_a_fenced_prefill_only_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def run_once(model, method, prompt, new_tokens, fenced=False):
+        calls.append((new_tokens, fenced))
+        seconds = 0.002 if fenced else 0.0001  # fenced: the device's time; unfenced: queueing only
+        return measure.Sample(0.05, 30.0, 0, 0, 0, 0, stage1_s=seconds, stage2_s=seconds, decoder_s=seconds)
+
+    monkeypatch.setattr(measure, "run_once", run_once)
+    patched = measure.Method("prunevid", PruneVidConfig())
+    sample = measure.run_fenced(SimpleNamespace(device=CUDA), patched, None, 32)
+    assert calls == [(32, False), (1, True)], "the timed call without fences, then a fenced prefill"
+    assert (sample.stage1_s, sample.stage2_s, sample.decoder_s) == (0.002, 0.002, 0.002)
+    assert sample.prefill_s == 0.05 and sample.decode_ms == 30.0, "speed from the timed call"
+    calls.clear()
+    measure.run_fenced(SimpleNamespace(device=torch.device("cpu")), patched, None, 32)
+    measure.run_fenced(SimpleNamespace(device=CUDA), measure.Method("stock"), None, 32)
+    assert calls == [(32, False), (32, False)], "the CPU needs no fence; stock has no stages"
 
 
 def test_vision_is_timed_on_its_second_call(monkeypatch: pytest.MonkeyPatch) -> None:

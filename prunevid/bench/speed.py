@@ -21,9 +21,10 @@ alike.
 Random-weight vision towers make every token look alike, so stage 1's output size is set by
 calibrating `tau` on the clip's features (bisection) to a stated retention (default 40%).
 `--sweep` adds a grid over `alpha` x `cluster_ratio` (CSV + speedup-vs-retention plot), and
-`--retentions 0.25,0.1` every method of `prunevid.baselines.METHODS` at each of those budgets.
-`--device cuda` builds the model on the CPU, then runs everything on the GPU (the vision tower's
-clock waits for it; generate() hands each new token to the CPU, which waits too).
+`--retentions 0.25,0.1` every method of `prunevid.baselines.METHODS` at each of those budgets;
+`--profile` each method's prefill and decode step under torch.profiler and `HostProbe`
+(`profile.py`). `--device cuda` builds the model on the CPU, then runs everything on the GPU,
+frame preprocessing included; every clock of the benchmark waits for the GPU (`measure.py`).
 """
 
 from __future__ import annotations

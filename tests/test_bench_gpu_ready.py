@@ -237,7 +237,11 @@ def test_table_splits_preprocessing_vision_stage1_and_prefill(profiled: dict) ->
         assert method["ttft_s"] == pytest.approx(
             vision["preprocess_s"] + vision["vision_s"] + method["llm_prefill_s"]
         )
-        assert method["decode_median_step_ms"] is not None
+        intervals = method["decode_steps_ms"]  # one list per repeat: every fenced interval
+        assert len(intervals) == result["repeats"] and all(
+            len(i) == result["new_tokens"] - 1 for i in intervals
+        )
+        assert method["decode_median_step_ms"] == pytest.approx(float(np.median(intervals[0])))
 
 
 # ---- preprocessing on the device ----------------------------------------------------------------

@@ -65,6 +65,7 @@ class Row:
     kv_ratio: float = 1.0
     layer_retention: float = 1.0
     samples: list[float] = field(default_factory=list)
+    decode_steps: list[list[float]] = field(default_factory=list)  # per repeat, ms between tokens
 
     @property
     def retention(self) -> float:
@@ -146,6 +147,7 @@ def _row(
         vision_s=None if vision is None else vision.vision_s,
         layer_retention=first.layer_retention,
         samples=prefill,
+        decode_steps=[s.decode_steps_ms for s in runs],
     )
 
 
@@ -294,6 +296,7 @@ def row_json(row: Row) -> dict[str, Any]:
         "ttft_s": row.ttft_s,
         "decode_ms_per_token": row.decode_ms_per_token,
         "decode_median_step_ms": row.decode_median_ms,
+        "decode_steps_ms": row.decode_steps,
         "kv_bytes": row.kv_bytes,
         "kv_tokens": row.kv_tokens,
         "kv_ratio": row.kv_ratio,

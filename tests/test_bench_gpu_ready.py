@@ -244,6 +244,34 @@ def test_table_splits_preprocessing_vision_stage1_and_prefill(profiled: dict) ->
         assert method["decode_median_step_ms"] == pytest.approx(float(np.median(intervals[0])))
 
 
+SHIM = """#!/usr/bin/env bash
+# A stand-in python: says CUDA is there, records each benchmark command, writes its report.
+if [[ "$1" == -c ]]; then exit 0; fi
+echo "$*" >> "$(dirname "$0")/calls"
+while [[ $# -gt 0 ]]; do if [[ "$1" == --markdown ]]; then echo report > "$2"; fi; shift; done
+"""
+
+
+@pytest.mark.parametrize(("device", "profiled"), [("cuda", True), ("cpu", False)])
+def test_gpu_check_profiles_on_a_gpu(device: str, profiled: bool, tmp_path: Path) -> None:
+    """The script's GPU run, with a stand-in python: every arch's command carries --profile on
+    CUDA (one run gets everything); the CPU runs the tests make skip it."""
+    import os
+    import subprocess
+
+    shim = tmp_path / "python"
+    shim.write_text(SHIM)
+    shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": str(shim)}
+    env |= {"GPU_CHECK_DEVICE": device, "GPU_CHECK_OUT": str(tmp_path / "out.md")}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [c.split(" --arch ")[1].split()[0] for c in calls] == ["qwen2-7b", "qwen2.5-vl-7b"]
+    assert all(f"--device {device} " in c and ("--profile" in c.split()) == profiled for c in calls)
+
+
 # ---- preprocessing on the device ----------------------------------------------------------------
 
 

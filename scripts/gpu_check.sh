@@ -3,7 +3,7 @@
 # Qwen2.5-VL-7B layer sizes (all 28 decoder layers, random weights), bf16, SDPA: the timed table
 # and, per method, a profile of its prefill and decode step (kernels, syncs, device-host copies,
 # GPU-busy and host-overhead ms). Each run's report is appended to docs/bench_speed.md (or
-# $GPU_CHECK_OUT) under a heading naming the GPU, its JSON written beside it. About 6 minutes on
+# $GPU_CHECK_OUT) under a heading naming the GPU, its JSON written beside it. About 7 minutes on
 # one H100/H200 (each 7B model is built on the CPU first: ~30 GB of host memory in fp32).
 # Without a CUDA GPU it says so in one line and exits 0.
 # GPU_CHECK_DEVICE and GPU_CHECK_ARCHS change where and what it measures (the tests run it on the CPU,

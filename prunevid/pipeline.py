@@ -29,6 +29,7 @@ from .api import (
     patch,
 )
 from .config import PruneVidConfig
+from .models.base import for_device
 from .trace import PruningTrace
 from .video import Video, load_video
 
@@ -124,7 +125,8 @@ def load_model(
     name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "auto", device: str | None = None
 ) -> LoadedModel:
     """Load a checkpoint PruneVid patches (Hub id or local folder) or an offline tiny model
-    ("tiny-trained", "tiny", "tiny-qwen"): bf16 on a GPU, fp32 on the CPU unless `dtype` says.
+    ("tiny-trained", "tiny", "tiny-qwen"): bf16 on a GPU, fp32 on the CPU unless `dtype` says
+    (a torch dtype or its name, e.g. "bfloat16"; the offline models too).
 
     Every failure is a `ModelLoadError` whose `kind` and one-sentence message tell apart a model
     that is not cached (or no network), too little memory, an incompatible transformers, an
@@ -137,12 +139,13 @@ def load_model(
         from .accuracy import WEIGHTS, load_checkpoint
 
         checkpoint = load_checkpoint(WEIGHTS)
-        return LoadedModel(name, checkpoint.model.to(device), checkpoint.tokenizer, checkpoint.processing)
+        model = checkpoint.model.to(device=device, dtype=torch_dtype(dtype))
+        return LoadedModel(name, model, checkpoint.tokenizer, checkpoint.processing)
     if name in PRESETS and name.startswith(TINY_MODEL):
         from .testing import tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
-        model = _tiny_models()[name](tokenizer=tokenizer).to(device)
+        model = _tiny_models()[name](tokenizer=tokenizer).to(device=device, dtype=torch_dtype(dtype))
         return LoadedModel(name, model, tokenizer, _processing(name, model))
 
     # Cached or local first; only then the network, and not at all when the Hub is unreachable
@@ -204,12 +207,20 @@ def _skeleton(auto_class: Any, config: Any) -> torch.nn.Module | None:
         return None
 
 
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from itself or its name ("bfloat16", "float32"; "auto" reads as float32)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = torch.float32 if dtype == "auto" else getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}: use e.g. bfloat16, float16 or float32")
+    return value
+
+
 def check_fits(name: str, num_parameters: int, dtype: str | torch.dtype, device: str) -> None:
     """Refuse, before reading any weight, a model whose weights alone exceed the memory available
     (a process that overshoots is killed by the kernel, with no message at all)."""
-    if isinstance(dtype, str):
-        dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
-    needed = num_parameters * dtype.itemsize
+    needed = num_parameters * torch_dtype(dtype).itemsize
     available = available_memory(device)
     if available is not None and needed > available:
         where = "GPU memory" if device.startswith("cuda") else "memory"
@@ -444,9 +455,11 @@ def answer(
 
 
 def model_inputs(loaded: LoadedModel, frames: np.ndarray, question: str) -> dict[str, torch.Tensor]:
-    """The model's inputs for one video and question, on its device (pixels in its dtype)."""
+    """The model's inputs for one video and question, on its device (pixels in its dtype; on a
+    GPU the frames are resized and normalised there)."""
     family = family_of(loaded.model)
-    inputs = family.build_inputs(loaded.tokenizer, loaded.model.config, frames, question, loaded.processing)
+    processing = for_device(loaded.processing, loaded.device)
+    inputs = family.build_inputs(loaded.tokenizer, loaded.model.config, frames, question, processing)
     inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(loaded.model.dtype)
     return {k: v.to(loaded.device) for k, v in inputs.items()}
 

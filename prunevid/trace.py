@@ -72,7 +72,7 @@ def materialize(traces: list[PendingTrace | PruningTrace | None]) -> list[Prunin
             grid=t.grid,
         )
         details = dict(t.details)
-        # Timings may still be device intervals (`models.base.Interval`): read them now.
+        # Timings may still be device intervals (`models.timing.Interval`): read them now.
         timings = details.pop("timings", {})
         timings = {k: v if isinstance(v, float) else v.seconds() for k, v in timings.items()}
         done[id(t)] = PruningTrace.from_stages(merge, kept=kept, scores=scores, timings=timings, **details)

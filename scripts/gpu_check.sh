@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Absolute GPU figures: `prunevid bench speed --device cuda` at LLaVA-OneVision-7B and Qwen2.5-VL-7B
-# layer sizes (all 28 decoder layers, random weights), bf16, SDPA; each run's report is appended to
-# docs/bench_speed.md (or $GPU_CHECK_OUT) under a heading naming the GPU, its JSON written beside it.
-# About 5 minutes on one H100/H200 (each 7B model is built on the CPU first: ~30 GB of host memory
-# in fp32). Without a CUDA GPU it says so in one line and exits 0.
-# GPU_CHECK_DEVICE and GPU_CHECK_ARCHS change where and what it measures (the tests run it on the CPU);
+# Absolute GPU figures: `prunevid bench speed --device cuda --profile` at LLaVA-OneVision-7B and
+# Qwen2.5-VL-7B layer sizes (all 28 decoder layers, random weights), bf16, SDPA: the timed table
+# and, per method, a profile of its prefill and decode step (kernels, syncs, device-host copies,
+# GPU-busy and host-overhead ms). Each run's report is appended to docs/bench_speed.md (or
+# $GPU_CHECK_OUT) under a heading naming the GPU, its JSON written beside it. About 7 minutes on
+# one H100/H200 (each 7B model is built on the CPU first: ~30 GB of host memory in fp32).
+# Without a CUDA GPU it says so in one line and exits 0.
+# GPU_CHECK_DEVICE and GPU_CHECK_ARCHS change where and what it measures (the tests run it on the CPU,
+# without the profile: it doubles a CPU run, and tests/test_bench_gpu_ready.py covers it);
 # PYTHON is the interpreter with torch and prunevid's dependencies (default: `python` on PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,12 +21,14 @@ if [[ "$device" == cuda* ]] && ! "$python" -c 'import sys, torch; sys.exit(0 if 
   exit 0
 fi
 
+profile="--profile"
+[[ "$device" == cuda* ]] || profile=""
 report="$(mktemp)"
 trap 'rm -f "$report"' EXIT
 for arch in ${GPU_CHECK_ARCHS:-qwen2-7b qwen2.5-vl-7b}; do
   "$python" -m prunevid.cli bench speed --device "$device" --arch "$arch" --dtype bfloat16 \
     --video assets/bbb.mp4 --frames 16 --repeats 3 --new-tokens 32 --stage1-retention 0.4 --alpha 0.4 \
-    --seed 0 --warmup-frames 2 --vision-frames 16 \
+    --seed 0 --warmup-frames 2 --vision-frames 16 $profile \
     --json "$(dirname "$out")/bench_speed_${arch}_bfloat16_${device%%:*}.json" --markdown "$report"
   { printf '\n## %s, bfloat16, on %s (scripts/gpu_check.sh, %s)\n\n' "$arch" "$device" "$(date -u +%F)"
     cat "$report"; } >> "$out"

@@ -7,17 +7,27 @@ measures the language model only. `run_once` runs one generate() and returns a `
 prefill seconds (to the first new token), decode ms/token, KV-cache bytes right after the
 prefill (a forward hook), peak RSS (/proc) and the trace's token counts and stage timings.
 `measure` repeats that over all methods, warm-up first, the order rotated every round. The
-vision tower, which no method changes, is timed apart (`VisionCost`).
+frame preprocessing and the vision tower, which no method changes, are timed apart, each on its
+second call (`VisionCost`).
+
+On a GPU every clock here is fenced (`models.timing.clock(device)`: the device has
+finished what was queued before the reading): the start of generate(), each new token, the
+preprocessing and the vision tower. The stage timings a patched model records need no fence:
+they are CUDA-event intervals (`models.timing.Interval`), read with the trace, so the timed call
+runs as a server's does. Decode: ms per token over the call's new tokens (the
+mean of the fenced intervals between tokens, what an answer costs) and the median interval.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import os
+import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,8 +36,9 @@ from tqdm.auto import tqdm
 
 from ..accuracy import Method
 from ..api import family_of, last_trace, patch, unpatch
-from ..models.base import clock
+from ..models.base import for_device
 from ..models.llava_onevision import pooled_grid
+from ..models.timing import clock
 
 DEFAULT_QUESTION = "What animal is in the video?"
 
@@ -65,13 +76,14 @@ def model_inputs(
     model: torch.nn.Module, tokenizer: Any, frames: np.ndarray, question: str
 ) -> tuple[dict[str, torch.Tensor], float]:
     """The family's inputs for one clip and question, pixels included (with the family's default
-    frame sizing), on the model's device, and the seconds the frame preprocessing took."""
+    frame sizing; on a GPU resized and normalised there), on the model's device, and the seconds
+    the frame preprocessing took, to the inputs on the device."""
     family = family_of(model)
-    processing = family.Preprocessing.for_config(model.config)
-    tic = time.perf_counter()
+    processing = for_device(family.Preprocessing.for_config(model.config), model.device)
+    tic = clock(model.device)
     inputs = family.build_inputs(tokenizer, model.config, frames, question, processing)
-    seconds = time.perf_counter() - tic
-    return {key: value.to(model.device) for key, value in inputs.items()}, seconds
+    inputs = {key: value.to(model.device) for key, value in inputs.items()}
+    return inputs, clock(model.device) - tic
 
 
 @torch.inference_mode()
@@ -129,8 +141,10 @@ class VisionCost:
 
 def time_vision(model: torch.nn.Module, tokenizer: Any, frames: np.ndarray, frames_timed: int) -> float:
     """Vision seconds for all T frames, measured on the first `frames_timed` (scaled linearly:
-    both towers attend within a frame or a two-frame time step; pooling costs nothing)."""
+    both towers attend within a frame or a two-frame time step; pooling costs nothing), on the
+    tower's second call: the first pays one-time costs (on a GPU, loading kernels: ~1 s)."""
     inputs, _ = model_inputs(model, tokenizer, frames[:frames_timed], DEFAULT_QUESTION)
+    vision_features(model, inputs)
     _, seconds = vision_features(model, inputs)
     return seconds * len(frames) / frames_timed
 
@@ -140,7 +154,7 @@ class Sample:
     """One generate() call of one method."""
 
     prefill_s: float
-    decode_ms: float | None
+    decode_ms: float | None  # mean over the new tokens
     kv_bytes: int
     kv_tokens: int
     peak_rss: int
@@ -153,12 +167,22 @@ class Sample:
     visual_tokens: int | None = None
     layer_retention: float = 1.0  # visual tokens averaged over the decoder layers, share of all
     load: float = 0.0
+    decode_steps_ms: list[float] = field(default_factory=list)  # fenced intervals between tokens
+
+    @property
+    def decode_median_ms(self) -> float | None:
+        return statistics.median(self.decode_steps_ms) if self.decode_steps_ms else None
 
 
 class TokenClock:
-    """A generate() streamer noting when each new token arrives (the first put is the prompt)."""
+    """A generate() streamer noting when each new token is ready (the first put is the prompt).
 
-    def __init__(self) -> None:
+    Fenced on a GPU: generate() hands the streamer a host copy of the token, which waits for the
+    step on a stock loop, but a loop that streams one step behind (transformers defers the stop
+    check on some devices) would hand it over with the next step queued; `clock` waits for both."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.times: list[float] = []
         self.first_cpu = 0.0  # process CPU seconds (all threads) when the first new token arrived
         self.calls = 0
@@ -166,7 +190,7 @@ class TokenClock:
     def put(self, value: torch.Tensor) -> None:
         self.calls += 1
         if self.calls > 1:
-            self.times.append(time.perf_counter())
+            self.times.append(clock(self.device))
         if self.calls == 2:
             self.first_cpu = time.process_time()
 
@@ -220,31 +244,38 @@ def reset_peak_rss() -> None:
 
 
 @torch.inference_mode()
-def run_once(model: torch.nn.Module, method: Method, prompt: Prompt, new_tokens: int) -> Sample:
-    """One generate() from precomputed features: prefill seconds, decode ms/token, KV bytes, peak RSS."""
+def generate(model: torch.nn.Module, prompt: Prompt, new_tokens: int, streamer: Any = None) -> None:
+    """Greedy generate() of exactly `new_tokens` tokens from the prompt's precomputed features
+    (a fresh copy: each call runs its own stage 1)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+    features = BaseModelOutputWithPooling(pooler_output=prompt.fresh_features(model.dtype))
+    model.generate(
+        **prompt.inputs,
+        mm_encoder_outputs={"video": features},
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        streamer=streamer,
+    )
+
+
+def run_once(model: torch.nn.Module, method: Method, prompt: Prompt, new_tokens: int) -> Sample:
+    """One generate() from precomputed features: prefill seconds, decode ms/token, KV bytes, peak
+    RSS and the trace's stage timings."""
     apply(model, method)
     gc.collect()
     reset_peak_rss()
     rss_before = rss_bytes()
-    probe, clock = CacheProbe(), TokenClock()
+    probe, tokens = CacheProbe(), TokenClock(model.device)
     handle = model.register_forward_hook(probe, with_kwargs=True)
-    features = BaseModelOutputWithPooling(pooler_output=prompt.fresh_features(model.dtype))
     try:
-        start_cpu, start = time.process_time(), time.perf_counter()
-        model.generate(
-            **prompt.inputs,
-            mm_encoder_outputs={"video": features},
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            streamer=clock,
-        )
+        start_cpu, start = time.process_time(), clock(model.device)
+        generate(model, prompt, new_tokens, tokens)
     finally:
         handle.remove()
-    sample = _sample(model, method, prompt, start, clock, probe, rss_before)
-    sample.prefill_cpu_s = clock.first_cpu - start_cpu
+    sample = _sample(model, method, prompt, start, tokens, probe, rss_before)
+    sample.prefill_cpu_s = tokens.first_cpu - start_cpu
     return sample
 
 
@@ -262,6 +293,7 @@ def _sample(
     sample = Sample(
         prefill_s=times[0] - start,
         decode_ms=decode_ms,
+        decode_steps_ms=[1000 * (b - a) for a, b in itertools.pairwise(times)],
         kv_bytes=probe.bytes or 0,
         kv_tokens=probe.tokens,
         peak_rss=rss_bytes("VmHWM"),

@@ -50,11 +50,14 @@ class Row:
     decoder_s: float | None
     ttft_s: float
     decode_ms_per_token: float | None
+    decode_median_ms: float | None
     kv_bytes: int
     kv_tokens: int
     peak_rss: int
     rss_delta: int
     flops: float
+    preprocess_s: float | None = None  # the clip's, the same for every method (None: not measured)
+    vision_s: float | None = None
     speedup: float = 1.0
     flops_speedup: float = 1.0
     ttft_speedup: float = 1.0
@@ -62,6 +65,7 @@ class Row:
     kv_ratio: float = 1.0
     layer_retention: float = 1.0
     samples: list[float] = field(default_factory=list)
+    decode_steps: list[list[float]] = field(default_factory=list)  # per repeat, ms between tokens
 
     @property
     def retention(self) -> float:
@@ -133,29 +137,39 @@ def _row(
         decoder_s=_median([s.decoder_s for s in runs]),
         ttft_s=fixed + median,
         decode_ms_per_token=_median([s.decode_ms for s in runs]),
+        decode_median_ms=_median([s.decode_median_ms for s in runs]),
         kv_bytes=first.kv_bytes,
         kv_tokens=first.kv_tokens,
         peak_rss=max(s.peak_rss for s in runs),
         rss_delta=max(s.peak_rss - s.rss_before for s in runs),
         flops=flops,
+        preprocess_s=None if vision is None else vision.preprocess_s,
+        vision_s=None if vision is None else vision.vision_s,
         layer_retention=first.layer_retention,
         samples=prefill,
+        decode_steps=[s.decode_steps_ms for s in runs],
     )
 
 
 def markdown_table(rows: Sequence[Row], vision: VisionCost | None) -> str:
-    """The results as a GitHub markdown table."""
+    """The results as a GitHub markdown table: the time to the first token from pixels split into
+    frame preprocessing, vision tower and LM prefill (stage 1 is part of the prefill; its own
+    column is fenced on a GPU)."""
     head = (
-        "| method | visual tokens kept | stage 1 s | LM prefill s, median [min-max] | speedup "
-        "(FLOPs-predicted, efficiency) | prefill CPU s (speedup) | TTFT from pixels s | decode ms/token | KV cache MiB (% stock) "
-        "| peak RSS MiB (+ during call) | prefill TFLOPs |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| method | visual tokens kept | preprocess s | vision s | stage 1 s | LM prefill s, median [min-max] | speedup "
+        "(FLOPs-predicted, efficiency) | prefill CPU s (speedup) | TTFT from pixels s | decode ms/token (median step) "
+        "| KV cache MiB (% stock) | peak RSS MiB (+ during call) | prefill TFLOPs |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
         decode = "-" if r.decode_ms_per_token is None else f"{r.decode_ms_per_token:.1f}"
+        if r.decode_median_ms is not None:
+            decode += f" ({r.decode_median_ms:.1f})"
         ttft = "-" if vision is None else f"{r.ttft_s:.2f} ({r.ttft_speedup:.2f}x)"
         lines.append(
-            f"| {r.name} | {r.visual_tokens} ({100 * r.retention:.1f}%) | {r.stage1_s:.3f} "
+            f"| {r.name} | {r.visual_tokens} ({100 * r.retention:.1f}%) | {_seconds(r.preprocess_s)} "
+            f"| {_seconds(r.vision_s)} | {r.stage1_s:.3f} "
             f"| {r.llm_prefill_s:.3f} [{r.prefill_min:.3f}-{r.prefill_max:.3f}] "
             f"| {r.speedup:.2f}x ({r.flops_speedup:.2f}x, {100 * r.efficiency:.0f}%) "
             f"| {r.prefill_cpu_s:.2f} ({r.cpu_speedup:.2f}x) | {ttft} | {decode} "
@@ -163,6 +177,10 @@ def markdown_table(rows: Sequence[Row], vision: VisionCost | None) -> str:
             f"| {r.flops / 1e12:.3f} |"
         )
     return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 @dataclass
@@ -273,8 +291,12 @@ def row_json(row: Row) -> dict[str, Any]:
         "stage1_s": row.stage1_s,
         "stage2_select_s": row.stage2_s,
         "decoder_s": row.decoder_s,
+        "preprocess_s": row.preprocess_s,
+        "vision_s": row.vision_s,
         "ttft_s": row.ttft_s,
         "decode_ms_per_token": row.decode_ms_per_token,
+        "decode_median_step_ms": row.decode_median_ms,
+        "decode_steps_ms": row.decode_steps,
         "kv_bytes": row.kv_bytes,
         "kv_tokens": row.kv_tokens,
         "kv_ratio": row.kv_ratio,
@@ -322,6 +344,42 @@ def budget_table(records: Sequence[dict[str, Any]]) -> str:
             f"| {100 * r['kv_ratio']:.1f}% |"
         )
     return "\n".join(lines)
+
+
+PROFILE_COLUMNS = [
+    ("wall_ms", "wall ms"),
+    ("busy_ms", "busy ms"),
+    ("host_ms", "host overhead ms"),
+    ("ops", "aten ops"),
+    ("reads", "host reads"),
+    ("uploads", "host uploads"),
+]
+GPU_COLUMNS = [("kernels", "kernels"), ("syncs", "syncs"), ("copies", "device-host copies")]
+
+
+def profile_table(records: Sequence[dict[str, Any]]) -> str:
+    """`--profile`'s table (records: `MethodProfile.record()`): per method its prefill and one
+    decode step; busy is GPU-kernel time on a GPU, the ops' own CPU time on the CPU; the GPU's
+    kernels, syncs and copies where it ran on one."""
+    gpu = any(r["prefill"]["kernels"] is not None for r in records)
+    columns = PROFILE_COLUMNS + (GPU_COLUMNS if gpu else [])
+    lines = [
+        "| method | call | " + " | ".join(label for _, label in columns) + " |",
+        "|---|---|" + "---:|" * len(columns),
+    ]
+    for r in records:
+        for call in ("prefill", "decode_step"):
+            cells = [_amount(r[call][key], key.endswith("_ms")) for key, _ in columns]
+            lines.append(f"| {r['name']} | {call.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _amount(value: float | None, ms: bool) -> str:
+    if value is None:
+        return "-"
+    if ms:
+        return f"{value:.2f}"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
 
 
 def write_csv(records: Sequence[dict[str, Any]], path: str) -> None:
@@ -387,6 +445,9 @@ def report_markdown(result: dict[str, Any]) -> str:
         "Targets:",
         *[Target(**t).line() for t in result["targets"]],
     ]
+    if "profile" in result:
+        lines += ["", "Profile (`--profile`; prefill = one new token, decode step = the difference of "
+                  "two calls over their extra steps):", "", profile_table(result["profile"])]  # fmt: skip
     if "budgets" in result:
         lines += ["", "Every method at the same budgets (one new token: prefill only):", "",
                   budget_table(result["budgets"])]  # fmt: skip

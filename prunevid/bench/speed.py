@@ -21,9 +21,10 @@ alike.
 Random-weight vision towers make every token look alike, so stage 1's output size is set by
 calibrating `tau` on the clip's features (bisection) to a stated retention (default 40%).
 `--sweep` adds a grid over `alpha` x `cluster_ratio` (CSV + speedup-vs-retention plot), and
-`--retentions 0.25,0.1` every method of `prunevid.baselines.METHODS` at each of those budgets.
-`--device cuda` builds the model on the CPU, then runs everything on the GPU (the vision tower's
-clock waits for it; generate() hands each new token to the CPU, which waits too).
+`--retentions 0.25,0.1` every method of `prunevid.baselines.METHODS` at each of those budgets;
+`--profile` each method's prefill and decode step under torch.profiler and `HostProbe`
+(`profile.py`). `--device cuda` builds the model on the CPU, then runs everything on the GPU,
+frame preprocessing included; every clock of the benchmark waits for the GPU (`measure.py`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from .measure import (
     video_tokens,
     vision_features,
 )
+from .profile import profile_methods
 from .report import (
     Row,
     budget_record,
@@ -124,6 +126,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-png", default="bench_sweep.png")
     p.add_argument("--retentions", default=None,
                    help="also run every method at these budgets (final retention), e.g. 0.25,0.2,0.15,0.1")  # fmt: skip
+    p.add_argument("--profile", action="store_true",
+                   help="also profile every method's prefill and decode step: aten ops, host reads and uploads, "
+                   "wall, busy and host-overhead ms; on a GPU kernels, syncs and device-host copies")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny model, 1 repeat, seconds (CI)")
 
 
@@ -198,7 +203,15 @@ def prepare(args: argparse.Namespace) -> Setup:
     model.to(check_device(args.device))
     build_s = time.perf_counter() - tic
     video, frames = _clip(args)
-    inputs, preprocess_s = model_inputs(model, tokenizer, frames, args.question)
+    warmup = None
+    if args.warmup_frames:
+        # A cheap input that runs every code path: the first frames, their own features. It is
+        # also the first call of the preprocessing and the vision tower, which pays one-time
+        # costs (on a GPU, loading kernels), so that the calls below are timed warm.
+        short, _ = model_inputs(model, tokenizer, frames[: args.warmup_frames], DEFAULT_QUESTION)
+        warmup = make_prompt(model, short, vision_features(model, short)[0])
+    inputs, _ = model_inputs(model, tokenizer, frames, args.question)
+    preprocess_s = model_inputs(model, tokenizer, frames, args.question)[1]  # the second call: warm
     cache = (
         None
         if args.features_cache is None
@@ -206,14 +219,10 @@ def prepare(args: argparse.Namespace) -> Setup:
     )
     features, fp32_vision_s = clip_features(model, inputs, cache)
     prompt = make_prompt(model, inputs, features)
-    warmup = None
-    if args.warmup_frames:
-        # A cheap input that runs every code path: the first frames, their own features.
-        short, _ = model_inputs(model, tokenizer, frames[: args.warmup_frames], DEFAULT_QUESTION)
-        warmup = make_prompt(model, short, vision_features(model, short)[0])
     dtype = getattr(torch, args.dtype)
     model.to(dtype)
-    vision = _vision_cost(model, tokenizer, frames, preprocess_s, fp32_vision_s, args)
+    warm_s = fp32_vision_s if warmup is not None else None  # a cold first call is no measurement
+    vision = _vision_cost(model, tokenizer, frames, preprocess_s, warm_s, args)
     selected = arch.selected_layer if args.selected_layer is None else args.selected_layer
     base = PruneVidConfig(alpha=args.alpha, selected_layer=selected, seed=args.seed, num_frames=len(frames))
     tokens, grid = video_tokens(model, prompt)
@@ -274,8 +283,9 @@ def _vision_cost(
     fp32_s: float | None,
     args: argparse.Namespace,
 ) -> VisionCost:
-    """The fp32 feature pass on all frames is the measurement when there was one; otherwise
-    (other dtype, or features from the cache) time `--vision-frames` frames (default 2) and scale."""
+    """The fp32 feature pass on all frames is the measurement when there was one and the tower
+    was warm (`fp32_s`); otherwise (other dtype, features from the cache, no warm-up) time
+    `--vision-frames` frames (default 2) on their second call and scale."""
     total = len(frames)
     if fp32_s is not None and args.dtype == "float32":
         return VisionCost(preprocess_s, fp32_s, total, total, args.dtype)
@@ -377,6 +387,8 @@ def benchmark(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     )
     rows = summarize(methods, samples, setup.prompt, shape, setup.vision)
     result = _result(setup, args, rows)
+    if args.profile:
+        result["profile"] = [p.record() for p in profile_methods(setup.model, methods, setup.prompt)]
     if args.sweep:
         records, sweep_rows = run_sweep(setup, args, shape)
         result["sweep"] = records
@@ -473,6 +485,8 @@ def command_line(args: argparse.Namespace) -> str:
             parts.append(f"--{name.replace('_', '-')} {value}")
     if args.retentions:
         parts.append(f"--retentions {args.retentions}")
+    if args.profile:
+        parts.append("--profile")
     if args.sweep:
         parts += [
             "--sweep",

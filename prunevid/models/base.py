@@ -8,8 +8,7 @@ positions they have; see `llava_onevision.py` and `qwen2_vl.py`.
 from __future__ import annotations
 
 import functools
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from ..merge import MergeResult, merge_tokens
 from ..select import keep_counts, kept_total, question_guided
 from ..trace import PendingTrace, PruningTrace, materialize
 from .decoder import DecodeState, VisualSpan, positions_from_mask, prefill
+from .timing import Interval
 
 STAGE1_FIELDS = (
     "stage1",
@@ -319,10 +319,49 @@ def resize_uint8(frames: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(video, size=size, mode="bicubic", antialias=True)
 
 
+def resize_float(frames: np.ndarray, size: tuple[int, int], device: torch.device | str) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, h, w) float32 whole levels in [0, 255] on `device`: the
+    frames cross as uint8 (a quarter of the bytes) and are resized there, bicubic with antialias,
+    as `resize_uint8` does on the CPU: width first, then height, rounded and clipped after each
+    pass (clipping between the passes matters: bicubic overshoots on sharp edges). It differs
+    from `resize_uint8`'s fixed-point weights by at most 2 levels on under 1.1% of the values
+    (measured on the processor fixtures and on noise: tests/test_bench_gpu_ready.py)."""
+    video = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.uint8)).to(device)
+    video = video.permute(0, 3, 1, 2).float()
+    for step in ((video.shape[2], size[1]), tuple(size)):
+        if tuple(video.shape[-2:]) != step:
+            video = torch.nn.functional.interpolate(video, size=step, mode="bicubic", antialias=True)
+            video = video.round_().clamp_(0, 255)
+    return video
+
+
+def frame_pixels(
+    frames: np.ndarray,
+    size: tuple[int, int],
+    mean,
+    std,
+    rescale: float,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, h, w) float32 normalised pixels. Without a `device`, on the
+    CPU and equal to the processors' pixels (`resize_uint8`); with one, resized and normalised
+    there (`resize_float`), so that a GPU does not wait for the host's resize."""
+    if device is None:
+        return normalize(resize_uint8(frames, size), mean, std, rescale)
+    return normalize(resize_float(frames, size, device), mean, std, rescale)
+
+
+def for_device(processing, device: torch.device | str):
+    """A family's frame preprocessing (`FrameProcessing`, `VideoPatchify`) that runs on `device`
+    when that is a GPU; for the CPU, `processing` itself (the processors' exact pixels)."""
+    device = torch.device(device)
+    return processing if device.type == "cpu" else replace(processing, device=str(device))
+
+
 def normalize(video: torch.Tensor, mean, std, rescale: float) -> torch.Tensor:
     """(x * rescale - mean) / std in the processors' fused form, (x - mean / rescale) / (std / rescale)."""
-    mean = torch.tensor(mean, dtype=torch.float32)[:, None, None] * (1.0 / rescale)
-    std = torch.tensor(std, dtype=torch.float32)[:, None, None] * (1.0 / rescale)
+    mean = torch.tensor(mean, dtype=torch.float32, device=video.device)[:, None, None] * (1.0 / rescale)
+    std = torch.tensor(std, dtype=torch.float32, device=video.device)[:, None, None] * (1.0 / rescale)
     return (video.float() - mean) / std
 
 
@@ -467,38 +506,3 @@ def merged_means(features: torch.Tensor, merge: MergeResult) -> torch.Tensor:
     spare = merge.num_tokens
     labels = index.where(index >= 0, spare)
     return cluster_means(features[None], labels[None], spare + 1)[0, :spare]
-
-
-class Interval:
-    """The time between two points of a device's work, measured without waiting for it: CUDA
-    events on a GPU (read when a trace is), the host clock elsewhere."""
-
-    def __init__(self, device: torch.device) -> None:
-        self._device = device
-        self._start = self._mark(device)
-        self._end = None
-
-    @staticmethod
-    def _mark(device: torch.device):
-        if device.type != "cuda":
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(device))
-        return event
-
-    def stop(self) -> Interval:
-        self._end = self._mark(self._device)
-        return self
-
-    def seconds(self) -> float:
-        if isinstance(self._start, float):
-            return self._end - self._start
-        self._end.synchronize()
-        return self._start.elapsed_time(self._end) / 1000
-
-
-def clock(device: torch.device) -> float:
-    """Wall time, after `device` has finished its queued work (accelerators run asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

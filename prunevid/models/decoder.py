@@ -12,7 +12,6 @@ only, each sample left-padded to the batch's longest.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from ..config import PruneVidConfig
 from ..select import Rule, question_attention, question_guided
+from .timing import Interval
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Selection:
     mask: torch.Tensor | None
     visual_kept: list[torch.Tensor | None]
     visual_scores: list[torch.Tensor | None]
-    seconds: float
+    seconds: float | Interval  # stage 2 scoring and selection (an Interval: read with the trace)
 
 
 @dataclass
@@ -186,7 +186,7 @@ def select_tokens(
     rule sees the question rows and zeros for the rows before them (its max over rows, or its
     last row, does not change). Runs on the device: every shape follows from `num_kept`.
     """
-    start = time.perf_counter()
+    start = Interval(hidden.device)
     attn = layer.self_attn
     batch, width = hidden.shape[:2]
     normed = layer.input_layernorm(hidden)
@@ -217,7 +217,7 @@ def select_tokens(
     lengths = lengths or [width] * batch
     lengths = [n if s is None else n - len(s.index) + s.num_kept for n, s in zip(lengths, spans)]
     keep, keep_mask = _right_aligned(keep, mask, max(lengths), len(set(lengths)) > 1)
-    return Selection(keep, keep_mask, kept_masks, scores, time.perf_counter() - start)
+    return Selection(keep, keep_mask, kept_masks, scores, start.stop())
 
 
 def crop_cache(cache: Cache, keep: torch.Tensor, upto_layer: int) -> None:

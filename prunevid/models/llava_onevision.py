@@ -25,8 +25,7 @@ from .base import (
     Runtime,
     VideoGrid,
     chat_prompt,
-    normalize,
-    resize_uint8,
+    frame_pixels,
     video_prefill,
 )
 
@@ -131,6 +130,9 @@ class FrameProcessing:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     rescale: float = 1 / 255
+    device: str | None = (
+        None  # None: the processors' pixels on the CPU; a device: resized there (`base.for_device`)
+    )
 
     @classmethod
     def from_json(cls, path: str) -> FrameProcessing:
@@ -153,8 +155,9 @@ class FrameProcessing:
 
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
         """(T, H, W, 3) uint8 RGB -> (T, 3, h, w) float32 pixel values, equal to transformers'
-        torchvision-based video processor (checked: docs/processing_check.md)."""
-        return normalize(resize_uint8(frames, self.size), self.mean, self.std, self.rescale)
+        torchvision-based video processor (checked: docs/processing_check.md) on the CPU; on
+        `device`, within one level of it."""
+        return frame_pixels(frames, self.size, self.mean, self.std, self.rescale, self.device)
 
 
 def build_inputs(

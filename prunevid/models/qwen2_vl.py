@@ -23,8 +23,7 @@ from .base import (
     Runtime,
     VideoGrid,
     chat_prompt,
-    normalize,
-    resize_uint8,
+    frame_pixels,
     video_prefill,
     video_rows,
 )
@@ -179,6 +178,9 @@ class VideoPatchify:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     rescale: float = 1 / 255
     video_budget: bool = False
+    device: str | None = (
+        None  # None: the processors' pixels on the CPU; a device: resized there (`base.for_device`)
+    )
 
     @classmethod
     def for_config(cls, config) -> VideoPatchify:
@@ -243,7 +245,7 @@ class VideoPatchify:
     def __call__(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, H, W, 3) uint8 -> (pixel_values_videos (n_patches, 3 * 2 * 14 * 14), grid_thw (3,))."""
         size = self.target_size(*frames.shape[1:3], len(frames))
-        video = normalize(resize_uint8(frames, size), self.mean, self.std, self.rescale)
+        video = frame_pixels(frames, size, self.mean, self.std, self.rescale, self.device)
         if pad := -len(video) % self.temporal_patch:
             video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
         tp, p, m = self.temporal_patch, self.patch, self.merge

@@ -1,4 +1,4 @@
-"""The Gradio page: components and event wiring only (the work is in `engine` and `visualizations`)."""
+"""The Gradio page: components and event wiring only (the work is in the modules beside it and `visualizations`)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from prunevid.visualizations import (
     timeline_figure,
 )
 
-from . import engine
+from . import catalog, estimates, hardware, limits, models, runs
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ KNOB_HELP = {
     "seed": "seed of that noise (>= 0)",
     "selected_layer": "decoder layer M that scores visual tokens (< the model's layers)",
     "alpha": "fraction of visual tokens stage 2 keeps (0, 1]",
-    "num_frames": f"frames sampled from the video (1 to {engine.MAX_FRAMES})",
+    "num_frames": f"frames sampled from the video (1 to {limits.MAX_FRAMES})",
     "centre": "static similarity on tokens minus the video's mean token (beyond the paper)",
 }
 INTEGER_KNOBS = {"k", "spatial_merge_threshold", "seed", "selected_layer", "num_frames"}
@@ -66,8 +66,8 @@ LAYER_CHOICES = [
 DEFAULT_LAYERS = ["clusters", "static", "pruned", "outlines"]
 COMPARE_CHOICES = [
     ("nothing", ""),
-    ("the unpruned model (measures the speedup)", engine.UNPRUNED),
-    *((f"{engine.METHOD_LABELS[name]}, same budget", name) for name in engine.COMPARISONS[2:]),
+    ("the unpruned model (measures the speedup)", runs.UNPRUNED),
+    *((f"{runs.METHOD_LABELS[name]}, same budget", name) for name in runs.COMPARISONS[2:]),
 ]
 BUDGET_HELP = "share of the visual tokens kept, exactly (0: PruneVid's settings decide)"
 LEGEND = (
@@ -99,7 +99,7 @@ def banner_markdown(model: str, failure: str | None = None, hardware: str | None
     parts = []
     if failure:
         parts.append(f'<div class="warning">⚠️ {inline_html(failure)}</div>')
-    for note in (engine.MODEL_NOTES.get(model), hardware):
+    for note in (catalog.MODEL_NOTES.get(model), hardware):
         if note:
             parts.append(f'<div class="note">ℹ️ {inline_html(note)}</div>')
     return "\n\n".join(parts)
@@ -138,7 +138,7 @@ def fail(error: BaseException) -> gr.Error:
 
 
 class Report:
-    """The engine's progress callback, (fraction, text), in front of a gr.Progress; picklable,
+    """The runs' progress callback, (fraction, text), in front of a gr.Progress; picklable,
     since on ZeroGPU the model work runs in another process."""
 
     def __init__(self, progress: Any = None):
@@ -179,8 +179,8 @@ def other_gallery(shown: Shown | None, layer_names: list[str]) -> list[tuple[np.
 def comparison_components(compare: str | None) -> tuple[Any, Any]:
     """The compared answer's box and pictures, labelled for the method picked (the pictures only
     for a method: the unpruned model keeps every token)."""
-    label = engine.comparison_label(compare) if compare else "compared run"
-    method = bool(compare) and compare != engine.UNPRUNED
+    label = runs.comparison_label(compare) if compare else "compared run"
+    method = bool(compare) and compare != runs.UNPRUNED
     return (
         gr.Textbox(label=f"Answer ({label})"),
         gr.Gallery(label=f"Tokens per sampled frame: {label}, same budget", visible=method),
@@ -209,25 +209,25 @@ def side_by_side(frame: np.ndarray, overlay: np.ndarray, gap: int = 6) -> np.nda
 class App:
     """The page's long-lived state: loaded models (and their caches), limits, the startup model."""
 
-    def __init__(self, model: str | None = None, registry: engine.ModelRegistry | None = None):
-        self.limits = engine.Limits.from_env()
-        self.registry = registry or engine.ModelRegistry(
-            max_real=self.limits.max_models, warm=not engine.zero_gpu(), gpu_max_s=self.limits.gpu_max_s
+    def __init__(self, model: str | None = None, registry: models.ModelRegistry | None = None):
+        self.limits = limits.Limits.from_env()
+        self.registry = registry or models.ModelRegistry(
+            max_real=self.limits.max_models, warm=not hardware.zero_gpu(), gpu_max_s=self.limits.gpu_max_s
         )
         # One answer's model work; on ZeroGPU it runs on a GPU reserved for its estimated duration.
-        self.work = engine.on_gpu(self.registry.work, self.registry.gpu_seconds)
-        self.scratch = engine.ScratchFolders()
-        wanted = model or engine.startup_model()
+        self.work = hardware.on_gpu(self.registry.work, self.registry.gpu_seconds)
+        self.scratch = limits.ScratchFolders()
+        wanted = model or models.startup_model()
         self.failure: str | None = None
         try:
             self.registry.get(wanted)
             self.model = wanted
         except ModelLoadError as error:
             log.warning("%s", error)
-            self.failure = engine.fallback_message(error, "the offline tiny demo model")
-            self.model = engine.OFFLINE_MODEL
-            self.registry.get(engine.OFFLINE_MODEL)
-        self.choices = list(engine.MODEL_CHOICES)
+            self.failure = models.fallback_message(error, "the offline tiny demo model")
+            self.model = catalog.OFFLINE_MODEL
+            self.registry.get(catalog.OFFLINE_MODEL)
+        self.choices = list(catalog.MODEL_CHOICES)
         if self.model not in self.choices:
             self.choices.insert(0, self.model)
         if wanted not in self.choices:
@@ -237,10 +237,10 @@ class App:
         """The settings the page shows for a model: its preset (selected_layer scaled to its
         depth), with fewer frames where a real model runs on CPUs."""
         config = preset(model, self.registry.get(model).num_layers)
-        return engine.page_config(model, config)
+        return estimates.page_config(model, config)
 
     def banner(self, model: str, failure: str | None = None) -> str:
-        hardware = engine.hardware_note(
+        hardware = estimates.hardware_note(
             model, preset(model, self.registry.get(model).num_layers), self.registry
         )
         return banner_markdown(model, failure, hardware)
@@ -269,13 +269,13 @@ class App:
             if not video:
                 raise ValueError("No video: upload one or pick an example.")
             check_question(question)
-            config = engine.make_config(stage1, stage2, **knobs)
-            new_tokens = engine.check_new_tokens(max_new_tokens)
+            config = limits.make_config(stage1, stage2, **knobs)
+            new_tokens = limits.check_new_tokens(max_new_tokens)
             self.registry.get(model)
-            wait = engine.estimate_wait(self.registry, model, video, config, compare, new_tokens)
-            if wait is not None and wait > engine.LONG_WAIT_S:
-                gr.Info(engine.wait_message(wait, config.num_frames), duration=min(wait, 30))
-            outcome = engine.run_question(
+            wait = estimates.estimate_wait(self.registry, model, video, config, compare, new_tokens)
+            if wait is not None and wait > estimates.LONG_WAIT_S:
+                gr.Info(estimates.wait_message(wait, config.num_frames), duration=min(wait, 30))
+            outcome = runs.run_question(
                 self.registry, model, video, question, config, compare, new_tokens, report,
                 self.limits, self.work,
             )  # fmt: skip
@@ -285,18 +285,18 @@ class App:
             raise
         except Exception as error:  # keep serving; say what broke in one line
             log.exception("answer failed")
-            raise fail(RuntimeError(engine.describe_failure(error, "answering"))) from None
+            raise fail(RuntimeError(estimates.describe_failure(error, "answering"))) from None
 
         report(0.9, "Drawing the pruning pictures")
         try:
             return self.render(outcome, layer_names)
         except Exception as error:
             log.exception("drawing failed")
-            raise fail(RuntimeError(engine.describe_failure(error, "drawing the pictures"))) from None
+            raise fail(RuntimeError(estimates.describe_failure(error, "drawing the pictures"))) from None
         finally:
-            engine.release_memory()  # the full-size frames of this answer are gone: return their pages
+            hardware.release_memory()  # the full-size frames of this answer are gone: return their pages
 
-    def render(self, outcome: engine.Outcome, layer_names: list[str]) -> tuple:
+    def render(self, outcome: runs.Outcome, layer_names: list[str]) -> tuple:
         trace, video = outcome.trace, outcome.video
         frames = video.frames  # already at display size
         shown = Shown(frames, trace, captions(trace, video.timestamps))
@@ -319,7 +319,7 @@ class App:
         return (
             outcome.result.text,
             outcome.other.text if outcome.other is not None else "",
-            engine.speed_markdown(outcome),
+            estimates.speed_markdown(outcome),
             stats,
             gallery,
             gr.Slider(minimum=0, maximum=max(trace.num_frames - 1, 1), value=0, step=1, interactive=True),
@@ -352,8 +352,8 @@ class App:
         try:
             self.registry.get(model)
         except ModelLoadError as error:
-            instead = "the offline tiny demo model" if active == engine.OFFLINE_MODEL else f"`{active}`"
-            message = engine.fallback_message(error, instead)
+            instead = "the offline tiny demo model" if active == catalog.OFFLINE_MODEL else f"`{active}`"
+            message = models.fallback_message(error, instead)
             return [active, self.banner(active, message), active, *[gr.skip()] * (2 + len(KNOBS))]
         return [model, self.banner(model), model, *knob_values(self.preset(model))]
 
@@ -400,7 +400,7 @@ class App:
                         gr.Examples(rows, inputs=[video, question], label="Examples", cache_examples=False)
                     with gr.Accordion("Advanced settings", open=False):
                         model = gr.Dropdown(
-                            [(engine.MODEL_LABELS.get(name, name), name) for name in self.choices],
+                            [(catalog.MODEL_LABELS.get(name, name), name) for name in self.choices],
                             value=self.model,
                             label="Model (each brings its own preset below)",
                         )
@@ -541,8 +541,8 @@ def launch(
 ) -> gr.Blocks:
     """Build the page and serve it (blocks unless prevent_thread_lock=True); uploads larger than
     PRUNEVID_MAX_UPLOAD_MB are refused by Gradio before they reach the server's disk."""
-    max_bytes = int(engine.Limits.from_env().max_upload_mb * 2**20)
-    engine.bound_heap()
+    max_bytes = int(limits.Limits.from_env().max_upload_mb * 2**20)
+    hardware.bound_heap()
     demo = build_demo()
     demo.launch(
         server_name=server_name,

@@ -193,7 +193,8 @@ def demo(environment, outside):
 
 
 def test_the_demo_shows_the_spaces_banner_and_examples(demo, monkeypatch):
-    from prunevid.app.engine import OFFLINE_MODEL, fallback_message
+    from prunevid.app.catalog import OFFLINE_MODEL
+    from prunevid.app.models import fallback_message
     from prunevid.app.ui import banner_markdown
     from prunevid.pipeline import DEFAULT_MODEL, ModelLoadError, load_model
 

@@ -22,8 +22,8 @@ from ..config import PruneVidConfig
 from ..lru import ByteLRU, shared_cache
 from ..merge import MergeResult, merge_tokens
 from ..select import keep_counts, question_guided
-from ..trace import PruningTrace
-from .decoder import DecodeState, VisualSpan, positions_from_mask, prefill
+from ..trace import PruningTrace, segment_similarity
+from .decoder import DecodeState, Selection, VisualSpan, positions_from_mask, prefill
 
 STAGE1_FIELDS = (
     "stage1",
@@ -255,7 +255,30 @@ def video_prefill(
                 num_layers=len(lm.layers),
             )
         )
+    record_facts(runtime.traces, merges, videos, selection, config)
     return hidden, cache
+
+
+def record_facts(
+    traces: list[PruningTrace | None],
+    merges: list[MergeResult | None],
+    videos: list[VideoGrid],
+    selection: Selection,
+    config: PruneVidConfig,
+) -> None:
+    """Add what `PruningTrace.explain` reads beyond the decisions to each video's trace: the
+    static similarity of every token, the stage-2 budget sets, and the question rows' attention
+    to each stage-1 token (max over heads) where stage 2 ran."""
+    grids = iter(videos)
+    attentions = selection.visual_attention or [None] * len(traces)
+    for trace, merge, attention in zip(traces, merges, attentions):
+        if trace is None or merge is None:
+            continue
+        tokens = next(grids).tokens  # (T, N, C)
+        similarity = segment_similarity(tokens, merge.segments.to(tokens.device), config.centre)
+        trace.similarity = similarity.cpu().numpy().reshape(trace.static.shape)
+        trace.group = merge.groups.cpu().numpy()
+        trace.question_attention = None if attention is None else attention.float().cpu().numpy()
 
 
 def check_cache(cache) -> None:

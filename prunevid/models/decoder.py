@@ -53,6 +53,7 @@ class Selection:
     visual_kept: list[torch.Tensor | None]
     visual_scores: list[torch.Tensor | None]
     seconds: float
+    visual_attention: list[torch.Tensor | None] | None = None  # (nq, n) per sample: max over heads
 
 
 @dataclass
@@ -165,13 +166,14 @@ def select_tokens(
     start = time.perf_counter()
     attn = layer.self_attn
     normed = layer.input_layernorm(hidden)
-    keeps, kept_masks, scores = [], [], []
+    keeps, kept_masks, scores, attentions = [], [], [], []
     for b, span in enumerate(spans):
         real = mask[b].nonzero().squeeze(1)
         if span is None:
             keeps.append(real)
             kept_masks.append(None)
             scores.append(None)
+            attentions.append(None)
             continue
         question = real[real >= span.question_start]
         if question.numel() == 0:  # video ends the prompt: the last token asks
@@ -184,8 +186,9 @@ def select_tokens(
         keeps.append(torch.cat([real[~visual], real[visual][kept]]).sort().values)
         kept_masks.append(kept)
         scores.append(score)
+        attentions.append(attention.amax(0))  # for PruningTrace.explain: which question rows looked
     keep, keep_mask = _left_pad(keeps)
-    return Selection(keep, keep_mask, kept_masks, scores, time.perf_counter() - start)
+    return Selection(keep, keep_mask, kept_masks, scores, time.perf_counter() - start, attentions)
 
 
 def crop_cache(cache: Cache, keep: torch.Tensor, upto_layer: int) -> None:

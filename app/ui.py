@@ -29,7 +29,7 @@ from prunevid.visualizations import (
     timeline_figure,
 )
 
-from . import catalog, estimates, hardware, limits, models, runs
+from . import catalog, estimates, hardware, inspector, limits, models, runs
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,13 @@ class Shown:
     frames: np.ndarray  # (T, h, w, 3) display-size frames
     trace: Any
     captions: list[str]
+    times: np.ndarray | None = None  # (T,) seconds of each frame
+    images: np.ndarray | None = None  # (T, h, w, 3) the overlays drawn with the current layers
+    record: dict[str, Any] | None = None  # the trace's JSON download (and the compared method's)
+    other: Any = None  # the compared method's trace
+    compare: str = ""
+    token: tuple[int, int, int] | None = None  # the inspected token (frame, row, col)
+    lit: np.ndarray | None = None  # `images` with the inspected token's stage-1 token lit
 
 
 def layers_from(names: list[str]) -> Layers:
@@ -200,7 +207,11 @@ def token_gallery(label: str, elem_id: str, visible: bool = True) -> gr.Gallery:
     )
 
 
-def side_by_side(frame: np.ndarray, overlay: np.ndarray, gap: int = 6) -> np.ndarray:
+def no_selection() -> str:
+    return inspector.NO_SELECTION
+
+
+def side_by_side(frame: np.ndarray, overlay: np.ndarray, gap: int = inspector.FRAME_GAP) -> np.ndarray:
     height = frame.shape[0]
     spacer = np.full((height, gap, 3), 255, dtype=np.uint8)
     return np.concatenate([frame, spacer, overlay], axis=1)
@@ -299,7 +310,7 @@ class App:
     def render(self, outcome: runs.Outcome, layer_names: list[str]) -> tuple:
         trace, video = outcome.trace, outcome.video
         frames = video.frames  # already at display size
-        shown = Shown(frames, trace, captions(trace, video.timestamps))
+        shown = Shown(frames, trace, captions(trace, video.timestamps), times=np.asarray(video.timestamps))
         gallery = draw_gallery(shown, layer_names)
         other = outcome.other_trace
         shown_other = None if other is None else Shown(frames, other, captions(other, video.timestamps))
@@ -311,6 +322,7 @@ class App:
         trace_path.write_text(json.dumps(record))
         sheet_path = folder / "prunevid_contact_sheet.png"
         images = np.stack([image for image, _ in gallery])
+        shown.images, shown.record, shown.other, shown.compare = images, record, other, outcome.compare
         from PIL import Image
 
         Image.fromarray(contact_sheet(images, captions=shown.captions)).save(sheet_path)
@@ -337,6 +349,10 @@ class App:
         if shown is None:
             return gr.skip(), gr.skip(), gr.skip()
         gallery = draw_gallery(shown, layer_names)
+        shown.images = np.stack([image for image, _ in gallery])
+        if shown.token is not None:  # keep the inspected token lit on the new layers
+            shown.lit = inspector.inspect(shown.trace, shown.images, shown.token, shown.times).images
+            gallery = list(zip(shown.lit, shown.captions))
         t = int(min(max(index or 0, 0), len(gallery) - 1))
         return gallery, side_by_side(shown.frames[t], gallery[t][0]), other_gallery(shown_other, layer_names)
 
@@ -344,8 +360,53 @@ class App:
         if shown is None:
             return gr.skip()
         t = int(min(max(index or 0, 0), shown.trace.num_frames - 1))
+        if shown.lit is not None:
+            return side_by_side(shown.frames[t], shown.lit[t])
         image = overlay_frame(shown.frames[t], shown.trace, t, layers_from(layer_names))
         return side_by_side(shown.frames[t], image)
+
+    def on_click(self, shown: Shown | None, index: float, event: gr.SelectData):
+        """A click on the frame view: inspect the token under it (frame from the slider)."""
+        if shown is None or not isinstance(event.index, (list, tuple)):
+            return [gr.skip()] * 8
+        t = int(min(max(index or 0, 0), shown.trace.num_frames - 1))
+        x, y = event.index
+        token = inspector.clicked_token(x, y, t, shown.frames.shape[1:3], shown.trace.grid)
+        return [*token, *self.show_token(shown, token)]
+
+    def on_inspect(self, shown: Shown | None, frame: float | None, row: float | None, col: float | None):
+        """The keyboard path: frame, row and column typed in, then "Inspect token"."""
+        if shown is None:
+            raise gr.Error("Ask a question first: the inspector explains the tokens of the last answer.")
+        try:
+            token = inspector.check_token(shown.trace, frame, row, col)
+        except ValueError as error:
+            raise fail(error) from None
+        return [*token, *self.show_token(shown, token)]
+
+    def show_token(self, shown: Shown, token: tuple[int, int, int]) -> list:
+        """[frame slider, card, gallery, frame view, JSON download] for an inspected token."""
+        images = shown.images
+        if images is None:  # an answer drawn before the inspector kept its overlays
+            images = overlay_frames(shown.frames, shown.trace)
+            shown.images = images
+        found = inspector.inspect(shown.trace, images, token, shown.times, shown.other, shown.compare)
+        shown.token, shown.lit = token, found.images
+        t = token[0]
+        path = inspector.save_record(
+            self.scratch.new() / "prunevid_trace.json", shown.record or {}, found.facts
+        )
+        return [
+            t,
+            found.card,
+            list(zip(found.images, shown.captions)),
+            side_by_side(shown.frames[t], found.images[t]),
+            path,
+        ]
+
+    def on_gallery(self, event: gr.SelectData):
+        """A gallery frame picked: show it in the frame view, where its tokens can be clicked."""
+        return event.index if isinstance(event.index, int) else gr.skip()
 
     def on_model(self, model: str, active: str):
         """A model picked in the dropdown: load it and show its preset, or say why not (one sentence)."""
@@ -451,7 +512,21 @@ class App:
                     )
                     gr.Markdown(LEGEND)
                     frame = gr.Slider(0, 1, value=0, step=1, label="Frame", interactive=False)
-                    frame_view = gr.Image(label="Frame: original | pruning", interactive=False, format="png")
+                    frame_view = gr.Image(
+                        label="Frame: original | pruning (click a token to inspect it)",
+                        interactive=False,
+                        format="png",
+                        elem_id="frame-view",
+                    )
+                    with gr.Group(elem_id="token-inspector"):
+                        with gr.Row():
+                            inspect_frame = gr.Number(
+                                label="Inspect frame", precision=0, elem_id="inspect-frame"
+                            )
+                            inspect_row = gr.Number(label="row", precision=0, elem_id="inspect-row")
+                            inspect_col = gr.Number(label="column", precision=0, elem_id="inspect-col")
+                            inspect_button = gr.Button("Inspect token", elem_id="inspect-button")
+                        card = gr.Markdown(inspector.NO_SELECTION, elem_id="token-card")
                     timeline = gr.Image(label="Temporal segments", interactive=False, format="png")
                     budget = gr.Image(label="Token budget", interactive=False, format="png")
                     with gr.Accordion("Downloads and raw numbers", open=False):
@@ -510,8 +585,13 @@ class App:
             ]
             inputs = [video, question, compare, retention, *settings]
             # One model run at a time, whichever way it was asked for (patch() settings are per model).
-            button.click(answer_event, inputs, outputs, api_name="answer", concurrency_id="model")
-            question.submit(answer_event, inputs, outputs, api_name=False, concurrency_id="model")
+            # A new answer clears the inspector's card (kept off /answer's outputs, which clients index).
+            button.click(answer_event, inputs, outputs, api_name="answer", concurrency_id="model").success(
+                no_selection, None, [card], api_name=False
+            )
+            question.submit(answer_event, inputs, outputs, api_name=False, concurrency_id="model").success(
+                no_selection, None, [card], api_name=False
+            )
             compare.change(comparison_components, [compare], [baseline_box, compared_gallery], api_name=False)
             layers.change(
                 self.on_layers,
@@ -520,6 +600,21 @@ class App:
                 api_name=False,
             )
             frame.change(self.on_frame, [shown, layers, frame], [frame_view], api_name=False)
+            inspected = [
+                inspect_frame,
+                inspect_row,
+                inspect_col,
+                frame,
+                card,
+                gallery,
+                frame_view,
+                trace_file,
+            ]
+            frame_view.select(self.on_click, [shown, frame], inspected, api_name=False)
+            inspect_button.click(
+                self.on_inspect, [shown, inspect_frame, inspect_row, inspect_col], inspected, api_name=False
+            )
+            gallery.select(self.on_gallery, None, [frame], api_name=False)
             model.input(
                 self.on_model,
                 [model, active],

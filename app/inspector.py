@@ -17,11 +17,15 @@ from typing import Any
 import numpy as np
 
 from prunevid.trace import PruningTrace
-from prunevid.visualizations.selection import highlight_frames, token_at
+from prunevid.video import downscale
+from prunevid.visualizations import contact_sheet
+from prunevid.visualizations.selection import highlight_frame, highlight_frames, token_at
 
 from .runs import comparison_label
 
 FRAME_GAP = 6  # pixels between the original and the overlay in the frame view
+THUMB_SIDE = 160  # the whole video, lit, as one sheet of thumbnails: one small PNG a click
+SHEET_COLUMNS, SHEET_PAD = 8, 4
 NO_SELECTION = (
     "Click a token in the frame view (or type its frame, row and column) to see why it was kept or dropped."
 )
@@ -38,11 +42,16 @@ WHY_DROPPED["stage2"] = WHY_DROPPED["prunevid"]
 
 @dataclass
 class Inspection:
-    """One selected token: its facts (JSON-ready), the card's text and the lit pictures."""
+    """One selected token: its facts (JSON-ready), the card's text and the whole video lit."""
 
     facts: dict[str, Any]
     card: str
-    images: np.ndarray  # (T, h, w, 3) the overlays with the token's stage-1 token lit
+    sheet: np.ndarray  # every frame's thumbnail, the token's stage-1 token lit, the rest dimmed
+
+
+def thumbnails(images: np.ndarray) -> np.ndarray:
+    """(T, h, w, 3) overlays -> at most THUMB_SIDE pixels a side (never enlarged), for the sheet."""
+    return downscale(images, THUMB_SIDE)
 
 
 def clicked_token(
@@ -70,14 +79,15 @@ def check_token(
 
 def inspect(
     trace: PruningTrace,
-    images: np.ndarray,
+    thumbs: np.ndarray,
     token: tuple[int, int, int],
     times: np.ndarray | None = None,
     other: PruningTrace | None = None,
     compare: str = "",
 ) -> Inspection:
-    """Explain `token` (frame, row, col) and light its stage-1 token on `images` (T, h, w, 3),
-    the overlays already drawn. `other`: the compared method's trace, run on the same video."""
+    """Explain `token` (frame, row, col) and light its stage-1 token on `thumbs` (T, h, w, 3),
+    the overlays already drawn (`thumbnails`). `other`: the compared method's trace, run on the
+    same video."""
     facts = trace.explain(*token, times=times)
     if other is not None:
         theirs = other.explain(*token, times=times)
@@ -88,8 +98,16 @@ def inspect(
             "fate": theirs["fate"],
             "members": theirs["stage1"]["members"],
         }
-    lit = highlight_frames(images, trace.members(*token), trace.segment, token)
-    return Inspection(facts, card_markdown(facts), lit)
+    lit = highlight_frames(thumbs, trace.members(*token), trace.segment, token)
+    return Inspection(facts, card_markdown(facts), contact_sheet(lit, SHEET_COLUMNS, SHEET_PAD))
+
+
+def lit_frame(trace: PruningTrace, image: np.ndarray, token: tuple[int, int, int], t: int) -> np.ndarray:
+    """Frame t's overlay `image` (h, w, 3) with `token`'s stage-1 token lit (the frame view)."""
+    frame, row, col = token
+    members = trace.members(*token)[t]
+    in_segment = bool(trace.segment[t] == trace.segment[frame])
+    return highlight_frame(image, members, (row, col) if t == frame else None, in_segment)
 
 
 def _number(value: float | None, digits: int = 3) -> str:

@@ -161,8 +161,8 @@ class Shown:
     record: dict[str, Any] | None = None  # the trace's JSON download (and the compared method's)
     other: Any = None  # the compared method's trace
     compare: str = ""
+    thumbs: np.ndarray | None = None  # `images` at thumbnail size (the inspector's sheet)
     token: tuple[int, int, int] | None = None  # the inspected token (frame, row, col)
-    lit: np.ndarray | None = None  # `images` with the inspected token's stage-1 token lit
 
 
 def layers_from(names: list[str]) -> Layers:
@@ -207,8 +207,8 @@ def token_gallery(label: str, elem_id: str, visible: bool = True) -> gr.Gallery:
     )
 
 
-def no_selection() -> str:
-    return inspector.NO_SELECTION
+def no_selection() -> tuple[str, None]:
+    return inspector.NO_SELECTION, None
 
 
 def side_by_side(frame: np.ndarray, overlay: np.ndarray, gap: int = inspector.FRAME_GAP) -> np.ndarray:
@@ -323,6 +323,7 @@ class App:
         sheet_path = folder / "prunevid_contact_sheet.png"
         images = np.stack([image for image, _ in gallery])
         shown.images, shown.record, shown.other, shown.compare = images, record, other, outcome.compare
+        shown.thumbs = inspector.thumbnails(images)
         from PIL import Image
 
         Image.fromarray(contact_sheet(images, captions=shown.captions)).save(sheet_path)
@@ -347,22 +348,30 @@ class App:
 
     def on_layers(self, shown: Shown | None, shown_other: Shown | None, layer_names: list[str], index: float):
         if shown is None:
-            return gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         gallery = draw_gallery(shown, layer_names)
         shown.images = np.stack([image for image, _ in gallery])
-        if shown.token is not None:  # keep the inspected token lit on the new layers
-            shown.lit = inspector.inspect(shown.trace, shown.images, shown.token, shown.times).images
-            gallery = list(zip(shown.lit, shown.captions))
+        shown.thumbs = inspector.thumbnails(shown.images)
         t = int(min(max(index or 0, 0), len(gallery) - 1))
-        return gallery, side_by_side(shown.frames[t], gallery[t][0]), other_gallery(shown_other, layer_names)
+        sheet = gr.skip()
+        if shown.token is not None:  # keep the inspected token lit on the new layers
+            sheet = inspector.inspect(shown.trace, shown.thumbs, shown.token, shown.times).sheet
+        return gallery, self.frame_view(shown, t), other_gallery(shown_other, layer_names), sheet
 
     def on_frame(self, shown: Shown | None, layer_names: list[str], index: float):
         if shown is None:
             return gr.skip()
         t = int(min(max(index or 0, 0), shown.trace.num_frames - 1))
-        if shown.lit is not None:
-            return side_by_side(shown.frames[t], shown.lit[t])
-        image = overlay_frame(shown.frames[t], shown.trace, t, layers_from(layer_names))
+        if shown.images is None:
+            image = overlay_frame(shown.frames[t], shown.trace, t, layers_from(layer_names))
+            return side_by_side(shown.frames[t], image)
+        return self.frame_view(shown, t)
+
+    def frame_view(self, shown: Shown, t: int) -> np.ndarray:
+        """Frame t beside its overlay, with the inspected token's stage-1 token lit if there is one."""
+        image = shown.images[t]
+        if shown.token is not None:
+            image = inspector.lit_frame(shown.trace, image, shown.token, t)
         return side_by_side(shown.frames[t], image)
 
     def on_click(self, shown: Shown | None, index: float, event: gr.SelectData):
@@ -385,24 +394,16 @@ class App:
         return [*token, *self.show_token(shown, token)]
 
     def show_token(self, shown: Shown, token: tuple[int, int, int]) -> list:
-        """[frame slider, card, gallery, frame view, JSON download] for an inspected token."""
-        images = shown.images
-        if images is None:  # an answer drawn before the inspector kept its overlays
-            images = overlay_frames(shown.frames, shown.trace)
-            shown.images = images
-        found = inspector.inspect(shown.trace, images, token, shown.times, shown.other, shown.compare)
-        shown.token, shown.lit = token, found.images
+        """[frame slider, card, lit video sheet, frame view, JSON download] for an inspected token."""
+        if shown.images is None:  # an answer drawn before the inspector kept its overlays
+            shown.images = overlay_frames(shown.frames, shown.trace)
+            shown.thumbs = inspector.thumbnails(shown.images)
+        found = inspector.inspect(shown.trace, shown.thumbs, token, shown.times, shown.other, shown.compare)
+        shown.token = token
         t = token[0]
-        path = inspector.save_record(
-            self.scratch.new() / "prunevid_trace.json", shown.record or {}, found.facts
-        )
-        return [
-            t,
-            found.card,
-            list(zip(found.images, shown.captions)),
-            side_by_side(shown.frames[t], found.images[t]),
-            path,
-        ]
+        folder = self.scratch.new()
+        path = inspector.save_record(folder / "prunevid_trace.json", shown.record or {}, found.facts)
+        return [t, found.card, found.sheet, self.frame_view(shown, t), path]
 
     def on_gallery(self, event: gr.SelectData):
         """A gallery frame picked: show it in the frame view, where its tokens can be clicked."""
@@ -527,6 +528,12 @@ class App:
                             inspect_col = gr.Number(label="column", precision=0, elem_id="inspect-col")
                             inspect_button = gr.Button("Inspect token", elem_id="inspect-button")
                         card = gr.Markdown(inspector.NO_SELECTION, elem_id="token-card")
+                        token_video = gr.Image(
+                            label="The inspected token across the video: its stage-1 token lit, the rest dimmed",
+                            interactive=False,
+                            format="png",
+                            elem_id="token-video",
+                        )
                     timeline = gr.Image(label="Temporal segments", interactive=False, format="png")
                     budget = gr.Image(label="Token budget", interactive=False, format="png")
                     with gr.Accordion("Downloads and raw numbers", open=False):
@@ -587,16 +594,16 @@ class App:
             # One model run at a time, whichever way it was asked for (patch() settings are per model).
             # A new answer clears the inspector's card (kept off /answer's outputs, which clients index).
             button.click(answer_event, inputs, outputs, api_name="answer", concurrency_id="model").success(
-                no_selection, None, [card], api_name=False
+                no_selection, None, [card, token_video], api_name=False
             )
             question.submit(answer_event, inputs, outputs, api_name=False, concurrency_id="model").success(
-                no_selection, None, [card], api_name=False
+                no_selection, None, [card, token_video], api_name=False
             )
             compare.change(comparison_components, [compare], [baseline_box, compared_gallery], api_name=False)
             layers.change(
                 self.on_layers,
                 [shown, shown_other, layers, frame],
-                [gallery, frame_view, compared_gallery],
+                [gallery, frame_view, compared_gallery, token_video],
                 api_name=False,
             )
             frame.change(self.on_frame, [shown, layers, frame], [frame_view], api_name=False)
@@ -606,7 +613,7 @@ class App:
                 inspect_col,
                 frame,
                 card,
-                gallery,
+                token_video,
                 frame_view,
                 trace_file,
             ]

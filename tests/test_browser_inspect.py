@@ -124,8 +124,9 @@ def wait_for_card(page, token: str) -> None:
 
 
 def check_page_against(page, trace, frames: np.ndarray, token: tuple[int, int, int]) -> str:
-    """The card names the token and its fate; the lit cells of every gallery picture are the
-    token's stage-1 members in that frame (none outside its segment). Returns the card's text."""
+    """The card names the token and its fate; the lit cells of the frame view and of every
+    thumbnail of the video are the token's stage-1 members in that frame (none outside its
+    segment). Returns the card's text."""
     card = page.locator("#token-card").inner_text()
     facts = trace.explain(*token)
     frame, row, col = token
@@ -133,11 +134,15 @@ def check_page_against(page, trace, frames: np.ndarray, token: tuple[int, int, i
     assert facts["fate"].capitalize() in card
     assert ("static (merged over time)" if facts["stage1"]["static"] else "dynamic") in card
     assert f"holds {facts['stage1']['members']} original tokens" in card
-    page.wait_for_timeout(500)  # the gallery's new pictures
     members = trace.members(*token)
-    for t in range(trace.num_frames):
-        shown = image_of(page, "#overlay-gallery img", t)
-        lit = lit_cells(shown, frames[t], trace.grid)
+    height, width = frames.shape[1:3]  # 96 x 96: the thumbnails are the frames' own size
+    page.wait_for_timeout(500)  # the pictures' new files
+    view = image_of(page, "#frame-view img")
+    assert (lit_cells(view[:, width + 6 :], frames[frame], trace.grid) == members[frame]).all()
+    sheet = image_of(page, "#token-video img")
+    for t in range(trace.num_frames):  # one row of 8 thumbnails, 4 pixels apart
+        left = 4 + t * (width + 4)
+        lit = lit_cells(sheet[4 : 4 + height, left : left + width], frames[t], trace.grid)
         assert (lit == members[t]).all(), (
             f"frame {t}: lit {lit.astype(int).tolist()}, members {members[t].astype(int).tolist()}"
         )

@@ -191,19 +191,17 @@ def test_the_page_inspects_a_token_from_a_click_and_from_the_keyboard(tmp_path):
     shown = out[-2]
     trace = shown.trace
     # The keyboard path: frame 0, row 0, column 0 (the still background).
-    frame, row, col, slider, card, gallery, view, path = app.on_inspect(shown, 0, 0, 0)
+    frame, row, col, slider, card, sheet, view, path = app.on_inspect(shown, 0, 0, 0)
     assert (frame, row, col, slider) == (0, 0, 0, 0)
     assert "static (merged over time)" in card and f"tau {config.tau:g}" in card
     saved = json.loads(Path(path).read_text())
     assert saved["selected_token"] == json.loads(json.dumps(trace.explain(0, 0, 0, times=shown.times)))
     assert saved["num_after_stage1"] == trace.num_after_stage1, "the rest of the trace is still there"
-    lit_frames = [image for image, _ in gallery]
-    assert (
-        len(lit_frames) == trace.num_frames
-        and view.shape[1] == 2 * shown.frames.shape[2] + inspector.FRAME_GAP
-    )
-    # A click on the overlay half of the frame view of frame 3, on row 3 column 3 (the square).
     height, width = shown.frames.shape[1:3]
+    assert view.shape[:2] == (height, 2 * width + inspector.FRAME_GAP)
+    pad = inspector.SHEET_PAD  # 8 frames: one row of 8 thumbnails
+    assert sheet.shape[:2] == (height + 2 * pad, inspector.SHEET_COLUMNS * (width + pad) + pad)
+    # A click on the overlay half of the frame view of frame 3, on row 3 column 3 (the square).
     x = width + inspector.FRAME_GAP + (3.5 * width / 6)
     event = gr.SelectData(None, {"index": [x, 3.5 * height / 6], "value": None})
     clicked = app.on_click(shown, 3, event)

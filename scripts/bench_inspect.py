@@ -95,7 +95,7 @@ def main() -> None:
         f"{trace.num_after_stage1} after stage 1), frames {args.side}x{height}: one click "
         f"median {statistics.median(ms):.0f} ms, max {ms[-1]:.0f} ms over {args.clicks} clicks "
         f"(explain {1000 * _explain_s(trace, times):.1f} ms of it); "
-        f"Gradio's two PNGs: {1000 * statistics.median(encodes):.0f} ms more"
+        f"Gradio's encoding of the two pictures: {1000 * statistics.median(encodes):.0f} ms more"
     )
 
 

@@ -128,7 +128,7 @@ def card_markdown(facts: dict[str, Any]) -> str:
     similarity = one["similarity"]
     kind = "static (merged over time)" if one["static"] else "dynamic"
     versus = ""
-    if similarity is not None and one["tau"] is not None:
+    if similarity is not None and one["tau"] is not None and "tau" in one["rule"]:
         sign = ">" if similarity > one["tau"] else "≤"
         versus = f": similarity {similarity:.3f} {sign} tau {one['tau']:g}"
     elif similarity is not None:

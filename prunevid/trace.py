@@ -249,7 +249,11 @@ class PruningTrace:
         similarity = None if self.similarity is None else float(self.similarity[frame, row, col])
         if similarity is not None and not np.isfinite(similarity):
             similarity = None  # a one-frame segment: nothing to compare with
-        if self.config.get("retention") is None:
+        if not self.config.get("stage1", True):
+            rule = "stage 1 off: every token goes on alone"
+        elif self.method not in ("prunevid", "stage1"):
+            rule = f"the {self.method} rule decides before the language model; similarity for reference"
+        elif self.config.get("retention") is None:
             rule = "static when similarity > tau"
         else:
             rule = "under a token budget, the most similar positions of a segment are static"

@@ -208,3 +208,21 @@ def test_the_page_inspects_a_token_from_a_click_and_from_the_keyboard(tmp_path):
     assert clicked[:3] == [3, 3, 3] and "dynamic" in clicked[4]
     with pytest.raises(gr.Error):
         app.on_inspect(shown, 0, 6, 0)
+
+
+def test_the_card_says_the_rank_the_cut_off_and_what_the_compared_method_did():
+    from prunevid.app import inspector
+
+    trace = hand_trace()
+    evs = hand_trace(method="evs")
+    evs.config = {"stage1": True, "stage2": False}
+    evs.merged_index = np.where(MERGED == 2, -1, MERGED)  # EVS dropped token 2's member
+    thumbs = np.full((2, 10, 40, 3), 200, dtype=np.uint8)
+    dropped = inspector.inspect(trace, thumbs, (0, 0, 3), other=evs, compare="evs")
+    assert dropped.facts["compared"]["kept"] is False
+    assert "**EVS-style** did not keep it (dropped before the language model)." in dropped.card
+    assert "**dropped**: rank 2 of 2, 1 kept in its budget set" in dropped.card
+    assert "lowest kept scores 0.9; highest dropped 0.1" in dropped.card and "Why dropped?" in dropped.card
+    kept = inspector.inspect(trace, thumbs, (1, 0, 2), other=evs, compare="evs")
+    assert "kept as **1** of 1 in its budget set" in kept.card and "**EVS-style** kept it." in kept.card
+    assert "Why dropped?" not in kept.card

@@ -79,6 +79,9 @@ def test_recorded_budget_sets_win_and_fastv_ranks_the_whole_video():
     assert two["scope"] == "video" and two["set_size"] == 5 and two["kept_in_set"] == 3
     assert two["highest_dropped"] == [pytest.approx(0.2), pytest.approx(0.1)]
     assert two["lowest_kept"] == [pytest.approx(0.3), pytest.approx(0.5), pytest.approx(0.9)]
+    nearest = fastv.explain(0, 0, 3, neighbours=2)["stage2"]  # the two either side of the cut-off
+    assert nearest["lowest_kept"] == [pytest.approx(0.3), pytest.approx(0.5)]
+    assert nearest["highest_dropped"] == [pytest.approx(0.2), pytest.approx(0.1)]
 
 
 def test_explain_a_token_dropped_before_the_language_model_and_bad_positions():

@@ -512,7 +512,9 @@ class App:
                         "Tokens per sampled frame: compared method", "compared-gallery", visible=False
                     )
                     gr.Markdown(LEGEND)
-                    frame = gr.Slider(0, 1, value=0, step=1, label="Frame", interactive=False)
+                    frame = gr.Slider(
+                        0, 1, value=0, step=1, label="Frame", interactive=False, elem_id="frame-slider"
+                    )
                     frame_view = gr.Image(
                         label="Frame: original | pruning (click a token to inspect it)",
                         interactive=False,

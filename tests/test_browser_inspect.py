@@ -192,6 +192,19 @@ def test_inspect_static_dynamic_and_dropped_tokens_in_the_browser(page, clip, ex
     assert "Dropped by stage 2" in card and f"rank {two['rank']} of {two['set_size']}" in card
     assert "Why dropped?" in card and two["question_words"][0]["token"].strip() in card
 
+    # Another frame picked on the slider: the frame view keeps the selection lit there too.
+    other = (dropped[0] + 1) % trace.num_frames
+    slider = page.locator("#frame-slider input[type=number]")
+    slider.fill(str(other))
+    slider.press("Enter")
+    page.wait_for_timeout(1500)
+    width = video.frames.shape[2]
+    view = image_of(page, "#frame-view img")
+    assert view.shape[1] == 2 * width + 6
+    assert (view[:, :width] == video.frames[other]).all(), "the frame view shows the frame picked"
+    lit = lit_cells(view[:, width + 6 :], video.frames[other], grid)
+    assert (lit == trace.members(*dropped)[other]).all()
+
     for label in LAYER_LABELS:  # the usual pictures, with the selection kept lit
         page.get_by_label(label).check()
     page.wait_for_timeout(1500)

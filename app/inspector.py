@@ -140,7 +140,8 @@ def card_markdown(facts: dict[str, Any]) -> str:
         lines.append("- It went into no token: the method dropped it before the language model.")
     else:
         lines.append(
-            f"- Its stage-1 token #{facts['merged_index']} holds **{one['members']}** original tokens "
+            f"- Its stage-1 token #{facts['merged_index']} holds **{one['members']}** original "
+            f"token{'s' if one['members'] != 1 else ''} "
             f"({one['members_in_frame']} in this frame) over {span}: lit in the pictures."
         )
     two = facts["stage2"]

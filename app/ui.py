@@ -85,6 +85,7 @@ INTRO = (
 CSS = """
 #prunevid-banner .warning {padding: 8px 12px; border-radius: 6px; background: #fff4d6; color: #5b4200;}
 #prunevid-banner .note {padding: 8px 12px; border-radius: 6px; background: #e8f1fb; color: #123b63;}
+#token-card {padding: 4px 12px;}
 """
 
 

@@ -133,7 +133,8 @@ def check_page_against(page, trace, frames: np.ndarray, token: tuple[int, int, i
     assert f"frame {frame}" in card and f"row {row}, column {col}" in card
     assert facts["fate"].capitalize() in card
     assert ("static (merged over time)" if facts["stage1"]["static"] else "dynamic") in card
-    assert f"holds {facts['stage1']['members']} original tokens" in card
+    count = facts["stage1"]["members"]
+    assert f"holds {count} original token{'s' if count != 1 else ''} (" in card
     members = trace.members(*token)
     height, width = frames.shape[1:3]  # 96 x 96: the thumbnails are the frames' own size
     page.wait_for_timeout(500)  # the pictures' new files

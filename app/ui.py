@@ -1,4 +1,4 @@
-"""The Gradio page: components and event wiring only (the work is in `engine` and `visualizations`)."""
+"""The Gradio page: components and event wiring only (the work is in the modules beside it and `visualizations`)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from prunevid.visualizations import (
     timeline_figure,
 )
 
-from . import engine
+from . import catalog, estimates, hardware, inspector, limits, models, runs
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ KNOB_HELP = {
     "seed": "seed of that noise (>= 0)",
     "selected_layer": "decoder layer M that scores visual tokens (< the model's layers)",
     "alpha": "fraction of visual tokens stage 2 keeps (0, 1]",
-    "num_frames": f"frames sampled from the video (1 to {engine.MAX_FRAMES})",
+    "num_frames": f"frames sampled from the video (1 to {limits.MAX_FRAMES})",
     "centre": "static similarity on tokens minus the video's mean token (beyond the paper)",
 }
 INTEGER_KNOBS = {"k", "spatial_merge_threshold", "seed", "selected_layer", "num_frames"}
@@ -66,8 +66,8 @@ LAYER_CHOICES = [
 DEFAULT_LAYERS = ["clusters", "static", "pruned", "outlines"]
 COMPARE_CHOICES = [
     ("nothing", ""),
-    ("the unpruned model (measures the speedup)", engine.UNPRUNED),
-    *((f"{engine.METHOD_LABELS[name]}, same budget", name) for name in engine.COMPARISONS[2:]),
+    ("the unpruned model (measures the speedup)", runs.UNPRUNED),
+    *((f"{runs.METHOD_LABELS[name]}, same budget", name) for name in runs.COMPARISONS[2:]),
 ]
 BUDGET_HELP = "share of the visual tokens kept, exactly (0: PruneVid's settings decide)"
 LEGEND = (
@@ -85,6 +85,7 @@ INTRO = (
 CSS = """
 #prunevid-banner .warning {padding: 8px 12px; border-radius: 6px; background: #fff4d6; color: #5b4200;}
 #prunevid-banner .note {padding: 8px 12px; border-radius: 6px; background: #e8f1fb; color: #123b63;}
+#token-card {padding: 4px 12px;}
 """
 
 
@@ -99,7 +100,7 @@ def banner_markdown(model: str, failure: str | None = None, hardware: str | None
     parts = []
     if failure:
         parts.append(f'<div class="warning">⚠️ {inline_html(failure)}</div>')
-    for note in (engine.MODEL_NOTES.get(model), hardware):
+    for note in (catalog.MODEL_NOTES.get(model), hardware):
         if note:
             parts.append(f'<div class="note">ℹ️ {inline_html(note)}</div>')
     return "\n\n".join(parts)
@@ -138,7 +139,7 @@ def fail(error: BaseException) -> gr.Error:
 
 
 class Report:
-    """The engine's progress callback, (fraction, text), in front of a gr.Progress; picklable,
+    """The runs' progress callback, (fraction, text), in front of a gr.Progress; picklable,
     since on ZeroGPU the model work runs in another process."""
 
     def __init__(self, progress: Any = None):
@@ -156,6 +157,13 @@ class Shown:
     frames: np.ndarray  # (T, h, w, 3) display-size frames
     trace: Any
     captions: list[str]
+    times: np.ndarray | None = None  # (T,) seconds of each frame
+    images: np.ndarray | None = None  # (T, h, w, 3) the overlays drawn with the current layers
+    record: dict[str, Any] | None = None  # the trace's JSON download (and the compared method's)
+    other: Any = None  # the compared method's trace
+    compare: str = ""
+    thumbs: np.ndarray | None = None  # `images` at thumbnail size (the inspector's sheet)
+    token: tuple[int, int, int] | None = None  # the inspected token (frame, row, col)
 
 
 def layers_from(names: list[str]) -> Layers:
@@ -179,8 +187,8 @@ def other_gallery(shown: Shown | None, layer_names: list[str]) -> list[tuple[np.
 def comparison_components(compare: str | None) -> tuple[Any, Any]:
     """The compared answer's box and pictures, labelled for the method picked (the pictures only
     for a method: the unpruned model keeps every token)."""
-    label = engine.comparison_label(compare) if compare else "compared run"
-    method = bool(compare) and compare != engine.UNPRUNED
+    label = runs.comparison_label(compare) if compare else "compared run"
+    method = bool(compare) and compare != runs.UNPRUNED
     return (
         gr.Textbox(label=f"Answer ({label})"),
         gr.Gallery(label=f"Tokens per sampled frame: {label}, same budget", visible=method),
@@ -200,7 +208,11 @@ def token_gallery(label: str, elem_id: str, visible: bool = True) -> gr.Gallery:
     )
 
 
-def side_by_side(frame: np.ndarray, overlay: np.ndarray, gap: int = 6) -> np.ndarray:
+def no_selection() -> tuple[str, None]:
+    return inspector.NO_SELECTION, None
+
+
+def side_by_side(frame: np.ndarray, overlay: np.ndarray, gap: int = inspector.FRAME_GAP) -> np.ndarray:
     height = frame.shape[0]
     spacer = np.full((height, gap, 3), 255, dtype=np.uint8)
     return np.concatenate([frame, spacer, overlay], axis=1)
@@ -209,25 +221,25 @@ def side_by_side(frame: np.ndarray, overlay: np.ndarray, gap: int = 6) -> np.nda
 class App:
     """The page's long-lived state: loaded models (and their caches), limits, the startup model."""
 
-    def __init__(self, model: str | None = None, registry: engine.ModelRegistry | None = None):
-        self.limits = engine.Limits.from_env()
-        self.registry = registry or engine.ModelRegistry(
-            max_real=self.limits.max_models, warm=not engine.zero_gpu(), gpu_max_s=self.limits.gpu_max_s
+    def __init__(self, model: str | None = None, registry: models.ModelRegistry | None = None):
+        self.limits = limits.Limits.from_env()
+        self.registry = registry or models.ModelRegistry(
+            max_real=self.limits.max_models, warm=not hardware.zero_gpu(), gpu_max_s=self.limits.gpu_max_s
         )
         # One answer's model work; on ZeroGPU it runs on a GPU reserved for its estimated duration.
-        self.work = engine.on_gpu(self.registry.work, self.registry.gpu_seconds)
-        self.scratch = engine.ScratchFolders()
-        wanted = model or engine.startup_model()
+        self.work = hardware.on_gpu(self.registry.work, self.registry.gpu_seconds)
+        self.scratch = limits.ScratchFolders()
+        wanted = model or models.startup_model()
         self.failure: str | None = None
         try:
             self.registry.get(wanted)
             self.model = wanted
         except ModelLoadError as error:
             log.warning("%s", error)
-            self.failure = engine.fallback_message(error, "the offline tiny demo model")
-            self.model = engine.OFFLINE_MODEL
-            self.registry.get(engine.OFFLINE_MODEL)
-        self.choices = list(engine.MODEL_CHOICES)
+            self.failure = models.fallback_message(error, "the offline tiny demo model")
+            self.model = catalog.OFFLINE_MODEL
+            self.registry.get(catalog.OFFLINE_MODEL)
+        self.choices = list(catalog.MODEL_CHOICES)
         if self.model not in self.choices:
             self.choices.insert(0, self.model)
         if wanted not in self.choices:
@@ -237,10 +249,10 @@ class App:
         """The settings the page shows for a model: its preset (selected_layer scaled to its
         depth), with fewer frames where a real model runs on CPUs."""
         config = preset(model, self.registry.get(model).num_layers)
-        return engine.page_config(model, config)
+        return estimates.page_config(model, config)
 
     def banner(self, model: str, failure: str | None = None) -> str:
-        hardware = engine.hardware_note(
+        hardware = estimates.hardware_note(
             model, preset(model, self.registry.get(model).num_layers), self.registry
         )
         return banner_markdown(model, failure, hardware)
@@ -269,13 +281,13 @@ class App:
             if not video:
                 raise ValueError("No video: upload one or pick an example.")
             check_question(question)
-            config = engine.make_config(stage1, stage2, **knobs)
-            new_tokens = engine.check_new_tokens(max_new_tokens)
+            config = limits.make_config(stage1, stage2, **knobs)
+            new_tokens = limits.check_new_tokens(max_new_tokens)
             self.registry.get(model)
-            wait = engine.estimate_wait(self.registry, model, video, config, compare, new_tokens)
-            if wait is not None and wait > engine.LONG_WAIT_S:
-                gr.Info(engine.wait_message(wait, config.num_frames), duration=min(wait, 30))
-            outcome = engine.run_question(
+            wait = estimates.estimate_wait(self.registry, model, video, config, compare, new_tokens)
+            if wait is not None and wait > estimates.LONG_WAIT_S:
+                gr.Info(estimates.wait_message(wait, config.num_frames), duration=min(wait, 30))
+            outcome = runs.run_question(
                 self.registry, model, video, question, config, compare, new_tokens, report,
                 self.limits, self.work,
             )  # fmt: skip
@@ -285,21 +297,21 @@ class App:
             raise
         except Exception as error:  # keep serving; say what broke in one line
             log.exception("answer failed")
-            raise fail(RuntimeError(engine.describe_failure(error, "answering"))) from None
+            raise fail(RuntimeError(estimates.describe_failure(error, "answering"))) from None
 
         report(0.9, "Drawing the pruning pictures")
         try:
             return self.render(outcome, layer_names)
         except Exception as error:
             log.exception("drawing failed")
-            raise fail(RuntimeError(engine.describe_failure(error, "drawing the pictures"))) from None
+            raise fail(RuntimeError(estimates.describe_failure(error, "drawing the pictures"))) from None
         finally:
-            engine.release_memory()  # the full-size frames of this answer are gone: return their pages
+            hardware.release_memory()  # the full-size frames of this answer are gone: return their pages
 
-    def render(self, outcome: engine.Outcome, layer_names: list[str]) -> tuple:
+    def render(self, outcome: runs.Outcome, layer_names: list[str]) -> tuple:
         trace, video = outcome.trace, outcome.video
         frames = video.frames  # already at display size
-        shown = Shown(frames, trace, captions(trace, video.timestamps))
+        shown = Shown(frames, trace, captions(trace, video.timestamps), times=np.asarray(video.timestamps))
         gallery = draw_gallery(shown, layer_names)
         other = outcome.other_trace
         shown_other = None if other is None else Shown(frames, other, captions(other, video.timestamps))
@@ -311,6 +323,8 @@ class App:
         trace_path.write_text(json.dumps(record))
         sheet_path = folder / "prunevid_contact_sheet.png"
         images = np.stack([image for image, _ in gallery])
+        shown.images, shown.record, shown.other, shown.compare = images, record, other, outcome.compare
+        shown.thumbs = inspector.thumbnails(images)
         from PIL import Image
 
         Image.fromarray(contact_sheet(images, captions=shown.captions)).save(sheet_path)
@@ -319,7 +333,7 @@ class App:
         return (
             outcome.result.text,
             outcome.other.text if outcome.other is not None else "",
-            engine.speed_markdown(outcome),
+            estimates.speed_markdown(outcome),
             stats,
             gallery,
             gr.Slider(minimum=0, maximum=max(trace.num_frames - 1, 1), value=0, step=1, interactive=True),
@@ -335,25 +349,74 @@ class App:
 
     def on_layers(self, shown: Shown | None, shown_other: Shown | None, layer_names: list[str], index: float):
         if shown is None:
-            return gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         gallery = draw_gallery(shown, layer_names)
+        shown.images = np.stack([image for image, _ in gallery])
+        shown.thumbs = inspector.thumbnails(shown.images)
         t = int(min(max(index or 0, 0), len(gallery) - 1))
-        return gallery, side_by_side(shown.frames[t], gallery[t][0]), other_gallery(shown_other, layer_names)
+        sheet = gr.skip()
+        if shown.token is not None:  # keep the inspected token lit on the new layers
+            sheet = inspector.inspect(shown.trace, shown.thumbs, shown.token, shown.times).sheet
+        return gallery, self.frame_view(shown, t), other_gallery(shown_other, layer_names), sheet
 
     def on_frame(self, shown: Shown | None, layer_names: list[str], index: float):
         if shown is None:
             return gr.skip()
         t = int(min(max(index or 0, 0), shown.trace.num_frames - 1))
-        image = overlay_frame(shown.frames[t], shown.trace, t, layers_from(layer_names))
+        if shown.images is None:
+            image = overlay_frame(shown.frames[t], shown.trace, t, layers_from(layer_names))
+            return side_by_side(shown.frames[t], image)
+        return self.frame_view(shown, t)
+
+    def frame_view(self, shown: Shown, t: int) -> np.ndarray:
+        """Frame t beside its overlay, with the inspected token's stage-1 token lit if there is one."""
+        image = shown.images[t]
+        if shown.token is not None:
+            image = inspector.lit_frame(shown.trace, image, shown.token, t)
         return side_by_side(shown.frames[t], image)
+
+    def on_click(self, shown: Shown | None, index: float, event: gr.SelectData):
+        """A click on the frame view: inspect the token under it (frame from the slider)."""
+        if shown is None or not isinstance(event.index, (list, tuple)):
+            return [gr.skip()] * 8
+        t = int(min(max(index or 0, 0), shown.trace.num_frames - 1))
+        x, y = event.index
+        token = inspector.clicked_token(x, y, t, shown.frames.shape[1:3], shown.trace.grid)
+        return [*token, *self.show_token(shown, token)]
+
+    def on_inspect(self, shown: Shown | None, frame: float | None, row: float | None, col: float | None):
+        """The keyboard path: frame, row and column typed in, then "Inspect token"."""
+        if shown is None:
+            raise gr.Error("Ask a question first: the inspector explains the tokens of the last answer.")
+        try:
+            token = inspector.check_token(shown.trace, frame, row, col)
+        except ValueError as error:
+            raise fail(error) from None
+        return [*token, *self.show_token(shown, token)]
+
+    def show_token(self, shown: Shown, token: tuple[int, int, int]) -> list:
+        """[frame slider, card, lit video sheet, frame view, JSON download] for an inspected token."""
+        if shown.images is None:  # an answer drawn before the inspector kept its overlays
+            shown.images = overlay_frames(shown.frames, shown.trace)
+            shown.thumbs = inspector.thumbnails(shown.images)
+        found = inspector.inspect(shown.trace, shown.thumbs, token, shown.times, shown.other, shown.compare)
+        shown.token = token
+        t = token[0]
+        folder = self.scratch.new()
+        path = inspector.save_record(folder / "prunevid_trace.json", shown.record or {}, found.facts)
+        return [t, found.card, found.sheet, self.frame_view(shown, t), path]
+
+    def on_gallery(self, event: gr.SelectData):
+        """A gallery frame picked: show it in the frame view, where its tokens can be clicked."""
+        return event.index if isinstance(event.index, int) else gr.skip()
 
     def on_model(self, model: str, active: str):
         """A model picked in the dropdown: load it and show its preset, or say why not (one sentence)."""
         try:
             self.registry.get(model)
         except ModelLoadError as error:
-            instead = "the offline tiny demo model" if active == engine.OFFLINE_MODEL else f"`{active}`"
-            message = engine.fallback_message(error, instead)
+            instead = "the offline tiny demo model" if active == catalog.OFFLINE_MODEL else f"`{active}`"
+            message = models.fallback_message(error, instead)
             return [active, self.banner(active, message), active, *[gr.skip()] * (2 + len(KNOBS))]
         return [model, self.banner(model), model, *knob_values(self.preset(model))]
 
@@ -400,7 +463,7 @@ class App:
                         gr.Examples(rows, inputs=[video, question], label="Examples", cache_examples=False)
                     with gr.Accordion("Advanced settings", open=False):
                         model = gr.Dropdown(
-                            [(engine.MODEL_LABELS.get(name, name), name) for name in self.choices],
+                            [(catalog.MODEL_LABELS.get(name, name), name) for name in self.choices],
                             value=self.model,
                             label="Model (each brings its own preset below)",
                         )
@@ -450,8 +513,30 @@ class App:
                         "Tokens per sampled frame: compared method", "compared-gallery", visible=False
                     )
                     gr.Markdown(LEGEND)
-                    frame = gr.Slider(0, 1, value=0, step=1, label="Frame", interactive=False)
-                    frame_view = gr.Image(label="Frame: original | pruning", interactive=False, format="png")
+                    frame = gr.Slider(
+                        0, 1, value=0, step=1, label="Frame", interactive=False, elem_id="frame-slider"
+                    )
+                    frame_view = gr.Image(
+                        label="Frame: original | pruning (click a token to inspect it)",
+                        interactive=False,
+                        format="png",
+                        elem_id="frame-view",
+                    )
+                    with gr.Group(elem_id="token-inspector"):
+                        with gr.Row():
+                            inspect_frame = gr.Number(
+                                label="Inspect frame", precision=0, elem_id="inspect-frame"
+                            )
+                            inspect_row = gr.Number(label="row", precision=0, elem_id="inspect-row")
+                            inspect_col = gr.Number(label="column", precision=0, elem_id="inspect-col")
+                            inspect_button = gr.Button("Inspect token", elem_id="inspect-button")
+                        card = gr.Markdown(inspector.NO_SELECTION, elem_id="token-card")
+                        token_video = gr.Image(
+                            label="The inspected token across the video: its stage-1 token lit, the rest dimmed",
+                            interactive=False,
+                            format="jpeg",  # 32 thumbnails: ~6 ms as JPEG, ~100-400 ms as PNG
+                            elem_id="token-video",
+                        )
                     timeline = gr.Image(label="Temporal segments", interactive=False, format="png")
                     budget = gr.Image(label="Token budget", interactive=False, format="png")
                     with gr.Accordion("Downloads and raw numbers", open=False):
@@ -510,16 +595,36 @@ class App:
             ]
             inputs = [video, question, compare, retention, *settings]
             # One model run at a time, whichever way it was asked for (patch() settings are per model).
-            button.click(answer_event, inputs, outputs, api_name="answer", concurrency_id="model")
-            question.submit(answer_event, inputs, outputs, api_name=False, concurrency_id="model")
+            # A new answer clears the inspector's card (kept off /answer's outputs, which clients index).
+            button.click(answer_event, inputs, outputs, api_name="answer", concurrency_id="model").success(
+                no_selection, None, [card, token_video], api_name=False
+            )
+            question.submit(answer_event, inputs, outputs, api_name=False, concurrency_id="model").success(
+                no_selection, None, [card, token_video], api_name=False
+            )
             compare.change(comparison_components, [compare], [baseline_box, compared_gallery], api_name=False)
             layers.change(
                 self.on_layers,
                 [shown, shown_other, layers, frame],
-                [gallery, frame_view, compared_gallery],
+                [gallery, frame_view, compared_gallery, token_video],
                 api_name=False,
             )
             frame.change(self.on_frame, [shown, layers, frame], [frame_view], api_name=False)
+            inspected = [
+                inspect_frame,
+                inspect_row,
+                inspect_col,
+                frame,
+                card,
+                token_video,
+                frame_view,
+                trace_file,
+            ]
+            frame_view.select(self.on_click, [shown, frame], inspected, api_name=False)
+            inspect_button.click(
+                self.on_inspect, [shown, inspect_frame, inspect_row, inspect_col], inspected, api_name=False
+            )
+            gallery.select(self.on_gallery, None, [frame], api_name=False)
             model.input(
                 self.on_model,
                 [model, active],
@@ -541,8 +646,8 @@ def launch(
 ) -> gr.Blocks:
     """Build the page and serve it (blocks unless prevent_thread_lock=True); uploads larger than
     PRUNEVID_MAX_UPLOAD_MB are refused by Gradio before they reach the server's disk."""
-    max_bytes = int(engine.Limits.from_env().max_upload_mb * 2**20)
-    engine.bound_heap()
+    max_bytes = int(limits.Limits.from_env().max_upload_mb * 2**20)
+    hardware.bound_heap()
     demo = build_demo()
     demo.launch(
         server_name=server_name,

@@ -43,6 +43,9 @@ class MergeResult:
     set_sizes: the number of merged tokens in each budget set (`groups` numbering) where the
         host knows them without a read (the paper's mode, stage 1 off); None where they stay on
         the device (under a retention). `select.keep_counts` takes them.
+    similarity: (T, N) float32 static similarity of each token's grid position over its
+        temporal segment (ALGORITHM.md §3.1; -inf in one-frame segments), what `tau` was
+        compared with; None where stage 1 did not run.
     """
 
     tokens: torch.Tensor
@@ -52,6 +55,7 @@ class MergeResult:
     groups: torch.Tensor
     grid: tuple[int, int]
     set_sizes: list[int] | None = None
+    similarity: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -103,7 +107,10 @@ def merge_tokens(
         plan = _paper_plan(bounds[0], similarity, config, num_frames, max_width)
     else:
         plan = _budget_plan(bounds, similarity, config, target, num_frames, max_width)
-    return _merge(features, plan, config, noise, grid, target)
+    result = _merge(features, plan, config, noise, grid, target)
+    frames = torch.arange(num_frames, device=features.device)
+    result.similarity = similarity[torch.searchsorted(bounds[0, 0], frames, right=True) - 1]
+    return result
 
 
 @dataclass

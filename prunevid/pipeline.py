@@ -447,6 +447,9 @@ def answer(
     timings["generate_s"] = time.perf_counter() - tic
     timings["ttft_s"] = (clock.first or time.perf_counter()) - tic
     trace = last_trace(loaded.model)
+    if trace.question_attention is not None:  # stage 2's question rows are the prompt's last tokens
+        rows = inputs["input_ids"][0, inputs["input_ids"].shape[1] - trace.question_attention.shape[0] :]
+        trace.question_tokens = [loaded.tokenizer.decode([token]) for token in rows.tolist()]
     timings.update(trace.timings)
     timings["total_s"] = time.perf_counter() - start
     new_tokens = out[0, inputs["input_ids"].shape[1] :]

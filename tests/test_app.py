@@ -306,7 +306,8 @@ def test_upload_over_the_size_limit_is_refused_in_one_sentence(server):
 
 
 def test_unavailable_model_gives_one_sentence(client):
-    from prunevid.app.engine import LARGE_MODEL, cached_on_disk
+    from prunevid.app.catalog import LARGE_MODEL
+    from prunevid.app.models import cached_on_disk
 
     if cached_on_disk(LARGE_MODEL):
         pytest.skip(f"{LARGE_MODEL} is cached on this machine")
@@ -317,7 +318,7 @@ def test_unavailable_model_gives_one_sentence(client):
 
 
 def test_startup_falls_back_to_the_trained_tiny_model_with_a_banner(monkeypatch):
-    from prunevid.app.engine import cached_on_disk
+    from prunevid.app.models import cached_on_disk
     from prunevid.app.ui import KNOBS, App, banner_markdown, inline_html
     from prunevid.pipeline import DEFAULT_MODEL, TINY_MODEL, TRAINED_TINY_MODEL, preset
 

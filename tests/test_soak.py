@@ -26,7 +26,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from test_app import start_app, stop_app  # noqa: E402
 
-from prunevid.app.engine import KEPT_ANSWER_FOLDERS  # noqa: E402
+from prunevid.app.limits import KEPT_ANSWER_FOLDERS  # noqa: E402
 from prunevid.video import write_video  # noqa: E402
 
 USERS, QUESTIONS = 8, 2

@@ -1,4 +1,4 @@
-"""What a public Space needs from the page, called without a server (the engine and the App's
+"""What a public Space needs from the page, called without a server (the page's modules and the App's
 events): ZeroGPU through `spaces.GPU`, hardware-aware defaults and announced waits, bounded
 memory (display-size frames, one byte budget, one real model), capped uploads, and failures
 reported in one sentence. `spaces` is the real package from PyPI; off ZeroGPU it changes nothing."""
@@ -17,7 +17,8 @@ import pytest
 gr = pytest.importorskip("gradio")
 spaces = pytest.importorskip("spaces")
 
-from prunevid.app import engine, ui  # noqa: E402
+from prunevid.app import estimates, hardware, limits, models, runs, ui  # noqa: E402
+from prunevid.app.limits import Limits, ScratchFolders  # noqa: E402
 from prunevid.app.ui import KNOBS, App  # noqa: E402
 from prunevid.lru import ByteLRU  # noqa: E402
 from prunevid.pipeline import answer, load_model, preset  # noqa: E402
@@ -82,12 +83,12 @@ class Recorder:
 
 
 def test_off_zero_gpu_spaces_gpu_changes_nothing():
-    assert not engine.zero_gpu(), "these tests run off ZeroGPU (SPACES_ZERO_GPU unset)"
+    assert not hardware.zero_gpu(), "these tests run off ZeroGPU (SPACES_ZERO_GPU unset)"
 
     def task(job, progress):
         return job
 
-    assert engine.on_gpu(task, lambda job, progress: 60) is task
+    assert hardware.on_gpu(task, lambda job, progress: 60) is task
     app = App("tiny")
     assert app.work == app.registry.work
 
@@ -109,7 +110,7 @@ def test_on_zero_gpu_each_answer_runs_through_spaces_gpu_and_still_answers_on_cp
         return decorate
 
     monkeypatch.setattr(spaces, "GPU", zero_gpu_decorator)
-    monkeypatch.setattr(engine, "zero_gpu", lambda: True)
+    monkeypatch.setattr(hardware, "zero_gpu", lambda: True)
     app = App("tiny-trained")
     assert app.registry.speeds == {}, "no warm-up in ZeroGPU's main process (CUDA lives in the worker)"
     page = app.build()
@@ -132,12 +133,12 @@ def test_on_zero_gpu_each_answer_runs_through_spaces_gpu_and_still_answers_on_cp
 
 
 def test_gpu_reservation_grows_with_frames_tokens_model_size_and_comparison():
-    registry = engine.ModelRegistry(warm=False, gpu_max_s=600)
+    registry = models.ModelRegistry(warm=False, gpu_max_s=600)
     registry.sizes.update({"0.5B": 500_000_000, "7B": 7_000_000_000})
     config = preset("x")
 
     def seconds(model="7B", frames=32, tokens=128, compare="", cached=False):
-        job = engine.Job(model, "q", config, tokens, compare, (frames, 480, 640))
+        job = runs.Job(model, "q", config, tokens, compare, (frames, 480, 640))
         job.features = object() if cached else None
         return registry.gpu_seconds(job)
 
@@ -154,10 +155,10 @@ def test_gpu_reservation_grows_with_frames_tokens_model_size_and_comparison():
 
 
 def test_a_cpu_only_server_starts_a_real_checkpoint_at_8_frames_and_says_so(checkpoint, monkeypatch):
-    monkeypatch.setattr(engine, "has_gpu", lambda: False)
+    monkeypatch.setattr(hardware, "has_gpu", lambda: False)
     app = App(checkpoint)
     assert preset(checkpoint, 4).num_frames == 16
-    assert app.preset(checkpoint).num_frames == engine.CPU_FRAMES == 8
+    assert app.preset(checkpoint).num_frames == estimates.CPU_FRAMES == 8
     banner = app.banner(checkpoint)
     assert (
         "This server has no GPU, so the page starts at 8 frames instead of the model's 16 (up to about"
@@ -168,13 +169,13 @@ def test_a_cpu_only_server_starts_a_real_checkpoint_at_8_frames_and_says_so(chec
     assert frames_box.value == 8
     assert app.preset("tiny").num_frames == preset("tiny").num_frames, "the offline models keep their preset"
 
-    monkeypatch.setattr(engine, "has_gpu", lambda: True)
+    monkeypatch.setattr(hardware, "has_gpu", lambda: True)
     assert app.preset(checkpoint).num_frames == 16 and "no GPU" not in app.banner(checkpoint)
 
 
 def test_a_long_run_is_announced_with_its_estimate_and_progress_names_each_phase(checkpoint, monkeypatch):
-    monkeypatch.setattr(engine, "has_gpu", lambda: False)
-    monkeypatch.setattr(engine, "LONG_WAIT_S", 0.0)  # the tiny checkpoint is fast: announce every run
+    monkeypatch.setattr(hardware, "has_gpu", lambda: False)
+    monkeypatch.setattr(estimates, "LONG_WAIT_S", 0.0)  # the tiny checkpoint is fast: announce every run
     notices = []
     monkeypatch.setattr(ui.gr, "Info", lambda message, **kwargs: notices.append(message))
     app = App(checkpoint)
@@ -182,7 +183,7 @@ def test_a_long_run_is_announced_with_its_estimate_and_progress_names_each_phase
     assert min(speed.vision_per_frame, speed.pruned_per_frame, speed.unpruned_per_frame, speed.per_token) > 0
     # Speeds chosen here, so that the estimates are hand-computed: per frame 1.0 s in the vision
     # tower, 0.5 s pruned, 2.0 s unpruned; 0.3 s per generated token.
-    app.registry.speeds[checkpoint] = engine.Speed(
+    app.registry.speeds[checkpoint] = estimates.Speed(
         vision_per_frame=1.0, pruned_per_frame=0.5, unpruned_per_frame=2.0, per_token=0.3
     )
 
@@ -213,15 +214,15 @@ def test_a_long_run_is_announced_with_its_estimate_and_progress_names_each_phase
 def test_frames_are_cached_at_display_size_and_follow_ups_answer_alike(model, request, hd_clip):
     """Qwen's prompt depends on the frame size: a follow-up must answer as the first question did."""
     model = request.getfixturevalue("checkpoint") if model == "checkpoint" else model
-    registry = engine.ModelRegistry(cache=ByteLRU(10**9), warm=False)
+    registry = models.ModelRegistry(cache=ByteLRU(10**9), warm=False)
     config = preset(model, registry.get(model).num_layers).replace(num_frames=4)
-    first = engine.run_question(registry, model, hd_clip, "what colour is it ?", config, max_new_tokens=4)
+    first = runs.run_question(registry, model, hd_clip, "what colour is it ?", config, max_new_tokens=4)
     (key,) = [key for key in registry.cache._entries if key[0] == "video"]
     cached = registry.cache.get(key)
     assert cached.video.frames.shape == (4, 360, 640, 3) and cached.frame_shape == (4, 720, 1280)
     assert first.video.frames.shape == (4, 360, 640, 3), "the page draws on the display-size frames"
 
-    again = engine.run_question(registry, model, hd_clip, "what colour is it ?", config, max_new_tokens=4)
+    again = runs.run_question(registry, model, hd_clip, "what colour is it ?", config, max_new_tokens=4)
     direct = answer(registry.get(model), load_video(hd_clip, 4), "what colour is it ?", config, 4)
     assert again.cache_used and again.result.timings["vision_s"] == 0
     assert again.result.text == first.result.text == direct.text
@@ -230,29 +231,29 @@ def test_frames_are_cached_at_display_size_and_follow_ups_answer_alike(model, re
 
 def test_features_and_frames_stay_within_the_byte_budget(checkpoint, tmp_path):
     budget = 2_500_000  # two of these videos (921,600 bytes of display frames each), not three
-    registry = engine.ModelRegistry(cache=ByteLRU(budget), warm=False)
+    registry = models.ModelRegistry(cache=ByteLRU(budget), warm=False)
     config = preset(checkpoint, registry.get(checkpoint).num_layers).replace(num_frames=4)
     rng = np.random.default_rng(1)
     for i in range(4):
         path = tmp_path / f"clip{i}.mp4"
         write_video(path, rng.integers(0, 255, (4, 240, 320, 3), dtype=np.uint8), fps=4.0)
-        engine.run_question(registry, checkpoint, str(path), "what is it ?", config, max_new_tokens=2)
+        runs.run_question(registry, checkpoint, str(path), "what is it ?", config, max_new_tokens=2)
         assert registry.cache.nbytes <= budget
     # A video holds 921,600 bytes of display frames and, from this tiny model, 251,168 bytes of
     # vision features: two (2,345,536 bytes) fit the budget, three (at least 2,764,800) do not.
     # The two most recent stay.
     videos = [key for key in registry.cache._entries if key[0] == "video"]
     assert videos == [
-        ("video", engine.file_digest(str(tmp_path / f"clip{i}.mp4")), checkpoint, 4) for i in (2, 3)
+        ("video", limits.file_digest(str(tmp_path / f"clip{i}.mp4")), checkpoint, 4) for i in (2, 3)
     ]
 
 
 def test_one_real_model_resident_the_previous_one_freed_with_its_features(checkpoint, tmp_path):
     other = save_checkpoint(tmp_path / "real-b", seed=4)
-    registry = engine.ModelRegistry(max_real=1, cache=ByteLRU(10**8), warm=False)
+    registry = models.ModelRegistry(max_real=1, cache=ByteLRU(10**8), warm=False)
     registry.get("tiny")
     config = preset(checkpoint, registry.get(checkpoint).num_layers).replace(num_frames=4)
-    engine.run_question(registry, checkpoint, str(EXAMPLE), "what colour ?", config, max_new_tokens=2)
+    runs.run_question(registry, checkpoint, str(EXAMPLE), "what colour ?", config, max_new_tokens=2)
     freed = weakref.ref(registry.get(checkpoint).model)
     assert any(key[0] == "video" and key[2] == checkpoint for key in registry.cache._entries)
 
@@ -262,7 +263,7 @@ def test_one_real_model_resident_the_previous_one_freed_with_its_features(checkp
     assert freed() is None, "the previous real model is still in memory"
     assert not any(key[0] == "video" and key[2] == checkpoint for key in registry.cache._entries)
 
-    roomy = engine.ModelRegistry(max_real=2, cache=ByteLRU(10**8), warm=False)
+    roomy = models.ModelRegistry(max_real=2, cache=ByteLRU(10**8), warm=False)
     roomy.get(checkpoint), roomy.get(other)
     assert checkpoint in roomy and other in roomy
 
@@ -270,42 +271,42 @@ def test_one_real_model_resident_the_previous_one_freed_with_its_features(checkp
 def test_limits_come_from_the_environment_and_bad_values_are_one_sentence(monkeypatch):
     monkeypatch.setenv("PRUNEVID_MAX_MODELS", "2")
     monkeypatch.setenv("PRUNEVID_MAX_UPLOAD_MB", "50")
-    limits = engine.Limits.from_env()
+    limits = Limits.from_env()
     assert (limits.max_models, limits.max_upload_mb, limits.max_video_minutes) == (2, 50.0, 10.0)
     assert App("tiny").registry.max_real == 2
     monkeypatch.setenv("PRUNEVID_MAX_MODELS", "many")
     with pytest.raises(ValueError, match=r"^PRUNEVID_MAX_MODELS must be a whole number above 0, got 'many'$"):
-        engine.Limits.from_env()
+        Limits.from_env()
 
 
 def test_uploads_over_the_caps_are_refused_before_decoding(monkeypatch, tmp_path):
     def no_decoding(*args, **kwargs):
         raise AssertionError("a refused upload must not be decoded")
 
-    monkeypatch.setattr(engine, "load_video", no_decoding)
-    registry = engine.ModelRegistry(cache=ByteLRU(10**8), warm=False)
+    monkeypatch.setattr(runs, "load_video", no_decoding)
+    registry = models.ModelRegistry(cache=ByteLRU(10**8), warm=False)
     config = preset("tiny")
 
     def refused(path, limits) -> str:
         with pytest.raises(ValueError) as caught:
-            engine.run_question(registry, "tiny", str(path), "why ?", config, limits=limits)
+            runs.run_question(registry, "tiny", str(path), "why ?", config, limits=limits)
         return str(caught.value)
 
     size_mb = EXAMPLE.stat().st_size / 2**20
-    assert refused(EXAMPLE, engine.Limits(max_upload_mb=0.01)) == (
+    assert refused(EXAMPLE, Limits(max_upload_mb=0.01)) == (
         f"The file is {size_mb:.0f} MB, more than the 0.01 MB this server accepts (PRUNEVID_MAX_UPLOAD_MB): "
         "trim or compress it and upload it again."
     )
     long = tmp_path / "long.mp4"
     write_video(long, np.zeros((90, 16, 16, 3), np.uint8), fps=1.0)  # 1 min 30 s, a few KB
-    assert refused(long, engine.Limits(max_video_minutes=1)) == (
+    assert refused(long, Limits(max_video_minutes=1)) == (
         "The video is 1 min 30 s long, more than the 60 s this server accepts (PRUNEVID_MAX_VIDEO_MINUTES): "
         "trim it and upload it again."
     )
 
 
 def test_answer_outputs_are_kept_for_the_last_answers_only(tmp_path):
-    scratch = engine.ScratchFolders(keep=3, root=str(tmp_path))
+    scratch = ScratchFolders(keep=3, root=str(tmp_path))
     folders = [scratch.new() for _ in range(5)]
     assert [folder.exists() for folder in folders] == [False, False, True, True, True]
     assert sorted(tmp_path.iterdir()) == sorted(folders[2:])

@@ -265,6 +265,7 @@ def video_prefill(
             stage1_reused=reused,
             method=runtime.method.name,
             num_layers=len(lm.layers),
+            question_attention=selection.visual_attention[b],
         )
     return hidden, cache
 

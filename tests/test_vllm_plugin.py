@@ -82,8 +82,29 @@ def test_position_channels_are_exact_beyond_256(dtype):
 
 
 def test_positions_out_of_range_are_refused():
-    with pytest.raises(ValueError, match="must be in"):
-        plugin.encode_positions(torch.tensor([[65536], [0], [0]]), 1, torch.float32)
+    plugin.encode_positions(torch.tensor([[65535], [0], [0]]), 65536, torch.bfloat16)
+    with pytest.raises(ValueError, match="must be below 65536"):
+        plugin.encode_positions(torch.tensor([[65536], [0], [0]]), 65537, torch.float32)
+
+
+@pytest.mark.parametrize(("grid", "per_step"), [((5, 8, 12), 1.5), ((1, 6, 4), 1.0), ((9, 4, 4), 0.25)])
+def test_grid_extent_is_the_largest_position_plus_one(grid, per_step):
+    positions, extent = plugin.grid_positions(grid, 2, per_step)
+    assert extent == int(positions.max()) + 1  # computed on the host without reading positions
+
+
+def test_the_plugins_own_position_work_reads_nothing_back_from_the_device():
+    """On a GPU a read back waits for every queued kernel; the plugin's part of stage 1 in the
+    engine (positions of the first members, their channels) must need none (DESIGN.md, "On a GPU")."""
+    from prunevid.bench.probe import HostProbe
+
+    first = torch.tensor([0, 5, 17, 40, 63])
+    with HostProbe() as probe:
+        channels = plugin.first_member_channels(first, (4, 8, 8), 2, 2.0, torch.bfloat16)
+        plugin.media_with_positions(torch.randn(16, 8), (1, 8, 8), 2)
+    assert (probe.reads, probe.uploads) == (0, 0), (probe.reads_by_op, probe.uploads_by_op)
+    # index 17 of 4 steps of 4 x 4: step 1 (t = 2), row 0, column 1; extent: t = 6, + 1.
+    assert plugin.decode_positions(channels)[:, 2].tolist() == [2, 0, 1, 7]
 
 
 def test_merged_video_averages_a_static_video_and_places_tokens_at_their_first_step():
@@ -112,7 +133,9 @@ def test_merged_video_is_stage_one_with_first_member_positions():
     merge = merge_tokens(features.view(4, 36, 16), config, (6, 6))
     assert out.shape[0] == plugin.video_token_count((4, 12, 12), 2, config) == 36
     torch.testing.assert_close(out[:, :16], merge.tokens)
-    first = merge.first_members()
+    # Each merged token's first member, read off the assignment (not `first_members`).
+    assignment = merge.assignment.flatten()
+    first = torch.stack([(assignment == m).nonzero()[0, 0] for m in range(merge.num_tokens)])
     positions = plugin.decode_positions(out[:, 16:])
     assert positions[0].tolist() == (first // 36).tolist()
     assert positions[1].tolist() == (first % 36 // 6).tolist()

@@ -208,25 +208,30 @@ def video_token_count(grid_thw: tuple[int, int, int], merge_size: int, config: P
 
 
 def grid_positions(
-    grid_thw: tuple[int, int, int], merge_size: int, steps_per_position: float = 1.0
+    grid_thw: tuple[int, int, int],
+    merge_size: int,
+    steps_per_position: float = 1.0,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Stock M-RoPE positions of a media item's tokens relative to its start, (3, t * h' * w')
-    row-major, and its extent: how far the next text token is from the start. As vLLM's stock
-    Qwen2.5-VL: t = floor(step * seconds per step * tokens per second) (`steps_per_position` is the
-    product), and the extent is the largest position + 1."""
+    row-major on `device`, and its extent: how far the next text token is from the start. As
+    vLLM's stock Qwen2.5-VL: t = floor(step * seconds per step * tokens per second)
+    (`steps_per_position` is the product), and the extent is the largest position + 1. Built on
+    the device from the grid alone: no upload, and the extent needs no read back."""
     steps, height, width = grid_thw[0], grid_thw[1] // merge_size, grid_thw[2] // merge_size
-    t = (torch.arange(steps, dtype=torch.float64) * steps_per_position).long()
-    grid = torch.stack(torch.meshgrid(t, torch.arange(height), torch.arange(width), indexing="ij")).reshape(
-        3, -1
-    )
-    return grid, int(grid.max()) + 1
+    t = (torch.arange(steps, dtype=torch.float64, device=device) * steps_per_position).long()
+    h, w = torch.arange(height, device=device), torch.arange(width, device=device)
+    grid = torch.stack(torch.meshgrid(t, h, w, indexing="ij")).reshape(3, -1)
+    # The largest of t (the last step's, the same float64 product), h and w, on the host.
+    extent = max(int((steps - 1) * steps_per_position), height - 1, width - 1) + 1
+    return grid, extent
 
 
 def check_extent(grid_thw: tuple[int, int, int], merge_size: int, steps_per_position: float) -> None:
     """Refuse (one sentence) a video whose positions from its start reach 65,536, past what the
     position channels carry exactly (`encode_positions`). Called in the front-end, where it fails
     that request only."""
-    _, extent = grid_positions(grid_thw, merge_size, steps_per_position)
+    _, extent = grid_positions(grid_thw, merge_size, steps_per_position, device="meta")
     if extent > BASE * BASE:
         raise ValueError(
             f"this video is too long for PruneVid's vLLM plugin: its {grid_thw[0]} time steps reach "
@@ -236,11 +241,14 @@ def check_extent(grid_thw: tuple[int, int, int], merge_size: int, steps_per_posi
 
 
 def encode_positions(positions: torch.Tensor, extent: int, dtype: torch.dtype) -> torch.Tensor:
-    """(3, M) positions relative to the media start and its extent -> (M, CHANNELS) channels in
-    `dtype`: t, h, w, extent as (high, low) base-256 digit pairs, each exact in bf16."""
+    """(3, M) positions relative to the media start, each in [0, extent), and the extent ->
+    (M, CHANNELS) channels in `dtype`: t, h, w, extent as (high, low) base-256 digit pairs, each
+    exact in bf16. The range is checked on the extent, a host integer: nothing is read back."""
+    if extent > BASE * BASE:
+        raise ValueError(
+            f"media positions must be below {BASE * BASE} to travel exactly in {dtype}, got {extent - 1}"
+        )
     values = torch.cat([positions, torch.full_like(positions[:1], extent)])  # (4, M)
-    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= BASE * BASE):
-        raise ValueError(f"media positions must be in [0, {BASE * BASE}) to travel exactly in {dtype}")
     digits = torch.stack([values // BASE, values % BASE], dim=1)  # (4, 2, M)
     return digits.reshape(CHANNELS, -1).T.to(dtype)
 
@@ -249,6 +257,20 @@ def decode_positions(channels: torch.Tensor) -> torch.Tensor:
     """(M, CHANNELS) channels -> (4, M) long: t, h, w, extent (the inverse of `encode_positions`)."""
     digits = channels.float().round().long().T.reshape(POSITION_VALUES, 2, -1)
     return digits[:, 0] * BASE + digits[:, 1]
+
+
+def first_member_channels(
+    first: torch.Tensor,
+    grid_thw: tuple[int, int, int],
+    merge_size: int,
+    steps_per_position: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(M,) first members' row-major indices into the video's tokens -> (M, CHANNELS): their
+    stock positions and the video's extent, on `first`'s device (the part of `merged_video` that
+    is the plugin's own: no host read, no upload)."""
+    positions, extent = grid_positions(grid_thw, merge_size, steps_per_position, device=first.device)
+    return encode_positions(positions[:, first], extent, dtype)
 
 
 def merged_video(
@@ -263,9 +285,8 @@ def merged_video(
     encoded stock position of its first member and the video's extent."""
     steps, height, width = grid_thw[0], grid_thw[1] // merge_size, grid_thw[2] // merge_size
     merge = merge_tokens(features.view(steps, height * width, -1), config, (height, width))
-    positions, extent = grid_positions(grid_thw, merge_size, steps_per_position)
-    first = merge.first_members().to(positions.device)
-    channels = encode_positions(positions[:, first], extent, features.dtype).to(features.device)
+    first = merge.first_members().to(features.device)
+    channels = first_member_channels(first, grid_thw, merge_size, steps_per_position, features.dtype)
     return torch.cat([merge.tokens.to(features.dtype), channels], dim=1)
 
 
@@ -274,8 +295,8 @@ def media_with_positions(
 ) -> torch.Tensor:
     """An unpruned media item (an image) with its stock positions as channels:
     (h' * w', C) -> (h' * w', C + CHANNELS)."""
-    positions, extent = grid_positions(grid_thw, merge_size)
-    return torch.cat([features, encode_positions(positions, extent, features.dtype).to(features.device)], 1)
+    positions, extent = grid_positions(grid_thw, merge_size, device=features.device)
+    return torch.cat([features, encode_positions(positions, extent, features.dtype)], 1)
 
 
 def prompt_positions(num_tokens: int, media: list[tuple[int, int, int]]) -> tuple[torch.Tensor, int]:

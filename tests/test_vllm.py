@@ -218,7 +218,6 @@ def stock(checkpoint) -> dict:
         results = {"short": solo(llm, "short"), "long": solo(llm, "long"), "batch": mixed_batch(llm)}
         take_log(llm)
         results["chat"] = llm.chat(chat_messages(), greedy(), use_tqdm=False)[0]
-        results["chat_grid"] = tuple(take_log(llm)["mm"][0]["video_grid_thw"][0].tolist())
         return results
 
 
@@ -511,9 +510,19 @@ def test_vllm_evs_runs_on_cpu_and_misplaces_text_after_a_cached_video(checkpoint
     assert out.prompt_token_ids.count(VIDEO_PAD) == 64  # EVS keeps 25% of 256
     assert len(out.outputs[0].token_ids) == NEW_TOKENS
     ids = again["out"].prompt_token_ids
-    assert again["out"].num_cached_tokens >= len(ids) - ids[::-1].index(VIDEO_PAD)
-    tail = len(ids) - again["out"].num_cached_tokens
-    assert not torch.equal(again["positions"], first["positions"][:, -tail:])
+    cached = again["out"].num_cached_tokens
+    start, end = ids.index(VIDEO_PAD), len(ids) - ids[::-1].index(VIDEO_PAD)
+    assert cached >= end
+    index = torch.arange(cached, len(ids))  # the prompt rows computed on the cache hit: text
+    # Without the hit, EVS numbers the text after the video from s + w' (the frame width, 8), not
+    # from the stock extent (t = 6: 7): row k sits at k - 64 + 8.
+    assert torch.equal(first["positions"][:, -len(index) :], (index - (end - start) + 8).expand(3, -1))
+    # With it, each text row gets the position the unpruned video's token j = k - s would have
+    # (4 steps of 8 x 8, t spaced by 2): text on video positions.
+    j = index - start
+    assert torch.equal(
+        again["positions"], torch.stack([start + j // 64 * 2, start + j % 64 // 8, start + j % 8])
+    )
 
 
 def test_vllm_video_pruning_rate_is_refused_beside_prunevid(checkpoint):
@@ -552,7 +561,10 @@ def _serve(checkpoint: str, settings: dict, port: int, log: Path) -> subprocess.
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
-def test_vllm_serve_answers_a_chat_request_with_a_video(checkpoint, stock, tmp_path):
+def test_vllm_serve_answers_a_chat_request_with_a_video(checkpoint, stock, pruned, tmp_path):
+    """`vllm serve` runs the front-end (the config hook, the processor) and the engine in separate
+    processes: the settings reach the engine through vLLM's config (the model refuses to start
+    when its pruning rate is not set), and the served answer is the in-process engine's."""
     port, log = _free_port(), tmp_path / "serve.log"
     server = _serve(checkpoint, PRUNED, port, log)
     try:
@@ -565,7 +577,13 @@ def test_vllm_serve_answers_a_chat_request_with_a_video(checkpoint, stock, tmp_p
                 break
             except OSError:
                 time.sleep(1)
-        body = {"model": checkpoint, "messages": chat_messages(), "max_tokens": 3}
+        body = {
+            "model": checkpoint,
+            "messages": chat_messages(),
+            "max_tokens": NEW_TOKENS,
+            "temperature": 0,
+            "return_token_ids": True,
+        }
         call = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             data=json.dumps(body).encode(),
@@ -575,13 +593,14 @@ def test_vllm_serve_answers_a_chat_request_with_a_video(checkpoint, stock, tmp_p
     finally:
         server.terminate()
         server.wait(timeout=60)
-    assert isinstance(reply["choices"][0]["message"]["content"], str)
-    assert reply["usage"]["completion_tokens"] == 3
-    # The same chat in stock vLLM, with its video's placeholders cut to the budget.
-    full = stock["chat"].prompt_token_ids
-    kept = plugin.video_token_count(stock["chat_grid"], 2, plugin.settings(PRUNED))
-    assert kept < full.count(VIDEO_PAD)
-    assert reply["usage"]["prompt_tokens"] == len(full) - full.count(VIDEO_PAD) + kept
+    # The served video: 18 merged tokens in stock vLLM; 25% keeps round(4.5) = 4 (half to even).
+    assert stock["chat"].prompt_token_ids.count(VIDEO_PAD) == 18
+    assert reply["prompt_token_ids"].count(VIDEO_PAD) == 4
+    assert reply["prompt_token_ids"] == pruned["chat"].prompt_token_ids
+    assert reply["choices"][0]["token_ids"] == list(pruned["chat"].outputs[0].token_ids)
+    said = [line for line in log.read_text().splitlines() if "PruneVid stage 1 on" in line]
+    assert len(said) == 1, said  # once, in the front-end
+    assert said[0].endswith("PruneVid stage 1 on PruneVidQwen2_5_VLForConditionalGeneration, retention 0.25")
 
 
 def test_vllm_serve_refuses_bad_settings_at_startup(checkpoint, tmp_path):

@@ -43,6 +43,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import numpy as np
 import torch
+from PIL import Image
 from vllm import LLM, SamplingParams
 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
@@ -65,8 +66,17 @@ LONG_PROMPT = PROMPT.replace(
     "object appears first and which one disappears ?",
 )
 TEXT_PROMPT = "<|im_start|>user\nhow many objects are there ?<|im_end|>\n<|im_start|>assistant\n"
+# An image before a video, and an image alone (its prompt shares no cache block with the first).
+IMAGE_VIDEO_PROMPT = PROMPT.replace(
+    "<|vision_start|>", "<|vision_start|><|image_pad|><|vision_end|><|vision_start|>"
+)
+IMAGE_PROMPT = (
+    "<|im_start|>user\nhow many objects are there ? <|vision_start|><|image_pad|><|vision_end|>"
+    "<|im_end|>\n<|im_start|>assistant\n"
+)
 NEW_TOKENS = 4
 VIDEO_PAD = tiny_tokenizer().convert_tokens_to_ids("<|video_pad|>")
+IMAGE_PAD = tiny_tokenizer().convert_tokens_to_ids("<|image_pad|>")
 SERVE_VIDEO = Path(__file__).parent.parent / "prunevid/eval_tasks/prunevid_synth/videos/synth_7000000.mp4"
 SERVE_MEDIA = {"video": {"num_frames": 8}}
 
@@ -97,8 +107,23 @@ VIDEOS = {
 }
 
 
+# 112 x 112 px: 4 x 4 merged tokens.
+IMAGE = Image.fromarray(make_sample(5, num_frames=6, size=112).frames[0])
+
+
 def request(name: str, prompt: str = PROMPT) -> dict:
     return {"prompt": prompt, "multi_modal_data": {"video": VIDEOS[name]}}
+
+
+def media_requests(llm: LLM) -> dict:
+    """An image-only prompt, then an image and a video in one prompt."""
+    return {
+        "image": observe(llm, {"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": IMAGE}}),
+        "image_video": observe(
+            llm,
+            {"prompt": IMAGE_VIDEO_PROMPT, "multi_modal_data": {"image": IMAGE, "video": VIDEOS["short"]}},
+        ),
+    }
 
 
 def greedy() -> SamplingParams:
@@ -118,7 +143,7 @@ def engine(checkpoint: str, **options):
         max_model_len=1024,
         enforce_eager=True,
         dtype="float32",
-        limit_mm_per_prompt={"video": 2, "image": 0},
+        limit_mm_per_prompt={"video": 2, "image": 1},
         max_num_seqs=4,
         seed=0,
     )
@@ -176,8 +201,13 @@ def prefill_inputs(log: dict, length: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def solo(llm: LLM, name: str, prompt: str = PROMPT) -> dict:
     """One video request alone: its output and what the model saw."""
+    return observe(llm, request(name, prompt))
+
+
+def observe(llm: LLM, prompt: dict) -> dict:
+    """One request alone: its output and what the model saw."""
     take_log(llm)
-    out = llm.generate(request(name, prompt), greedy(), use_tqdm=False)[0]
+    out = llm.generate(prompt, greedy(), use_tqdm=False)[0]
     log = take_log(llm)
     # A prefix-cache hit computes only the rest of the prompt (and may not encode the video).
     positions, embeds = prefill_inputs(log, len(out.prompt_token_ids) - (out.num_cached_tokens or 0))
@@ -218,6 +248,7 @@ def stock(checkpoint) -> dict:
         results = {"short": solo(llm, "short"), "long": solo(llm, "long"), "batch": mixed_batch(llm)}
         take_log(llm)
         results["chat"] = llm.chat(chat_messages(), greedy(), use_tqdm=False)[0]
+        results.update(media_requests(llm))
         return results
 
 
@@ -251,6 +282,7 @@ def pruned(checkpoint) -> dict:
         results["long_question"] = solo(llm, "short", LONG_PROMPT)
         results["again"] = solo(llm, "short", LONG_PROMPT)
         results["chat"] = llm.chat(chat_messages(), greedy(), use_tqdm=False)[0]
+        results.update(media_requests(llm))
         return results
 
 
@@ -404,6 +436,35 @@ def test_prefix_cache_hit_keeps_positions_and_answer(pruned):
         range(start + 8 + cached - video_end, start + 8 + len(ids) - video_end)
     )
     assert answers([again["out"]]) == answers([first["out"]])
+
+
+# ---- images beside the plugin: untouched -------------------------------------------------------
+
+
+def test_an_image_only_prompt_with_the_plugin_is_stock_vllm(stock, pruned):
+    seen, base = pruned["image"], stock["image"]
+    assert seen["out"].prompt_token_ids == base["out"].prompt_token_ids
+    assert seen["out"].prompt_token_ids.count(IMAGE_PAD) == 16
+    assert torch.equal(seen["positions"], base["positions"])
+    torch.testing.assert_close(seen["embeds"], base["embeds"], rtol=0, atol=0)
+    assert answers([seen["out"]]) == answers([base["out"]])
+
+
+def test_an_image_beside_a_pruned_video_is_untouched(stock, pruned):
+    seen, base = pruned["image_video"], stock["image_video"]
+    ids, stock_ids = torch.tensor(seen["out"].prompt_token_ids), torch.tensor(base["out"].prompt_token_ids)
+    assert int((ids == VIDEO_PAD).sum()) == 64 and int((stock_ids == VIDEO_PAD).sum()) == 256
+    image = (ids == IMAGE_PAD).nonzero().squeeze(1)  # the image comes first: the same rows in both
+    assert torch.equal(image, (stock_ids == IMAGE_PAD).nonzero().squeeze(1)) and len(image) == 16
+    torch.testing.assert_close(seen["embeds"][image], base["embeds"][image], rtol=0, atol=0)
+    assert torch.equal(seen["positions"][:, image], base["positions"][:, image])
+    # The video beside it is merged as when it comes alone, and starts where the stock one does.
+    is_video, alone = ids == VIDEO_PAD, torch.tensor(pruned["short"]["out"].prompt_token_ids) == VIDEO_PAD
+    torch.testing.assert_close(
+        seen["embeds"][is_video], pruned["short"]["embeds"][alone], rtol=1e-5, atol=1e-6
+    )
+    start = int(is_video.nonzero()[0])
+    assert torch.equal(seen["positions"][:, start], base["positions"][:, start])
 
 
 # ---- bf16: positions above 256 -------------------------------------------------------------

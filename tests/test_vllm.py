@@ -14,8 +14,16 @@ need and shuts it down; tests then compare what was recorded. The checks:
   prefill splitting the video; a batch mixing videos of two sizes with a text-only request gives
   each its solo answer; a prefix-cache hit gives the same answer;
 * bf16: positions above 256 arrive exactly;
-* vLLM's own EVS runs on the CPU build (the plugin's runner fix);
-* `vllm serve` answers an OpenAI chat request with a video, and refuses bad settings at start-up.
+* images are untouched, alone or beside a pruned video;
+* an over-long video fails its request, and the engine serves the next ones;
+* on any vLLM: every vLLM name the plugin touches imports; vLLM's plugin loader with a faked
+  untested version starts and registers nothing; "prunevid" without the architecture refuses
+  to start;
+* vLLM's own EVS runs on the CPU build (opted in to the plugin's runner fix), and its prefix-cache
+  misnumbering is pinned;
+* `vllm serve` (front-end and engine in separate processes) answers an OpenAI chat request with
+  a video exactly as the in-process engine, logs the start-up line, and refuses bad settings at
+  start-up.
 """
 
 from __future__ import annotations
@@ -458,13 +466,20 @@ def test_an_image_beside_a_pruned_video_is_untouched(stock, pruned):
     assert torch.equal(image, (stock_ids == IMAGE_PAD).nonzero().squeeze(1)) and len(image) == 16
     torch.testing.assert_close(seen["embeds"][image], base["embeds"][image], rtol=0, atol=0)
     assert torch.equal(seen["positions"][:, image], base["positions"][:, image])
-    # The video beside it is merged as when it comes alone, and starts where the stock one does.
+    # The video beside it is merged as when it comes alone.
     is_video, alone = ids == VIDEO_PAD, torch.tensor(pruned["short"]["out"].prompt_token_ids) == VIDEO_PAD
     torch.testing.assert_close(
         seen["embeds"][is_video], pruned["short"]["embeds"][alone], rtol=1e-5, atol=1e-6
     )
-    start = int(is_video.nonzero()[0])
-    assert torch.equal(seen["positions"][:, start], base["positions"][:, start])
+    # Its tokens sit where they sit alone, moved from the stock video start alone (s = 3) to the
+    # stock video start here (s = 9: after the image's 4 x 4).
+    start, start_alone = int(is_video.nonzero()[0]), int(alone.nonzero()[0])
+    moved = (
+        base["positions"][:, start : start + 1]
+        - stock["short"]["positions"][:, start_alone : start_alone + 1]
+    )
+    assert moved.tolist() == [[6], [6], [6]]
+    assert torch.equal(seen["positions"][:, is_video], pruned["short"]["positions"][:, alone] + moved)
 
 
 # ---- bf16: positions above 256 -------------------------------------------------------------

@@ -170,15 +170,28 @@ class FakeRegistry:
         self.registered[architecture] = model_class
 
 
-def fake_vllm(monkeypatch, version: str, registry: FakeRegistry | None, hooks: dict | None = None) -> None:
-    """A `vllm` package of this version (its platform: not the CPU build; its per-architecture
-    config hooks: `hooks`); without a registry or hooks it lacks `ModelRegistry` or
-    `MODELS_CONFIG_MAP`, as a vLLM that moved them would."""
-    modules = {name: types.ModuleType(name) for name in ("vllm", "vllm.platforms", "vllm.model_executor")}
+class FakeCPURunner:
+    """vLLM's CPU model runner, as far as the plugin's fix wraps it."""
+
+    def load_model(self):
+        return None
+
+
+def fake_vllm(
+    monkeypatch, version: str, registry: FakeRegistry | None, hooks: dict | None = None, cpu: bool = False
+) -> None:
+    """A `vllm` package of this version (its platform: the CPU build if `cpu`, with a fresh
+    `FakeCPURunner`; its per-architecture config hooks: `hooks`); without a registry or hooks it
+    lacks `ModelRegistry` or `MODELS_CONFIG_MAP`, as a vLLM that moved them would."""
+    names = ("vllm", "vllm.platforms", "vllm.model_executor", "vllm.model_executor.models.interfaces")
+    modules = {name: types.ModuleType(name) for name in names}
     modules["vllm"].__version__ = version
     if registry is not None:
         modules["vllm"].ModelRegistry = registry
-    modules["vllm.platforms"].current_platform = types.SimpleNamespace(is_cpu=lambda: False)
+    modules["vllm.platforms"].current_platform = types.SimpleNamespace(is_cpu=lambda: cpu)
+    modules["vllm.model_executor.models.interfaces"].supports_multimodal_pruning = lambda model: True
+    modules["vllm.v1.worker.cpu_model_runner"] = types.ModuleType("vllm.v1.worker.cpu_model_runner")
+    modules["vllm.v1.worker.cpu_model_runner"].CPUModelRunner = type("CPUModelRunner", (FakeCPURunner,), {})
     if hooks is not None:
         modules["vllm.model_executor.models"] = types.ModuleType("vllm.model_executor.models")
         modules["vllm.model_executor.models.config"] = types.ModuleType("vllm.model_executor.models.config")
@@ -284,6 +297,22 @@ def test_prunevid_settings_on_a_stock_architecture_are_refused_with_what_to_add(
 
 
 # ---- the CPU runner fix: the plugin's architecture only, unless EVS is opted in ---------------
+
+
+@pytest.mark.parametrize("opted_in", [False, True])
+def test_the_cpu_runner_fix_reaches_every_model_only_when_opted_in_through_the_environment(
+    monkeypatch, opted_in
+):
+    """An engine core started from a process that called `enable_evs_on_cpu` runs `register`
+    anew: the environment carries the opt-in there."""
+    monkeypatch.delenv(plugin.EVS_ON_CPU, raising=False)
+    if opted_in:
+        monkeypatch.setenv(plugin.EVS_ON_CPU, "1")
+    fake_vllm(monkeypatch, "0.32.0", FakeRegistry(), {}, cpu=True)
+    plugin.register()
+    runner = sys.modules["vllm.v1.worker.cpu_model_runner"].CPUModelRunner
+    assert runner.load_model.prunevid_fix is True
+    assert runner.load_model.every_model is opted_in
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable, Mapping
 
 import torch
@@ -103,6 +104,7 @@ def register() -> None:
         MODELS_CONFIG_MAP.setdefault(architecture, UnpluggedHook)
     if on_cpu:
         _enable_pruning_on_cpu(CPUModelRunner, supports_multimodal_pruning)
+        CPUModelRunner.load_model.every_model = os.environ.get(EVS_ON_CPU) == "1"
 
 
 # Checkpoints someone may give "prunevid" settings to without the plugin's architecture.
@@ -357,13 +359,19 @@ def cpu_runner_prunes(model: torch.nn.Module, supports_pruning: bool, multimodal
     )
 
 
+# Set to "1", vLLM processes started from here (an engine core) opt in as `enable_evs_on_cpu` does.
+EVS_ON_CPU = "PRUNEVID_VLLM_EVS_ON_CPU"
+
+
 def enable_evs_on_cpu() -> None:
-    """Let vLLM's own video pruning (EVS, `--video-pruning-rate`) run on vLLM 0.32's CPU build in
-    this process, which the upstream bug above stops: the plugin's runner fix for every model.
-    Opt-in, for in-process engines that compare with EVS (tests/test_vllm.py,
-    scripts/vllm_bench.py); the plugin never changes how vLLM runs another model by itself."""
+    """Let vLLM's own video pruning (EVS, `--video-pruning-rate`) run on vLLM 0.32's CPU build,
+    which the upstream bug above stops: the plugin's runner fix for every model, in this process
+    and (through `EVS_ON_CPU` in the environment, read by `register`) in the vLLM processes it
+    starts. Opt-in, for runs that compare with EVS (tests/test_vllm.py, scripts/vllm_bench.py);
+    the plugin never changes how vLLM runs another model by itself."""
     from vllm.model_executor.models.interfaces import supports_multimodal_pruning
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
+    os.environ[EVS_ON_CPU] = "1"
     _enable_pruning_on_cpu(CPUModelRunner, supports_multimodal_pruning)
     CPUModelRunner.load_model.every_model = True

@@ -61,6 +61,7 @@ from prunevid.synthetic import make_sample
 from prunevid.testing import save_tiny_qwen_vl, tiny_tokenizer
 
 PRUNED = {"retention": 0.25}
+HALF = {"retention": 0.5}  # a request's own budget: mm_processor_kwargs {"prunevid_retention": 0.5}
 ARCH = [plugin.ARCHITECTURE]
 PROMPT = (
     "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what colour is the object ?"
@@ -119,8 +120,10 @@ VIDEOS = {
 IMAGE = Image.fromarray(make_sample(5, num_frames=6, size=112).frames[0])
 
 
-def request(name: str, prompt: str = PROMPT) -> dict:
-    return {"prompt": prompt, "multi_modal_data": {"video": VIDEOS[name]}}
+def request(name: str, prompt: str = PROMPT, retention: float | None = None) -> dict:
+    """A video request; with a retention, its own (the plugin's per-request budget)."""
+    own = {} if retention is None else {"mm_processor_kwargs": {plugin.REQUEST_RETENTION: retention}}
+    return {"prompt": prompt, "multi_modal_data": {"video": VIDEOS[name]}, **own}
 
 
 def media_requests(llm: LLM) -> dict:
@@ -283,6 +286,9 @@ def pruned(checkpoint) -> dict:
         with pytest.raises(ValueError) as refused:
             llm.generate(request("too_long"), greedy(), use_tqdm=False)
         results = {"too_long": str(refused.value)}
+        with pytest.raises(ValueError) as refused:
+            llm.generate(request("short", retention=1.5), greedy(), use_tqdm=False)
+        results["bad_budget"] = str(refused.value)
         results.update(short=solo(llm, "short"), long=solo(llm, "long"))
         results["text"] = llm.generate({"prompt": TEXT_PROMPT}, greedy(), use_tqdm=False)[0]
         results["batch"] = mixed_batch(llm)
@@ -291,6 +297,15 @@ def pruned(checkpoint) -> dict:
         results["again"] = solo(llm, "short", LONG_PROMPT)
         results["chat"] = llm.chat(chat_messages(), greedy(), use_tqdm=False)[0]
         results.update(media_requests(llm))
+        # Budgets per request: one alone, then two budgets in one batch (and the default's).
+        results["short_half"] = observe(llm, request("short", retention=HALF["retention"]))
+        batch = [
+            request("short", retention=HALF["retention"]),
+            request("long"),
+            request("long", retention=0.125),
+        ]
+        results["budget_batch"] = llm.generate(batch, greedy(), use_tqdm=False)
+        results["long_eighth"] = observe(llm, request("long", retention=0.125))
         return results
 
 
@@ -305,7 +320,7 @@ def reference(checkpoint, pruned, tmp_path_factory) -> dict:
         )
     folder = tmp_path_factory.mktemp("reference")
     results = {}
-    for name in ("short", "long"):
+    for name, settings in {"short": PRUNED, "long": PRUNED, "short_half": HALF}.items():
         seen = pruned[name]
         grid = seen["mm"]["video_grid_thw"]
         ids = torch.tensor(seen["out"].prompt_token_ids)
@@ -320,7 +335,7 @@ def reference(checkpoint, pruned, tmp_path_factory) -> dict:
                 "pixel_values_videos": seen["pixels"],
                 "video_grid_thw": grid,
                 "second_per_grid_ts": seen["mm"]["second_per_grid_ts"],
-                "settings": PRUNED,
+                "settings": settings,
             },
             path,
         )
@@ -444,6 +459,33 @@ def test_prefix_cache_hit_keeps_positions_and_answer(pruned):
         range(start + 8 + cached - video_end, start + 8 + len(ids) - video_end)
     )
     assert answers([again["out"]]) == answers([first["out"]])
+
+
+# ---- a budget per request -------------------------------------------------------------------------
+
+
+def test_a_request_budget_is_exact_and_equals_the_transformers_path_at_that_retention(pruned, reference):
+    seen, expected = pruned["short_half"], reference["short_half"]
+    assert seen["out"].prompt_token_ids.count(VIDEO_PAD) == 128  # round(0.5 * 256)
+    assert torch.equal(seen["positions"], expected["positions"])
+    torch.testing.assert_close(seen["embeds"], expected["embeds"], rtol=1e-4, atol=1e-5)
+    assert torch.equal(seen["positions"], expected["logical_positions"])
+    # Not the engine's 25%: its 64 placeholders and merged tokens differ.
+    assert pruned["short"]["out"].prompt_token_ids.count(VIDEO_PAD) == 64
+
+
+def test_requests_with_different_budgets_in_one_batch_each_get_their_solo_answer(pruned):
+    batch = pruned["budget_batch"]
+    assert [o.prompt_token_ids.count(VIDEO_PAD) for o in batch] == [128, 32, 16]  # 50%, 25%, 12.5%
+    alone = [pruned["short_half"]["out"], pruned["long"]["out"], pruned["long_eighth"]["out"]]
+    assert [o.prompt_token_ids for o in batch] == [o.prompt_token_ids for o in alone]
+    for (tokens, logprobs), (solo_tokens, solo_logprobs) in zip(answers(batch), answers(alone)):
+        assert tokens == solo_tokens
+        np.testing.assert_allclose(logprobs, solo_logprobs, atol=1e-4)
+
+
+def test_a_bad_request_budget_fails_that_request(pruned):
+    assert pruned["bad_budget"] == "retention must be in (0, 1], got 1.5"
 
 
 # ---- images beside the plugin: untouched -------------------------------------------------------
@@ -637,6 +679,15 @@ def _serve(checkpoint: str, settings: dict, port: int, log: Path) -> subprocess.
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
+def _chat(port: int, body: dict) -> dict:
+    call = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    return json.load(urllib.request.urlopen(call, timeout=120))
+
+
 def test_vllm_serve_answers_a_chat_request_with_a_video(checkpoint, stock, pruned, tmp_path):
     """`vllm serve` runs the front-end (the config hook, the processor) and the engine in separate
     processes: the settings reach the engine through vLLM's config (the model refuses to start
@@ -660,12 +711,9 @@ def test_vllm_serve_answers_a_chat_request_with_a_video(checkpoint, stock, prune
             "temperature": 0,
             "return_token_ids": True,
         }
-        call = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        reply = json.load(urllib.request.urlopen(call, timeout=120))
+        reply = _chat(port, body)
+        # A request's own budget, as the OpenAI client's extra_body={"mm_processor_kwargs": {...}} sends it.
+        half = _chat(port, {**body, "mm_processor_kwargs": {plugin.REQUEST_RETENTION: 0.5}})
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -674,6 +722,7 @@ def test_vllm_serve_answers_a_chat_request_with_a_video(checkpoint, stock, prune
     assert reply["prompt_token_ids"].count(VIDEO_PAD) == 4
     assert reply["prompt_token_ids"] == pruned["chat"].prompt_token_ids
     assert reply["choices"][0]["token_ids"] == list(pruned["chat"].outputs[0].token_ids)
+    assert half["prompt_token_ids"].count(VIDEO_PAD) == 9  # round(0.5 * 18)
     said = [line for line in log.read_text().splitlines() if "PruneVid stage 1 on" in line]
     assert len(said) == 1, said  # once, in the front-end
     assert said[0].endswith("PruneVid stage 1 on PruneVidQwen2_5_VLForConditionalGeneration, retention 0.25")

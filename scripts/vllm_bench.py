@@ -1,26 +1,40 @@
 """Time to first token and throughput in vLLM: stock Qwen2.5-VL, vLLM's EVS and PruneVid stage 1
-(the plugin) at the same budgets, on Qwen2.5-VL layer sizes with dummy weights (speed does not
-depend on weight values; which tokens merge does, but not how many).
+(the plugin) at the same budgets. By default on Qwen2.5-VL-3B layer sizes with dummy weights
+(speed does not depend on weight values; which tokens merge does, but not how many); `--model`
+takes a local folder with real weights instead.
 
 Run in an environment with vLLM and prunevid (`.ci/vllm` builds one on the CPU build; on a GPU:
-`pip install "prunevid[vllm]"`):
+`pip install "prunevid[vllm]"`, nothing else):
 
-    python scripts/vllm_bench.py --json docs/vllm_bench_cpu.json               # this machine's run
-    python scripts/vllm_bench.py --layers 36 --vision-depth 32 --dtype bfloat16 --frames 32 \\
-        --size 448 --repeats 5 --json vllm_bench_gpu.json                        # Qwen2.5-VL-3B, GPU
+    python scripts/vllm_bench.py --enforce-eager --json docs/vllm_bench_cpu.json      # this machine
+    python scripts/vllm_bench.py --layers 36 --vision-depth 32 --dtype bfloat16 --frames 32 \
+        --size 448 --repeats 5 --json vllm_bench_gpu.json                           # 3B sizes, GPU
+    python scripts/vllm_bench.py --model /models/Qwen2.5-VL-7B-Instruct --dtype bfloat16 \
+        --online --rate 2 --num-requests 64 --json vllm_online.json                 # serving load
 
-Each method gets its own engine (one at a time, in this process, prefix caching and the
-processor cache off so every request encodes its video again). TTFT: the wall time of one
-request with one new token, from the raw frames (preprocessing, vision tower, stage 1 or EVS,
-prefill), the fastest of `--repeats` (other work only adds time), split into the model's `embed_multimodal` (vision tower, then
-stage 1 or EVS) and its language-model prefill (the rest is preprocessing and scheduling). Throughput: `--batch` such requests at once with `--new-tokens`
-each: requests and output tokens per second. EVS keeps at least a whole frame's tokens, so
-budgets below 1 / time steps have no equal-count EVS run; choose retentions at or above it.
+Offline (default): each method gets its own engine (one at a time, in this process, prefix
+caching and the processor cache off so every request encodes its video again). TTFT: the wall
+time of one request with one new token, from the raw frames (preprocessing, vision tower, stage 1
+or EVS, prefill), the fastest of `--repeats` (other work only adds time), split into the model's
+`embed_multimodal` (vision tower, then stage 1 or EVS) and its language-model prefill (the rest
+is preprocessing and scheduling); the clocks wait for the device, and nothing is copied to the
+host inside a timed region. Throughput: `--batch` such requests at once with `--new-tokens`
+each. The pruning step alone is then timed on the device, on the vision tower's output for the
+same video, kept where the model computed it.
+
+Online (`--online`): vLLM's async engine (its engine core in its own process, as `vllm serve`)
+gets `--num-requests` requests at Poisson arrivals of `--rate` per second; per method: TTFT p50
+and p95, completed requests per second and output tokens per second.
+
+CUDA graphs and torch.compile stay vLLM's defaults unless `--enforce-eager`. EVS keeps at least
+a whole frame's tokens, so budgets below 1 / time steps have no equal-count EVS run; choose
+retentions at or above it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import os
@@ -41,6 +55,7 @@ from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
 from prunevid.bench.archs import ARCHS, QWEN25_VIT
 from prunevid.integrations import vllm as plugin
+from prunevid.models.base import clock
 from prunevid.synthetic import make_sample
 from prunevid.testing import save_tiny_qwen_vl, tiny_tokenizer
 
@@ -98,40 +113,50 @@ def methods(retentions: list[float]) -> list[tuple[str, float | None, dict]]:
 
 def _install_timers(model: torch.nn.Module) -> None:
     """Time the model's two parts of a prefill: `embed_multimodal` (vision tower, then stage 1 or
-    EVS) and the language model's forward calls (with their lengths)."""
+    EVS) and the language model's forward calls (with their lengths). Each clock waits for the
+    device; nothing is copied to the host."""
     times = model.bench_times = {"encode": [], "forward": [], "started": []}
-
-    def clock() -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
+    device = next(model.parameters()).device
     embed = model.embed_multimodal
 
     def timed_embed(**kwargs):
-        if "video_grid_thw" in kwargs:
-            times["grid"] = tuple(kwargs["video_grid_thw"][0].tolist())
-        tic = clock()
+        tic = clock(device)
         out = embed(**kwargs)
-        times["encode"].append(clock() - tic)
+        times["encode"].append(clock(device) - tic)
         return out
 
     model.embed_multimodal = timed_embed
-    model.visual.register_forward_hook(lambda m, args, out: times.update(features=out.detach().cpu()))
-    model.register_forward_pre_hook(lambda m, args, kw: times["started"].append(clock()), with_kwargs=True)
+    model.register_forward_pre_hook(
+        lambda m, args, kw: times["started"].append(clock(device)), with_kwargs=True
+    )
     model.register_forward_hook(
         lambda m, args, kw, out: times["forward"].append(
-            (kw["positions"].shape[-1], clock() - times["started"].pop())
+            (kw["positions"].shape[-1], clock(device) - times["started"].pop())
         ),
         with_kwargs=True,
     )
 
 
+def _keep_vision_output(model: torch.nn.Module) -> None:
+    """Keep the next request's video grid and vision-tower output, where it was computed (for
+    `pruning_cost`; set only for an untimed request)."""
+    embed = model.embed_multimodal
+
+    def keep_grid(**kwargs):
+        model.bench_grid = tuple(kwargs["video_grid_thw"][0].tolist())  # a host tensor in vLLM
+        model.embed_multimodal = embed
+        return embed(**kwargs)
+
+    def keep(module, args, out):
+        model.bench_vision = out.detach()
+        handle.remove()
+
+    model.embed_multimodal = keep_grid
+    handle = model.visual.register_forward_hook(keep)
+
+
 def _vision_output(model: torch.nn.Module) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """The last call's first video: its vision-tower output (T * N, C) and patch grid, for
-    `pruning_cost` (a batched call encodes several videos at once)."""
-    grid = model.bench_times["grid"]
-    return model.bench_times["features"][: grid[0] * grid[1] * grid[2] // 4], grid
+    return model.bench_vision, model.bench_grid
 
 
 def _take_times(model: torch.nn.Module) -> dict:
@@ -177,17 +202,21 @@ def measure(llm: LLM, request: dict, repeats: int, batch: int, new_tokens: int) 
 
 
 def pruning_cost(features: torch.Tensor, grid: tuple[int, int, int], retentions: list[float]) -> list[dict]:
-    """Seconds of the pruning step alone on one video's vision-tower output (T * N, C), fastest of
-    10: PruneVid stage 1 with its position channels (`merged_video`) and vLLM's EVS (its retention
-    mask and positions), at each retention."""
+    """Seconds of the pruning step alone on one video's vision-tower output (T * N, C), on the
+    device that computed it, fastest of 10: PruneVid stage 1 with its position channels
+    (`merged_video`) and vLLM's EVS as its Qwen2.5-VL runs it (retention mask on the device,
+    positions built on the host and uploaded), at each retention."""
     from vllm.multimodal.video_prune.evs import compute_mrope_for_media, compute_retention_mask
 
+    device = features.device
+
     def fastest(run) -> float:
+        run()  # warm-up (kernels, allocator)
         seconds = []
         for _ in range(10):
-            tic = time.perf_counter()
+            tic = clock(device)
             run()
-            seconds.append(time.perf_counter() - tic)
+            seconds.append(clock(device) - tic)
         return min(seconds)
 
     rows = []
@@ -196,7 +225,7 @@ def pruning_cost(features: torch.Tensor, grid: tuple[int, int, int], retentions:
 
         def evs(r=r):
             mask = compute_retention_mask(features, grid, spatial_merge_size=2, q=1 - r)
-            positions = compute_mrope_for_media(torch.tensor(grid), 2, 2.0, 1.0)
+            positions = compute_mrope_for_media(torch.tensor(grid), 2, 2.0, 1.0).to(device)
             return torch.cat([features[mask], positions[mask].to(features.dtype)], 1)
 
         rows.append(
@@ -211,21 +240,89 @@ def pruning_cost(features: torch.Tensor, grid: tuple[int, int, int], retentions:
     return rows
 
 
+def engine_options(args: argparse.Namespace, folder: str) -> dict:
+    """What every method's engine shares."""
+    options = dict(
+        model=folder,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.batch,
+        enforce_eager=args.enforce_eager,
+        enable_prefix_caching=False,
+        mm_processor_cache_gb=0,
+        limit_mm_per_prompt={"video": 1, "image": 0},
+        seed=0,
+    )
+    if args.model is None:
+        options["load_format"] = "dummy"
+    if args.gpu_memory_utilization is not None:
+        options["gpu_memory_utilization"] = args.gpu_memory_utilization
+    return options
+
+
+async def _serve(options: dict, request: dict, rate: float, count: int, new_tokens: int) -> dict:
+    """`count` requests at Poisson arrivals of `rate` per second to vLLM's async engine."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**options))
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+
+    async def one(name: str, delay: float) -> tuple[float, int]:
+        await asyncio.sleep(delay)
+        sent, first, tokens = time.perf_counter(), None, 0
+        async for out in engine.generate(request, params, request_id=name):
+            if first is None and out.outputs[0].token_ids:
+                first = time.perf_counter() - sent
+            tokens = len(out.outputs[0].token_ids)
+        return first, tokens
+
+    try:
+        await one("warm-up", 0.0)
+        arrivals = np.cumsum(np.random.default_rng(0).exponential(1 / rate, count))
+        tic = time.perf_counter()
+        done = await asyncio.gather(*(one(f"r{i}", float(t)) for i, t in enumerate(arrivals)))
+        elapsed = time.perf_counter() - tic
+    finally:
+        engine.shutdown()
+    ttft = [first for first, _ in done]
+    return {
+        "rate": rate,
+        "requests": count,
+        "ttft_p50_s": float(np.percentile(ttft, 50)),
+        "ttft_p95_s": float(np.percentile(ttft, 95)),
+        "requests_per_s": count / elapsed,
+        "output_tokens_per_s": sum(tokens for _, tokens in done) / elapsed,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=8, help="decoder layers (Qwen2.5-VL-3B: 36)")
-    parser.add_argument("--vision-depth", type=int, default=8, help="vision blocks (Qwen2.5-VL-3B: 32)")
+    parser.add_argument(
+        "--model", help="a local Qwen2.5-VL folder with weights (default: 3B sizes, dummy weights)"
+    )
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers, without --model (3B: 36)")
+    parser.add_argument("--vision-depth", type=int, default=8, help="vision blocks, without --model (3B: 32)")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=336, help="frame side in pixels (a multiple of 28)")
     parser.add_argument("--retentions", default="0.25,0.125")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4, help="offline batch; the engines' max_num_seqs")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--gpu-memory-utilization", type=float, help="vLLM's share of GPU memory")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile")
+    parser.add_argument("--online", action="store_true", help="serving load instead of one request at a time")
+    parser.add_argument("--rate", type=float, default=1.0, help="--online: requests per second (Poisson)")
+    parser.add_argument("--num-requests", type=int, default=32, help="--online: requests per method")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        plugin.enable_evs_on_cpu()  # vLLM 0.32's CPU runner cannot run its own EVS otherwise
     frames = make_sample(0, num_frames=args.frames, size=args.size).frames
     metadata = {
         "fps": 2.0,
@@ -236,48 +333,47 @@ def main(argv: list[str] | None = None) -> dict:
         "do_sample_frames": False,
     }
     request = {"prompt": PROMPT, "multi_modal_data": {"video": (frames, metadata)}}
-    folder = write_checkpoint(
+    folder = args.model or write_checkpoint(
         tempfile.mkdtemp(prefix="vllm-bench-"), args.layers, args.vision_depth, args.size
     )
+    retentions = [float(r) for r in args.retentions.split(",")]
     results, features, grid = [], None, None
-    for name, retention, options in methods([float(r) for r in args.retentions.split(",")]):
-        tic = time.perf_counter()
-        llm = LLM(
-            folder,
-            load_format="dummy",
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            max_num_seqs=args.batch,
-            enforce_eager=True,
-            enable_prefix_caching=False,
-            mm_processor_cache_gb=0,
-            limit_mm_per_prompt={"video": 1, "image": 0},
-            seed=0,
-            **options,
-        )
-        startup = time.perf_counter() - tic
-        row = {"method": name, "retention": retention, "startup_s": startup}
-        row.update(measure(llm, request, args.repeats, args.batch, args.new_tokens))
-        if name == "stock" and features is None:
-            features, grid = llm.apply_model(_vision_output)[0]
+    for name, retention, method in methods(retentions):
+        options = {**engine_options(args, folder), **method}
+        row = {"method": name, "retention": retention}
+        if args.online:
+            row.update(asyncio.run(_serve(options, request, args.rate, args.num_requests, args.new_tokens)))
+        else:
+            tic = time.perf_counter()
+            llm = LLM(**options)
+            row["startup_s"] = time.perf_counter() - tic
+            row.update(measure(llm, request, args.repeats, args.batch, args.new_tokens))
+            if name == "stock" and features is None:  # one more request, untimed, keeps its vision output
+                llm.apply_model(_keep_vision_output)
+                llm.generate(request, SamplingParams(max_tokens=1), use_tqdm=False)
+                features, grid = llm.apply_model(_vision_output)[0]
+            llm.llm_engine.engine_core.shutdown()
+            del llm
         results.append(row)
         print(json.dumps(row), flush=True)
-        llm.llm_engine.engine_core.shutdown()
-        del llm
         gc.collect()
         cleanup_dist_env_and_memory()
     stock = [row for row in results if row["method"] == "stock"]  # ratios against their mean
-    for row in results:
-        for ratio, key, inverse in (
+    ratios = (
+        [("ttft_p50_speedup", "ttft_p50_s", True), ("throughput_ratio", "output_tokens_per_s", False)]
+        if args.online
+        else [
             ("ttft_speedup", "ttft_s", True),
             ("lm_prefill_speedup", "lm_prefill_s", True),
             ("throughput_ratio", "output_tokens_per_s", False),
-        ):
+        ]
+    )
+    for row in results:
+        for ratio, key, inverse in ratios:
             base = statistics.mean(s[key] for s in stock)
             row[ratio] = base / row[key] if inverse else row[key] / base
     report = {
         "settings": vars(args),
-        "pruning_step": pruning_cost(features, grid, [float(r) for r in args.retentions.split(",")]),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
@@ -288,9 +384,11 @@ def main(argv: list[str] | None = None) -> dict:
         "video": {"frames": args.frames, "size": args.size, "pixels": int(np.prod(frames.shape))},
         "results": results,
     }
+    if features is not None:
+        report["pruning_step"] = pruning_cost(features[: grid[0] * grid[1] * grid[2] // 4], grid, retentions)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(table(report))
+    print(online_table(report) if args.online else table(report))
     return report
 
 
@@ -308,6 +406,21 @@ def table(report: dict) -> str:
             f"{row['ttft_s']:.2f} [{spread}] | {row['encode_s']:.2f} | {row['lm_prefill_s']:.2f} | "
             f"{row['ttft_speedup']:.2f}x | {row['lm_prefill_speedup']:.2f}x | "
             f"{row['output_tokens_per_s']:.2f} ({row['throughput_ratio']:.2f}x) |"
+        )
+    return "\n".join(lines)
+
+
+def online_table(report: dict) -> str:
+    """The online results as a markdown table (ratios against the mean of the stock runs)."""
+    lines = [
+        "| method | retention | requests/s offered | TTFT p50 s | TTFT p95 s | requests/s | output tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["results"]:
+        lines.append(
+            f"| {row['method']} | {row['retention'] or '-'} | {row['rate']:g} | {row['ttft_p50_s']:.2f} "
+            f"({row['ttft_p50_speedup']:.2f}x) | {row['ttft_p95_s']:.2f} | {row['requests_per_s']:.2f} | "
+            f"{row['output_tokens_per_s']:.1f} ({row['throughput_ratio']:.2f}x) |"
         )
     return "\n".join(lines)
 

@@ -14,14 +14,23 @@ need and shuts it down; tests then compare what was recorded. The checks:
   prefill splitting the video; a batch mixing videos of two sizes with a text-only request gives
   each its solo answer; a prefix-cache hit gives the same answer;
 * bf16: positions above 256 arrive exactly;
-* vLLM's own EVS runs on the CPU build (the plugin's runner fix);
-* `vllm serve` answers an OpenAI chat request with a video, and refuses bad settings at start-up.
+* images are untouched, alone or beside a pruned video;
+* an over-long video fails its request, and the engine serves the next ones;
+* on any vLLM: every vLLM name the plugin touches imports; vLLM's plugin loader with a faked
+  untested version starts and registers nothing; "prunevid" without the architecture refuses
+  to start;
+* vLLM's own EVS runs on the CPU build (opted in to the plugin's runner fix), and its prefix-cache
+  misnumbering is pinned;
+* `vllm serve` (front-end and engine in separate processes) answers an OpenAI chat request with
+  a video exactly as the in-process engine, logs the start-up line, and refuses bad settings at
+  start-up.
 """
 
 from __future__ import annotations
 
 import base64
 import gc
+import importlib
 import json
 import os
 import socket
@@ -42,6 +51,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import numpy as np
 import torch
+from PIL import Image
 from vllm import LLM, SamplingParams
 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
@@ -51,6 +61,7 @@ from prunevid.synthetic import make_sample
 from prunevid.testing import save_tiny_qwen_vl, tiny_tokenizer
 
 PRUNED = {"retention": 0.25}
+HALF = {"retention": 0.5}  # a request's own budget: mm_processor_kwargs {"prunevid_retention": 0.5}
 ARCH = [plugin.ARCHITECTURE]
 PROMPT = (
     "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what colour is the object ?"
@@ -64,8 +75,17 @@ LONG_PROMPT = PROMPT.replace(
     "object appears first and which one disappears ?",
 )
 TEXT_PROMPT = "<|im_start|>user\nhow many objects are there ?<|im_end|>\n<|im_start|>assistant\n"
+# An image before a video, and an image alone (its prompt shares no cache block with the first).
+IMAGE_VIDEO_PROMPT = PROMPT.replace(
+    "<|vision_start|>", "<|vision_start|><|image_pad|><|vision_end|><|vision_start|>"
+)
+IMAGE_PROMPT = (
+    "<|im_start|>user\nhow many objects are there ? <|vision_start|><|image_pad|><|vision_end|>"
+    "<|im_end|>\n<|im_start|>assistant\n"
+)
 NEW_TOKENS = 4
 VIDEO_PAD = tiny_tokenizer().convert_tokens_to_ids("<|video_pad|>")
+IMAGE_PAD = tiny_tokenizer().convert_tokens_to_ids("<|image_pad|>")
 SERVE_VIDEO = Path(__file__).parent.parent / "prunevid/eval_tasks/prunevid_synth/videos/synth_7000000.mp4"
 SERVE_MEDIA = {"video": {"num_frames": 8}}
 
@@ -91,11 +111,30 @@ VIDEOS = {
     "short": video(8, 224, 2.0),
     "long": video(16, 112, 2.0, seed=2),
     "far": video(6, 112, 0.01, seed=3),
+    # 3 steps 20,000 s apart: t = 0, 40,000, 80,000.
+    "too_long": video(6, 112, 0.0001, seed=4),
 }
 
 
-def request(name: str, prompt: str = PROMPT) -> dict:
-    return {"prompt": prompt, "multi_modal_data": {"video": VIDEOS[name]}}
+# 112 x 112 px: 4 x 4 merged tokens.
+IMAGE = Image.fromarray(make_sample(5, num_frames=6, size=112).frames[0])
+
+
+def request(name: str, prompt: str = PROMPT, retention: float | None = None) -> dict:
+    """A video request; with a retention, its own (the plugin's per-request budget)."""
+    own = {} if retention is None else {"mm_processor_kwargs": {plugin.REQUEST_RETENTION: retention}}
+    return {"prompt": prompt, "multi_modal_data": {"video": VIDEOS[name]}, **own}
+
+
+def media_requests(llm: LLM) -> dict:
+    """An image-only prompt, then an image and a video in one prompt."""
+    return {
+        "image": observe(llm, {"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": IMAGE}}),
+        "image_video": observe(
+            llm,
+            {"prompt": IMAGE_VIDEO_PROMPT, "multi_modal_data": {"image": IMAGE, "video": VIDEOS["short"]}},
+        ),
+    }
 
 
 def greedy() -> SamplingParams:
@@ -115,7 +154,7 @@ def engine(checkpoint: str, **options):
         max_model_len=1024,
         enforce_eager=True,
         dtype="float32",
-        limit_mm_per_prompt={"video": 2, "image": 0},
+        limit_mm_per_prompt={"video": 2, "image": 1},
         max_num_seqs=4,
         seed=0,
     )
@@ -173,8 +212,13 @@ def prefill_inputs(log: dict, length: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def solo(llm: LLM, name: str, prompt: str = PROMPT) -> dict:
     """One video request alone: its output and what the model saw."""
+    return observe(llm, request(name, prompt))
+
+
+def observe(llm: LLM, prompt: dict) -> dict:
+    """One request alone: its output and what the model saw."""
     take_log(llm)
-    out = llm.generate(request(name, prompt), greedy(), use_tqdm=False)[0]
+    out = llm.generate(prompt, greedy(), use_tqdm=False)[0]
     log = take_log(llm)
     # A prefix-cache hit computes only the rest of the prompt (and may not encode the video).
     positions, embeds = prefill_inputs(log, len(out.prompt_token_ids) - (out.num_cached_tokens or 0))
@@ -183,6 +227,7 @@ def solo(llm: LLM, name: str, prompt: str = PROMPT) -> dict:
         "out": out,
         "positions": positions,
         "embeds": embeds,
+        "calls": [p.shape[1] for p, _ in log["lm"]],  # tokens of each language-model call
         "mm": log["mm"][0] if encoded else None,
         "pixels": log["pixels"][0] if encoded else None,
         "vision": log["vision"][0] if encoded else None,
@@ -214,7 +259,7 @@ def stock(checkpoint) -> dict:
         results = {"short": solo(llm, "short"), "long": solo(llm, "long"), "batch": mixed_batch(llm)}
         take_log(llm)
         results["chat"] = llm.chat(chat_messages(), greedy(), use_tqdm=False)[0]
-        results["chat_grid"] = tuple(take_log(llm)["mm"][0]["video_grid_thw"][0].tolist())
+        results.update(media_requests(llm))
         return results
 
 
@@ -235,13 +280,32 @@ def pruned(checkpoint) -> dict:
         enable_chunked_prefill=True,
         max_num_batched_tokens=48,
         block_size=32,
+        media_io_kwargs=SERVE_MEDIA,
     ) as llm:
-        results = {"short": solo(llm, "short"), "long": solo(llm, "long"), "text": None}
+        # First a video whose positions the plugin cannot carry: refused; the engine goes on serving.
+        with pytest.raises(ValueError) as refused:
+            llm.generate(request("too_long"), greedy(), use_tqdm=False)
+        results = {"too_long": str(refused.value)}
+        with pytest.raises(ValueError) as refused:
+            llm.generate(request("short", retention=1.5), greedy(), use_tqdm=False)
+        results["bad_budget"] = str(refused.value)
+        results.update(short=solo(llm, "short"), long=solo(llm, "long"))
         results["text"] = llm.generate({"prompt": TEXT_PROMPT}, greedy(), use_tqdm=False)[0]
         results["batch"] = mixed_batch(llm)
         # Twice the same long question: the second time the prefix cache holds the whole video.
         results["long_question"] = solo(llm, "short", LONG_PROMPT)
         results["again"] = solo(llm, "short", LONG_PROMPT)
+        results["chat"] = llm.chat(chat_messages(), greedy(), use_tqdm=False)[0]
+        results.update(media_requests(llm))
+        # Budgets per request: one alone, then two budgets in one batch (and the default's).
+        results["short_half"] = observe(llm, request("short", retention=HALF["retention"]))
+        batch = [
+            request("short", retention=HALF["retention"]),
+            request("long"),
+            request("long", retention=0.125),
+        ]
+        results["budget_batch"] = llm.generate(batch, greedy(), use_tqdm=False)
+        results["long_eighth"] = observe(llm, request("long", retention=0.125))
         return results
 
 
@@ -256,7 +320,7 @@ def reference(checkpoint, pruned, tmp_path_factory) -> dict:
         )
     folder = tmp_path_factory.mktemp("reference")
     results = {}
-    for name in ("short", "long"):
+    for name, settings in {"short": PRUNED, "long": PRUNED, "short_half": HALF}.items():
         seen = pruned[name]
         grid = seen["mm"]["video_grid_thw"]
         ids = torch.tensor(seen["out"].prompt_token_ids)
@@ -271,7 +335,7 @@ def reference(checkpoint, pruned, tmp_path_factory) -> dict:
                 "pixel_values_videos": seen["pixels"],
                 "video_grid_thw": grid,
                 "second_per_grid_ts": seen["mm"]["second_per_grid_ts"],
-                "settings": PRUNED,
+                "settings": settings,
             },
             path,
         )
@@ -319,6 +383,9 @@ def test_pruned_inputs_equal_the_transformers_path(pruned, reference):
     torch.testing.assert_close(seen["vision"], expected["features"], rtol=1e-4, atol=1e-5)
     assert torch.equal(seen["positions"], expected["positions"])
     torch.testing.assert_close(seen["embeds"], expected["embeds"], rtol=1e-4, atol=1e-5)
+    # The same, from tests/reference.py's logical prompt (neither the adapter nor `first_members`).
+    assert torch.equal(seen["positions"], expected["logical_positions"])
+    torch.testing.assert_close(seen["embeds"], expected["logical_embeds"], rtol=1e-4, atol=1e-5)
     # Stage 1 really merged: the positions are those of 64 of the 256 tokens, not a prefix of them.
     is_video = torch.tensor(seen["out"].prompt_token_ids) == VIDEO_PAD
     assert len(set(seen["positions"][0, is_video].tolist())) == 4  # every time step kept some
@@ -327,9 +394,11 @@ def test_pruned_inputs_equal_the_transformers_path(pruned, reference):
 def test_long_video_inputs_equal_the_transformers_path_up_to_its_text_numbering(pruned, reference, stock):
     seen, expected = pruned["long"], reference["long"]
     torch.testing.assert_close(seen["embeds"], expected["embeds"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(seen["embeds"], expected["logical_embeds"], rtol=1e-4, atol=1e-5)
     ids = torch.tensor(seen["out"].prompt_token_ids)
     after = int((ids == VIDEO_PAD).nonzero()[-1]) + 1
     assert torch.equal(seen["positions"][:, :after], expected["positions"][:, :after])
+    assert torch.equal(seen["positions"][:, :after], expected["logical_positions"][:, :after])
     # What follows the video: vLLM continues after the largest position (t = 14: 15 on from the
     # video's start), transformers 5.x after the frame's widest side (4): 11 apart, as stock.
     assert torch.equal(seen["positions"][:, after:], expected["positions"][:, after:] + 11)
@@ -351,7 +420,21 @@ def test_stock_positions_of_vllm_and_transformers(stock, reference):
 
 
 def test_chunked_prefill_split_the_video(pruned):
-    assert pruned["short"]["positions"].shape[1] == len(pruned["short"]["out"].prompt_token_ids) > 48
+    ids = pruned["short"]["out"].prompt_token_ids
+    start, end = ids.index(VIDEO_PAD), len(ids) - ids[::-1].index(VIDEO_PAD)
+    # Two prefill chunks of at most 48 tokens, then one call per further new token.
+    assert pruned["short"]["calls"] == [48, len(ids) - 48] + [1] * (NEW_TOKENS - 1)
+    assert start < 48 < end  # the split falls inside the video
+    assert pruned["short"]["positions"].shape[1] == len(ids)
+
+
+def test_an_over_long_video_fails_its_request_and_the_engine_keeps_serving(pruned):
+    assert pruned["too_long"] == (
+        "this video is too long for PruneVid's vLLM plugin: its 3 time steps reach position 80000 from its "
+        "start, and the plugin carries positions below 65,536 (sample fewer frames, or send a shorter clip)"
+    )
+    # The requests after it (every other one the fixture sent) were served.
+    assert len(pruned["short"]["out"].outputs[0].token_ids) == NEW_TOKENS
 
 
 def test_mixed_batch_gives_each_request_its_solo_answer(pruned):
@@ -378,6 +461,69 @@ def test_prefix_cache_hit_keeps_positions_and_answer(pruned):
     assert answers([again["out"]]) == answers([first["out"]])
 
 
+# ---- a budget per request -------------------------------------------------------------------------
+
+
+def test_a_request_budget_is_exact_and_equals_the_transformers_path_at_that_retention(pruned, reference):
+    seen, expected = pruned["short_half"], reference["short_half"]
+    assert seen["out"].prompt_token_ids.count(VIDEO_PAD) == 128  # round(0.5 * 256)
+    assert torch.equal(seen["positions"], expected["positions"])
+    torch.testing.assert_close(seen["embeds"], expected["embeds"], rtol=1e-4, atol=1e-5)
+    assert torch.equal(seen["positions"], expected["logical_positions"])
+    # Not the engine's 25%: its 64 placeholders and merged tokens differ.
+    assert pruned["short"]["out"].prompt_token_ids.count(VIDEO_PAD) == 64
+
+
+def test_requests_with_different_budgets_in_one_batch_each_get_their_solo_answer(pruned):
+    batch = pruned["budget_batch"]
+    assert [o.prompt_token_ids.count(VIDEO_PAD) for o in batch] == [128, 32, 16]  # 50%, 25%, 12.5%
+    alone = [pruned["short_half"]["out"], pruned["long"]["out"], pruned["long_eighth"]["out"]]
+    assert [o.prompt_token_ids for o in batch] == [o.prompt_token_ids for o in alone]
+    for (tokens, logprobs), (solo_tokens, solo_logprobs) in zip(answers(batch), answers(alone)):
+        assert tokens == solo_tokens
+        np.testing.assert_allclose(logprobs, solo_logprobs, atol=1e-4)
+
+
+def test_a_bad_request_budget_fails_that_request(pruned):
+    assert pruned["bad_budget"] == "retention must be in (0, 1], got 1.5"
+
+
+# ---- images beside the plugin: untouched -------------------------------------------------------
+
+
+def test_an_image_only_prompt_with_the_plugin_is_stock_vllm(stock, pruned):
+    seen, base = pruned["image"], stock["image"]
+    assert seen["out"].prompt_token_ids == base["out"].prompt_token_ids
+    assert seen["out"].prompt_token_ids.count(IMAGE_PAD) == 16
+    assert torch.equal(seen["positions"], base["positions"])
+    torch.testing.assert_close(seen["embeds"], base["embeds"], rtol=0, atol=0)
+    assert answers([seen["out"]]) == answers([base["out"]])
+
+
+def test_an_image_beside_a_pruned_video_is_untouched(stock, pruned):
+    seen, base = pruned["image_video"], stock["image_video"]
+    ids, stock_ids = torch.tensor(seen["out"].prompt_token_ids), torch.tensor(base["out"].prompt_token_ids)
+    assert int((ids == VIDEO_PAD).sum()) == 64 and int((stock_ids == VIDEO_PAD).sum()) == 256
+    image = (ids == IMAGE_PAD).nonzero().squeeze(1)  # the image comes first: the same rows in both
+    assert torch.equal(image, (stock_ids == IMAGE_PAD).nonzero().squeeze(1)) and len(image) == 16
+    torch.testing.assert_close(seen["embeds"][image], base["embeds"][image], rtol=0, atol=0)
+    assert torch.equal(seen["positions"][:, image], base["positions"][:, image])
+    # The video beside it is merged as when it comes alone.
+    is_video, alone = ids == VIDEO_PAD, torch.tensor(pruned["short"]["out"].prompt_token_ids) == VIDEO_PAD
+    torch.testing.assert_close(
+        seen["embeds"][is_video], pruned["short"]["embeds"][alone], rtol=1e-5, atol=1e-6
+    )
+    # Its tokens sit where they sit alone, moved from the stock video start alone (s = 3) to the
+    # stock video start here (s = 9: after the image's 4 x 4).
+    start, start_alone = int(is_video.nonzero()[0]), int(alone.nonzero()[0])
+    moved = (
+        base["positions"][:, start : start + 1]
+        - stock["short"]["positions"][:, start_alone : start_alone + 1]
+    )
+    assert moved.tolist() == [[6], [6], [6]]
+    assert torch.equal(seen["positions"][:, is_video], pruned["short"]["positions"][:, alone] + moved)
+
+
 # ---- bf16: positions above 256 -------------------------------------------------------------
 
 
@@ -390,7 +536,9 @@ def test_bf16_positions_beyond_256_arrive_exact(checkpoint):
     start = int(is_video.nonzero()[0])  # the video's first position: one past <|vision_start|>'s
     features = seen["vision"]  # (3 * 16, C) bf16, what stage 1 merged
     merge = merge_tokens(features.view(3, 16, -1), plugin.settings({"retention": 0.5}), (4, 4))
-    first = merge.first_members()
+    # Each merged token's first member, read off the assignment (not `first_members`).
+    assignment = merge.assignment.flatten()
+    first = torch.stack([(assignment == m).nonzero()[0, 0] for m in range(merge.num_tokens)])
     expected_t = first // 16 * 400 + start  # 0.01 fps: 200 s per step, 2 positions per second
     assert torch.equal(seen["positions"][0, is_video], expected_t)
     assert torch.equal(seen["positions"][1, is_video], first % 16 // 4 + start)
@@ -400,6 +548,65 @@ def test_bf16_positions_beyond_256_arrive_exact(checkpoint):
     assert seen["positions"][0, after:].tolist() == list(range(start + 801, start + 801 + len(ids) - after))
 
 
+# ---- the plugin on any vLLM --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", plugin.VLLM_NAMES)
+def test_every_vllm_name_the_plugin_touches_exists(name):
+    module, attributes = name.split(":")
+    found = importlib.import_module(module)
+    for attribute in attributes.split("."):
+        found = getattr(found, attribute)
+
+
+@pytest.mark.parametrize("version", [None, "0.99.0", "0.31.0"])
+def test_vllm_starts_with_prunevid_installed_whatever_its_version(version):
+    """vLLM's own plugin loader, in a fresh process, with vLLM's version replaced: on an untested
+    version the plugin registers nothing and logs one line; on this one it registers."""
+    fake = "" if version is None else f"vllm.__version__ = {version!r}\n"
+    code = (
+        f"import vllm\n{fake}"
+        "from vllm.plugins import load_general_plugins\n"
+        "load_general_plugins()\n"
+        "from vllm import ModelRegistry\n"
+        "from vllm.model_executor.models.config import MODELS_CONFIG_MAP\n"
+        f"print('registered', {plugin.ARCHITECTURE!r} in ModelRegistry.get_supported_archs(), "
+        f"{plugin.ARCHITECTURE!r} in MODELS_CONFIG_MAP)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = [line for line in (run.stdout + run.stderr).splitlines() if "PruneVid" in line]
+    if version is None:
+        assert "registered True True" in run.stdout
+        assert said == []
+    else:
+        assert "registered False False" in run.stdout
+        assert len(said) == 1
+        assert f"it is tested on vLLM >=0.32,<0.33 and this is vLLM {version}" in said[0]
+
+
+def _error_messages(error: BaseException) -> list[str]:
+    messages, cause = [], error
+    while cause is not None:
+        messages.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    return messages
+
+
+def test_prunevid_settings_without_the_architecture_refuse_to_start(checkpoint):
+    try:
+        with pytest.raises(Exception) as error, engine(checkpoint, hf_overrides={"prunevid": PRUNED}):
+            pass
+    finally:
+        gc.collect()
+        cleanup_dist_env_and_memory()
+    expected = (
+        'hf_overrides "prunevid" does nothing on Qwen2_5_VLForConditionalGeneration: add "architectures": '
+        '["PruneVidQwen2_5_VLForConditionalGeneration"] to hf_overrides'
+    )
+    assert any(expected in m for m in _error_messages(error.value))
+
+
 # ---- vLLM's own EVS on the CPU build ---------------------------------------------------------
 
 
@@ -407,6 +614,7 @@ def test_vllm_evs_runs_on_cpu_and_misplaces_text_after_a_cached_video(checkpoint
     """vLLM's own EVS runs on the CPU build with the plugin's runner fix. docs/vllm.md: on a
     prefix-cache hit over the whole video, EVS numbers the text after it as if the video were
     whole (the plugin does not: test_prefix_cache_hit_keeps_positions_and_answer)."""
+    plugin.enable_evs_on_cpu()  # the plugin's CPU runner fix, which it scopes to its own model
     with engine(
         checkpoint,
         video_pruning_rate=0.75,
@@ -420,9 +628,19 @@ def test_vllm_evs_runs_on_cpu_and_misplaces_text_after_a_cached_video(checkpoint
     assert out.prompt_token_ids.count(VIDEO_PAD) == 64  # EVS keeps 25% of 256
     assert len(out.outputs[0].token_ids) == NEW_TOKENS
     ids = again["out"].prompt_token_ids
-    assert again["out"].num_cached_tokens >= len(ids) - ids[::-1].index(VIDEO_PAD)
-    tail = len(ids) - again["out"].num_cached_tokens
-    assert not torch.equal(again["positions"], first["positions"][:, -tail:])
+    cached = again["out"].num_cached_tokens
+    start, end = ids.index(VIDEO_PAD), len(ids) - ids[::-1].index(VIDEO_PAD)
+    assert cached >= end
+    index = torch.arange(cached, len(ids))  # the prompt rows computed on the cache hit: text
+    # Without the hit, EVS numbers the text after the video from s + w' (the frame width, 8), not
+    # from the stock extent (t = 6: 7): row k sits at k - 64 + 8.
+    assert torch.equal(first["positions"][:, -len(index) :], (index - (end - start) + 8).expand(3, -1))
+    # With it, each text row gets the position the unpruned video's token j = k - s would have
+    # (4 steps of 8 x 8, t spaced by 2): text on video positions.
+    j = index - start
+    assert torch.equal(
+        again["positions"], torch.stack([start + j // 64 * 2, start + j % 64 // 8, start + j % 8])
+    )
 
 
 def test_vllm_video_pruning_rate_is_refused_beside_prunevid(checkpoint):
@@ -436,11 +654,7 @@ def test_vllm_video_pruning_rate_is_refused_beside_prunevid(checkpoint):
     finally:
         gc.collect()
         cleanup_dist_env_and_memory()
-    messages, cause = [], error.value
-    while cause is not None:
-        messages.append(str(cause))
-        cause = cause.__cause__ or cause.__context__
-    assert any("PruneVid replaces vLLM's own video pruning" in m for m in messages)
+    assert any("PruneVid replaces vLLM's own video pruning" in m for m in _error_messages(error.value))
 
 
 # ---- vllm serve ------------------------------------------------------------------------------
@@ -460,12 +674,25 @@ def _serve(checkpoint: str, settings: dict, port: int, log: Path) -> subprocess.
         *("--dtype", "float32", "--hf-overrides", json.dumps(overrides)),
         *("--media-io-kwargs", json.dumps(SERVE_MEDIA)),
         *("--limit-mm-per-prompt", json.dumps({"video": 1, "image": 0})),
+        "--trust-request-mm-kwargs",  # vLLM refuses per-request mm_processor_kwargs (budgets) without it
     ]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
-def test_vllm_serve_answers_a_chat_request_with_a_video(checkpoint, stock, tmp_path):
+def _chat(port: int, body: dict) -> dict:
+    call = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    return json.load(urllib.request.urlopen(call, timeout=120))
+
+
+def test_vllm_serve_answers_a_chat_request_with_a_video(checkpoint, stock, pruned, tmp_path):
+    """`vllm serve` runs the front-end (the config hook, the processor) and the engine in separate
+    processes: the settings reach the engine through vLLM's config (the model refuses to start
+    when its pruning rate is not set), and the served answer is the in-process engine's."""
     port, log = _free_port(), tmp_path / "serve.log"
     server = _serve(checkpoint, PRUNED, port, log)
     try:
@@ -478,23 +705,28 @@ def test_vllm_serve_answers_a_chat_request_with_a_video(checkpoint, stock, tmp_p
                 break
             except OSError:
                 time.sleep(1)
-        body = {"model": checkpoint, "messages": chat_messages(), "max_tokens": 3}
-        call = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        reply = json.load(urllib.request.urlopen(call, timeout=120))
+        body = {
+            "model": checkpoint,
+            "messages": chat_messages(),
+            "max_tokens": NEW_TOKENS,
+            "temperature": 0,
+            "return_token_ids": True,
+        }
+        reply = _chat(port, body)
+        # A request's own budget, as the OpenAI client's extra_body={"mm_processor_kwargs": {...}} sends it.
+        half = _chat(port, {**body, "mm_processor_kwargs": {plugin.REQUEST_RETENTION: 0.5}})
     finally:
         server.terminate()
         server.wait(timeout=60)
-    assert isinstance(reply["choices"][0]["message"]["content"], str)
-    assert reply["usage"]["completion_tokens"] == 3
-    # The same chat in stock vLLM, with its video's placeholders cut to the budget.
-    full = stock["chat"].prompt_token_ids
-    kept = plugin.video_token_count(stock["chat_grid"], 2, plugin.settings(PRUNED))
-    assert kept < full.count(VIDEO_PAD)
-    assert reply["usage"]["prompt_tokens"] == len(full) - full.count(VIDEO_PAD) + kept
+    # The served video: 18 merged tokens in stock vLLM; 25% keeps round(4.5) = 4 (half to even).
+    assert stock["chat"].prompt_token_ids.count(VIDEO_PAD) == 18
+    assert reply["prompt_token_ids"].count(VIDEO_PAD) == 4
+    assert reply["prompt_token_ids"] == pruned["chat"].prompt_token_ids
+    assert reply["choices"][0]["token_ids"] == list(pruned["chat"].outputs[0].token_ids)
+    assert half["prompt_token_ids"].count(VIDEO_PAD) == 9  # round(0.5 * 18)
+    said = [line for line in log.read_text().splitlines() if "PruneVid stage 1 on" in line]
+    assert len(said) == 1, said  # once, in the front-end
+    assert said[0].endswith("PruneVid stage 1 on PruneVidQwen2_5_VLForConditionalGeneration, retention 0.25")
 
 
 def test_vllm_serve_refuses_bad_settings_at_startup(checkpoint, tmp_path):

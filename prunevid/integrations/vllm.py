@@ -6,7 +6,11 @@
 
 `register` adds the architecture `ARCHITECTURE` (a subclass of vLLM's Qwen2.5-VL model and of
 its multimodal processor, `vllm_qwen.py`); the checkpoint is pointed at it with `hf_overrides`,
-whose `prunevid` mapping holds the settings (`SETTINGS`; `retention` is required).
+whose `prunevid` mapping holds the settings (`SETTINGS`; `retention` is required). A request may
+set its own retention in `mm_processor_kwargs` (`REQUEST_RETENTION`). On a vLLM outside
+`SUPPORTED_VLLM`, `register` registers nothing and logs why; `VLLM_NAMES` lists every vLLM name
+the plugin relies on. `ConfigHook` runs in vLLM's front-end: it validates the settings, turns
+vLLM's video pruning path on in the config every process receives, and logs the start-up line.
 
 How it fits vLLM. vLLM fixes each video's placeholder count in the front-end, before the vision
 tower runs, so only stage 1 in budget mode can run there: a video of T time steps of N merged
@@ -29,10 +33,14 @@ This module imports vLLM only inside `register`, so its pure functions are teste
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Mapping
+import logging
+import os
+from collections.abc import Callable, Mapping
 
 import torch
+from packaging.version import Version
 
 from ..budget import stage1_count
 from ..config import PruneVidConfig
@@ -46,17 +54,138 @@ SETTINGS = ("retention", "stage1", "tau", "temporal_segment_ratio", "k", "dpc_no
 BASE = 256  # each position goes as two digits of this base: exact in bf16 (8 significant bits)
 POSITION_VALUES = 4  # t, h, w and the extent (where the text after the media continues)
 CHANNELS = 2 * POSITION_VALUES
+# The vLLM releases the plugin is tested on (pyproject's `vllm` extra says the same).
+SUPPORTED_VLLM = (Version("0.32"), Version("0.33"))  # [low, high)
+# Every vLLM name the plugin touches beyond `vllm.ModelRegistry` and `MULTIMODAL_REGISTRY`
+# ("module:attribute.attribute"), private or moved between releases: tests/test_vllm.py imports each.
+VLLM_NAMES = (
+    "vllm.platforms:current_platform.is_cpu",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration._postprocess_video_embeds_evs",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration._postprocess_image_embeds_evs",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.iter_mm_grid_thw",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLMultiModalProcessor._get_prompt_updates",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLMultiModalProcessor._call_hf_processor",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLMultiModalProcessor._postprocess_hf_mm_data",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLMultiModalProcessor._get_mm_fields_config",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration.embed_multimodal",
+    "vllm.multimodal.inputs:MultiModalFieldConfig.batched",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLProcessingInfo",
+    "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLDummyInputsBuilder",
+    "vllm.multimodal.processing:PromptReplacement",
+    "vllm.multimodal.video_prune.evs:recompute_mrope_positions",
+    "vllm.model_executor.models.interfaces:supports_multimodal_pruning",
+    "vllm.v1.worker.cpu_model_runner:CPUModelRunner.load_model",
+    "vllm.model_executor.models.config:MODELS_CONFIG_MAP",
+    "vllm.config:VllmConfig.try_verify_and_update_config",
+    "vllm.config.multimodal:MultiModalConfig.video_pruning_rate",
+)
+# vLLM's loggers write to vLLM's handlers; a child of "vllm" shows where vLLM's own lines do.
+logger = logging.getLogger("vllm.prunevid")
 
 
 def register() -> None:
-    """The `vllm.general_plugins` entry point: runs in every vLLM process."""
-    from vllm import ModelRegistry
-    from vllm.platforms import current_platform
+    """The `vllm.general_plugins` entry point: runs in every vLLM process. vLLM does not catch a
+    plugin's exception, so on a vLLM the plugin was not tested on, or one whose names moved, it
+    registers nothing and logs why: every vLLM command keeps working with prunevid installed."""
+    import vllm
 
+    refusal = unsupported(getattr(vllm, "__version__", "unknown"))
+    if refusal:
+        logger.warning(refusal)
+        return
+    try:
+        from vllm import ModelRegistry
+        from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+            from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except (ImportError, AttributeError) as error:
+        logger.warning("PruneVid's vLLM plugin is off: vLLM %s lacks %s", vllm.__version__, error)
+        return
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
-    if current_platform.is_cpu():
-        _enable_pruning_on_cpu()
+    # vLLM runs an architecture's config hook in the front-end, on the config every process gets.
+    MODELS_CONFIG_MAP[ARCHITECTURE] = ConfigHook
+    for architecture in STOCK_ARCHITECTURES:
+        MODELS_CONFIG_MAP.setdefault(architecture, UnpluggedHook)
+    if on_cpu:
+        _enable_pruning_on_cpu(CPUModelRunner, supports_multimodal_pruning)
+        CPUModelRunner.load_model.every_model = os.environ.get(EVS_ON_CPU) == "1"
+
+
+# Checkpoints someone may give "prunevid" settings to without the plugin's architecture.
+STOCK_ARCHITECTURES = (
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+)
+
+
+def configure(vllm_config) -> None:
+    """The plugin's architecture in vLLM's front-end, before any other process starts: validates
+    the settings (a bad one stops start-up with one sentence), turns on vLLM's video pruning path
+    in the config every process receives (`video_pruning_rate` = 1 - retention; vLLM's runners
+    strip the position channels and rewrite positions only while it is above 0, its schedulers
+    and compile cache read it too), and logs what runs."""
+    model_config = vllm_config.model_config
+    config = settings(getattr(model_config.hf_config, "prunevid", None))
+    multimodal = model_config.multimodal_config
+    rate = 1 - config.retention if prunes(config) else None
+    if multimodal.video_pruning_rate and multimodal.video_pruning_rate != rate:
+        raise ValueError(
+            "PruneVid replaces vLLM's own video pruning: leave out --video-pruning-rate "
+            'and set hf_overrides {"prunevid": {"retention": ...}}'
+        )
+    multimodal.video_pruning_rate = rate
+    state = "" if prunes(config) else " (keeps every token: stock vLLM)"
+    logger.info("PruneVid stage 1 on %s, retention %s%s", model_config.architecture, config.retention, state)
+
+
+def refuse_unplugged(vllm_config) -> None:
+    """A stock architecture given "prunevid" settings would prune nothing and say nothing: refuse."""
+    model_config = vllm_config.model_config
+    if getattr(model_config.hf_config, "prunevid", None) is not None:
+        raise ValueError(
+            f'hf_overrides "prunevid" does nothing on {model_config.architecture}: add '
+            f'"architectures": ["{ARCHITECTURE}"] to hf_overrides (PruneVid runs in vLLM on Qwen2.5-VL checkpoints)'
+        )
+
+
+class ConfigHook:
+    """vLLM's per-architecture config hook (`MODELS_CONFIG_MAP`'s interface) for the plugin's one."""
+
+    verify_and_update_config = staticmethod(configure)
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        return
+
+
+class UnpluggedHook(ConfigHook):
+    """The hook for `STOCK_ARCHITECTURES` (only where vLLM has none of its own)."""
+
+    verify_and_update_config = staticmethod(refuse_unplugged)
+
+
+def unsupported(version: str) -> str | None:
+    """Why the plugin stays off on vLLM `version` (one line), or None on a tested release."""
+    low, high = SUPPORTED_VLLM
+    try:
+        tested = low <= Version(Version(version).base_version) < high
+    except ValueError:
+        tested = False
+    if tested:
+        return None
+    return (
+        f"PruneVid's vLLM plugin is off: it is tested on vLLM >={low},<{high} and this is vLLM {version} "
+        "(install a tested vLLM, or a prunevid release that supports this one)"
+    )
 
 
 def settings(values: Mapping | None) -> PruneVidConfig:
@@ -78,6 +207,23 @@ def settings(values: Mapping | None) -> PruneVidConfig:
     return PruneVidConfig(**values, stage2=False)
 
 
+# A request's own retention, in its `mm_processor_kwargs` (OpenAI API: `extra_body`).
+REQUEST_RETENTION = "prunevid_retention"
+
+
+def request_settings(config: PruneVidConfig, retention: float | None) -> PruneVidConfig:
+    """The engine's settings with a request's own retention, if it gives one (validated: one
+    sentence on error, which fails that request in the front-end)."""
+    if retention is None:
+        return config
+    if not prunes(config):
+        raise ValueError(
+            f"{REQUEST_RETENTION} needs an engine started with PruneVid pruning "
+            '(hf_overrides {"prunevid": {"retention": r}} with r < 1)'
+        )
+    return dataclasses.replace(config, retention=float(retention))
+
+
 def prunes(config: PruneVidConfig) -> bool:
     """Whether these settings change anything (retention 1 or stage 1 off keep every token)."""
     return config.stage1 and config.retention < 1
@@ -91,26 +237,47 @@ def video_token_count(grid_thw: tuple[int, int, int], merge_size: int, config: P
 
 
 def grid_positions(
-    grid_thw: tuple[int, int, int], merge_size: int, steps_per_position: float = 1.0
+    grid_thw: tuple[int, int, int],
+    merge_size: int,
+    steps_per_position: float = 1.0,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Stock M-RoPE positions of a media item's tokens relative to its start, (3, t * h' * w')
-    row-major, and its extent: how far the next text token is from the start. As vLLM's stock
-    Qwen2.5-VL: t = floor(step * seconds per step * tokens per second) (`steps_per_position` is the
-    product), and the extent is the largest position + 1."""
+    row-major on `device`, and its extent: how far the next text token is from the start. As
+    vLLM's stock Qwen2.5-VL: t = floor(step * seconds per step * tokens per second)
+    (`steps_per_position` is the product), and the extent is the largest position + 1. Built on
+    the device from the grid alone: no upload, and the extent needs no read back."""
     steps, height, width = grid_thw[0], grid_thw[1] // merge_size, grid_thw[2] // merge_size
-    t = (torch.arange(steps, dtype=torch.float64) * steps_per_position).long()
-    grid = torch.stack(torch.meshgrid(t, torch.arange(height), torch.arange(width), indexing="ij")).reshape(
-        3, -1
-    )
-    return grid, int(grid.max()) + 1
+    t = (torch.arange(steps, dtype=torch.float64, device=device) * steps_per_position).long()
+    h, w = torch.arange(height, device=device), torch.arange(width, device=device)
+    grid = torch.stack(torch.meshgrid(t, h, w, indexing="ij")).reshape(3, -1)
+    # The largest of t (the last step's, the same float64 product), h and w, on the host.
+    extent = max(int((steps - 1) * steps_per_position), height - 1, width - 1) + 1
+    return grid, extent
+
+
+def check_extent(grid_thw: tuple[int, int, int], merge_size: int, steps_per_position: float) -> None:
+    """Refuse (one sentence) a video whose positions from its start reach 65,536, past what the
+    position channels carry exactly (`encode_positions`). Called in the front-end, where it fails
+    that request only."""
+    _, extent = grid_positions(grid_thw, merge_size, steps_per_position, device="meta")
+    if extent > BASE * BASE:
+        raise ValueError(
+            f"this video is too long for PruneVid's vLLM plugin: its {grid_thw[0]} time steps reach "
+            f"position {extent - 1} from its start, and the plugin carries positions below {BASE * BASE:,} "
+            "(sample fewer frames, or send a shorter clip)"
+        )
 
 
 def encode_positions(positions: torch.Tensor, extent: int, dtype: torch.dtype) -> torch.Tensor:
-    """(3, M) positions relative to the media start and its extent -> (M, CHANNELS) channels in
-    `dtype`: t, h, w, extent as (high, low) base-256 digit pairs, each exact in bf16."""
+    """(3, M) positions relative to the media start, each in [0, extent), and the extent ->
+    (M, CHANNELS) channels in `dtype`: t, h, w, extent as (high, low) base-256 digit pairs, each
+    exact in bf16. The range is checked on the extent, a host integer: nothing is read back."""
+    if extent > BASE * BASE:
+        raise ValueError(
+            f"media positions must be below {BASE * BASE} to travel exactly in {dtype}, got {extent - 1}"
+        )
     values = torch.cat([positions, torch.full_like(positions[:1], extent)])  # (4, M)
-    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= BASE * BASE):
-        raise ValueError(f"media positions must be in [0, {BASE * BASE}) to travel exactly in {dtype}")
     digits = torch.stack([values // BASE, values % BASE], dim=1)  # (4, 2, M)
     return digits.reshape(CHANNELS, -1).T.to(dtype)
 
@@ -119,6 +286,20 @@ def decode_positions(channels: torch.Tensor) -> torch.Tensor:
     """(M, CHANNELS) channels -> (4, M) long: t, h, w, extent (the inverse of `encode_positions`)."""
     digits = channels.float().round().long().T.reshape(POSITION_VALUES, 2, -1)
     return digits[:, 0] * BASE + digits[:, 1]
+
+
+def first_member_channels(
+    first: torch.Tensor,
+    grid_thw: tuple[int, int, int],
+    merge_size: int,
+    steps_per_position: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(M,) first members' row-major indices into the video's tokens -> (M, CHANNELS): their
+    stock positions and the video's extent, on `first`'s device (the part of `merged_video` that
+    is the plugin's own: no host read, no upload)."""
+    positions, extent = grid_positions(grid_thw, merge_size, steps_per_position, device=first.device)
+    return encode_positions(positions[:, first], extent, dtype)
 
 
 def merged_video(
@@ -132,10 +313,18 @@ def merged_video(
     step -> (M, C + CHANNELS): the merged tokens, M = `video_token_count`, each followed by the
     encoded stock position of its first member and the video's extent."""
     steps, height, width = grid_thw[0], grid_thw[1] // merge_size, grid_thw[2] // merge_size
+    if not prunes(config):  # a request that keeps every token, in an engine that prunes
+        first = torch.arange(len(features), device=features.device)
+        return torch.cat(
+            [
+                features,
+                first_member_channels(first, grid_thw, merge_size, steps_per_position, features.dtype),
+            ],
+            1,
+        )
     merge = merge_tokens(features.view(steps, height * width, -1), config, (height, width))
-    positions, extent = grid_positions(grid_thw, merge_size, steps_per_position)
-    first = merge.first_members().to(positions.device)
-    channels = encode_positions(positions[:, first], extent, features.dtype).to(features.device)
+    first = merge.first_members().to(features.device)
+    channels = first_member_channels(first, grid_thw, merge_size, steps_per_position, features.dtype)
     return torch.cat([merge.tokens.to(features.dtype), channels], dim=1)
 
 
@@ -144,8 +333,8 @@ def media_with_positions(
 ) -> torch.Tensor:
     """An unpruned media item (an image) with its stock positions as channels:
     (h' * w', C) -> (h' * w', C + CHANNELS)."""
-    positions, extent = grid_positions(grid_thw, merge_size)
-    return torch.cat([features, encode_positions(positions, extent, features.dtype).to(features.device)], 1)
+    positions, extent = grid_positions(grid_thw, merge_size, device=features.device)
+    return torch.cat([features, encode_positions(positions, extent, features.dtype)], 1)
 
 
 def prompt_positions(num_tokens: int, media: list[tuple[int, int, int]]) -> tuple[torch.Tensor, int]:
@@ -168,29 +357,57 @@ def prompt_positions(num_tokens: int, media: list[tuple[int, int, int]]) -> tupl
     return positions.expand(3, -1).clone(), last + 1 - num_tokens
 
 
-def _enable_pruning_on_cpu() -> None:
+def _enable_pruning_on_cpu(runner: type, supports_pruning: Callable[[torch.nn.Module], bool]) -> None:
     """Upstream bug (vLLM 0.32): `CPUModelRunner.load_model` replaces `GPUModelRunner.load_model`
     without its last step, which turns on `is_multimodal_pruning_enabled` for a model that prunes
     (`SupportsMultiModalPruning`, `video_pruning_rate` > 0). Left off, the runner never strips the
-    position channels, and vLLM's own EVS and this plugin crash on a size mismatch in the CPU
+    position channels, and this plugin (and vLLM's own EVS) crash on a size mismatch in the CPU
     build (vllm-ascend fixed the same gap in its NPU runner: vllm-project/vllm-ascend#11067). Set
-    it as the GPU runner does, once per process."""
-    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
-    stock = CPUModelRunner.load_model
+    it as the GPU runner does, after loading the plugin's architecture only (`cpu_runner_prunes`);
+    `enable_evs_on_cpu` extends it to every model. Once per process."""
+    stock = runner.load_model
     if getattr(stock, "prunevid_fix", False):
         return
 
     @functools.wraps(stock)
     def load_model(self, *args, **kwargs):
         stock(self, *args, **kwargs)
-        multimodal = self.model_config.multimodal_config
-        self.is_multimodal_pruning_enabled = (
-            supports_multimodal_pruning(self.get_model())
-            and multimodal is not None
-            and multimodal.is_multimodal_pruning_enabled()
+        model = self.get_model()
+        self.is_multimodal_pruning_enabled = cpu_runner_prunes(
+            model, supports_pruning(model), self.model_config.multimodal_config, load_model.every_model
         )
 
     load_model.prunevid_fix = True
-    CPUModelRunner.load_model = load_model
+    load_model.every_model = False
+    runner.load_model = load_model
+
+
+def cpu_runner_prunes(model: torch.nn.Module, supports_pruning: bool, multimodal, every_model: bool) -> bool:
+    """Whether the CPU runner must turn on vLLM's pruning path (what its GPU runner decides)
+    after loading `model`: for the plugin's architecture (a model with `prunevid` settings), or
+    for every model once `enable_evs_on_cpu` was called."""
+    ours = getattr(model, "prunevid", None) is not None
+    return (
+        (ours or every_model)
+        and supports_pruning
+        and multimodal is not None
+        and multimodal.is_multimodal_pruning_enabled()
+    )
+
+
+# Set to "1", vLLM processes started from here (an engine core) opt in as `enable_evs_on_cpu` does.
+EVS_ON_CPU = "PRUNEVID_VLLM_EVS_ON_CPU"
+
+
+def enable_evs_on_cpu() -> None:
+    """Let vLLM's own video pruning (EVS, `--video-pruning-rate`) run on vLLM 0.32's CPU build,
+    which the upstream bug above stops: the plugin's runner fix for every model, in this process
+    and (through `EVS_ON_CPU` in the environment, read by `register`) in the vLLM processes it
+    starts. Opt-in, for runs that compare with EVS (tests/test_vllm.py, scripts/vllm_bench.py);
+    the plugin never changes how vLLM runs another model by itself."""
+    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    os.environ[EVS_ON_CPU] = "1"
+    _enable_pruning_on_cpu(CPUModelRunner, supports_multimodal_pruning)
+    CPUModelRunner.load_model.every_model = True

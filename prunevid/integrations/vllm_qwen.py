@@ -1,7 +1,9 @@
 """PruneVid's Qwen2.5-VL for vLLM: subclasses of vLLM's model and multimodal processor that run
 stage 1 at vLLM's video pruning hook (what `vllm.py` registers; see its docstring).
 
-* The processor gives each video `vllm.video_token_count` placeholders instead of one per token.
+* The processor gives each video `vllm.video_token_count` placeholders instead of one per token,
+  at its request's own retention if `mm_processor_kwargs` holds one (`vllm.REQUEST_RETENTION`),
+  which it passes on to the model as a per-video field.
 * The model, when the settings prune, merges each video's vision-tower output after the tower
   (`vllm.merged_video`) and appends every media item's positions as channels; its
   `recompute_mrope_positions` strips them and lets vLLM's EVS helper rewrite the prompt's
@@ -23,17 +25,21 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
 from vllm.multimodal.video_prune.evs import recompute_mrope_positions
 
 from .vllm import (
     CHANNELS,
+    REQUEST_RETENTION,
+    check_extent,
     decode_positions,
     grid_positions,
     media_with_positions,
     merged_video,
     prompt_positions,
     prunes,
+    request_settings,
     settings,
     video_token_count,
 )
@@ -42,14 +48,42 @@ from .vllm import (
 class PruneVidQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
     """vLLM's Qwen2.5-VL processor with stage 1's budgeted placeholder count for videos."""
 
+    def _call_hf_processor(self, hf_data, hf_kwargs):
+        return super()._call_hf_processor(
+            hf_data, {k: v for k, v in hf_kwargs.items() if k != REQUEST_RETENTION}
+        )
+
+    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data):
+        """Each video carries its request's retention to the model (a per-video field)."""
+        processed = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+        engine = settings(getattr(self.info.get_hf_config(), "prunevid", None))
+        config = request_settings(engine, hf_processor_mm_kwargs.get(REQUEST_RETENTION))
+        if "video_grid_thw" in processed and prunes(engine):  # pruning off: stock fields
+            processed[REQUEST_RETENTION] = torch.full((len(processed["video_grid_thw"]),), config.retention)
+        return processed
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        if REQUEST_RETENTION in hf_inputs:
+            fields[REQUEST_RETENTION] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        return fields
+
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        config = settings(getattr(self.info.get_hf_config(), "prunevid", None))
-        merge_size = self.info.get_hf_config().vision_config.spatial_merge_size
+        hf_config = self.info.get_hf_config()
+        engine = settings(getattr(hf_config, "prunevid", None))
+        merge_size = hf_config.vision_config.spatial_merge_size
+        per_second = getattr(hf_config.vision_config, "tokens_per_second", 1.0)
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
 
         def video_tokens(item: int, token: list[int]) -> list[int]:
-            grid = out_mm_kwargs["video"][item]["video_grid_thw"].data.tolist()
-            return token * video_token_count(tuple(grid), merge_size, config)
+            fields = out_mm_kwargs["video"][item]
+            grid = tuple(fields["video_grid_thw"].data.tolist())
+            retention = fields.get(REQUEST_RETENTION)
+            config = engine if retention is None else request_settings(engine, float(retention.data))
+            if prunes(engine):  # refused in the front-end, it fails this request, not the engine
+                seconds = fields.get("second_per_grid_ts")
+                check_extent(grid, merge_size, (1.0 if seconds is None else float(seconds.data)) * per_second)
+            return token * video_token_count(grid, merge_size, config)
 
         return [
             PromptReplacement(
@@ -70,30 +104,33 @@ class PruneVidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.prunevid = settings(getattr(self.config, "prunevid", None))
-        multimodal = vllm_config.model_config.multimodal_config
         self.is_multimodal_pruning_enabled = prunes(self.prunevid)
-        # vLLM's runners strip the position channels and rewrite positions only while its video
-        # pruning rate is above 0; past that the rate is not used (this class replaces EVS's
-        # placeholder count and its pruning), so it is set to what PruneVid prunes.
-        rate = 1 - self.prunevid.retention if self.is_multimodal_pruning_enabled else None
-        if multimodal.video_pruning_rate and multimodal.video_pruning_rate != rate:
-            raise ValueError(
-                "PruneVid replaces vLLM's own video pruning: leave out --video-pruning-rate "
-                'and set hf_overrides {"prunevid": {"retention": ...}}'
+        # `vllm.configure` set vLLM's pruning rate in the front-end, for every process.
+        rate = vllm_config.model_config.multimodal_config.video_pruning_rate
+        if (rate or None) != (1 - self.prunevid.retention if prunes(self.prunevid) else None):
+            raise RuntimeError(
+                f"PruneVid's config hook did not run (video pruning rate {rate}): this vLLM no longer "
+                "calls MODELS_CONFIG_MAP's hooks; use a vLLM the plugin supports"
             )
-        multimodal.video_pruning_rate = rate
+
+    def embed_multimodal(self, **kwargs):
+        # Each video's retention (its request's), a host tensor: read before vLLM's input schema drops it.
+        retentions = kwargs.pop(REQUEST_RETENTION, None)
+        self.video_retentions = None if retentions is None else [float(r) for r in retentions]
+        return super().embed_multimodal(**kwargs)
 
     def _postprocess_video_embeds_evs(self, video_embeds_split, video_input) -> tuple[torch.Tensor, ...]:
         grids = video_input["video_grid_thw"].tolist()
         seconds = video_input.get("second_per_grid_ts")
         per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        retentions = self.video_retentions or [None] * len(grids)
         return tuple(
             merged_video(
                 features,
                 tuple(grid),
                 self.visual.spatial_merge_size,
                 (1.0 if seconds is None else float(seconds[i])) * per_second,
-                self.prunevid,
+                request_settings(self.prunevid, retentions[i]),
             )
             for i, (features, grid) in enumerate(zip(video_embeds_split, grids))
         )

@@ -33,7 +33,7 @@ LAYER_LABELS = [
     "Cluster outlines",
 ]
 pytestmark = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium)"
+    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium, as .ci/run does)"
 )
 
 

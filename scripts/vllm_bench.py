@@ -55,7 +55,7 @@ from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
 from prunevid.bench.archs import ARCHS, QWEN25_VIT
 from prunevid.integrations import vllm as plugin
-from prunevid.models.base import clock
+from prunevid.models.timing import clock
 from prunevid.synthetic import make_sample
 from prunevid.testing import save_tiny_qwen_vl, tiny_tokenizer
 

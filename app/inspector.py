@@ -144,6 +144,11 @@ def card_markdown(facts: dict[str, Any]) -> str:
             f"token{'s' if one['members'] != 1 else ''} "
             f"({one['members_in_frame']} in this frame) over {span}: lit in the pictures."
         )
+    if one["density"] is not None:
+        lines.append(
+            f"- DPC-KNN in its set: density {_number(one['density'])}, distance to a denser token "
+            f"{_number(one['separation'])} (their product ranks the cluster centres)."
+        )
     two = facts["stage2"]
     if two is None:
         lines.append("- **Stage 2**: did not run on this token.")

@@ -7,12 +7,23 @@ of its segments, the dynamic sets of its frames) cluster in one call with nothin
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 # torch.cdist computes Euclidean distances directly for sets of at most this many tokens and
 # through a matrix product above; the two differ in the last bits, and a set is clustered as
 # torch.cdist would cluster it alone (ties between distances must break as they always did).
 _DIRECT_CDIST = 25
+
+
+class Clustering(NamedTuple):
+    """What `dpc_knn_sets` found, each (B, n): labels, and the density (noise included) and
+    separation of every token, whose product ranked the centres."""
+
+    labels: torch.Tensor
+    density: torch.Tensor
+    separation: torch.Tensor
 
 
 def dpc_knn(
@@ -29,7 +40,7 @@ def dpc_knn(
     if not 1 <= num_clusters <= n:
         raise ValueError(f"num_clusters must be in [1, {n}] for a set of {n} tokens, got {num_clusters}")
     sizes = torch.full((batch,), n, device=x.device)
-    return dpc_knn_sets(x, sizes, torch.full_like(sizes, num_clusters), k, noise)
+    return dpc_knn_sets(x, sizes, torch.full_like(sizes, num_clusters), k, noise).labels
 
 
 def dpc_knn_sets(
@@ -38,13 +49,14 @@ def dpc_knn_sets(
     num_clusters: torch.Tensor,
     k: int = 7,
     noise: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> Clustering:
     """`dpc_knn` on B sets of different sizes and cluster counts, without a host read.
 
     x: (B, n, C), set b's tokens in x[b, :sizes[b]] (the rest is padding and ignored);
     sizes, num_clusters: (B,) with 1 <= num_clusters <= sizes where sizes > 0 (the caller
-    guarantees it); noise: optional (B, n). Returns labels (B, n), each set's exactly as
-    `dpc_knn` gives for that set alone; padding gets labels too (meaningless).
+    guarantees it); noise: optional (B, n). Returns the labels (B, n), each set's exactly as
+    `dpc_knn` gives for that set alone, with every token's density and separation; padding
+    gets values too (meaningless).
     """
     n, channels = x.shape[1], x.shape[2]
     ids = torch.arange(n, device=x.device)
@@ -77,7 +89,8 @@ def dpc_knn_sets(
     from_centres = dist.gather(1, order[:, :, None].expand(-1, -1, n))
     centre = ids < num_clusters[:, None]  # (B, n) over ranks
     labels = from_centres.masked_fill(~centre[:, :, None], torch.inf).argmin(1)
-    return torch.where(rank < num_clusters[:, None], rank, labels)
+    labels = torch.where(rank < num_clusters[:, None], rank, labels)
+    return Clustering(labels, density, separation)
 
 
 def _distances(x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:

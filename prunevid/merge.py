@@ -46,6 +46,10 @@ class MergeResult:
     similarity: (T, N) float32 static similarity of each token's grid position over its
         temporal segment (ALGORITHM.md §3.1; -inf in one-frame segments), what `tau` was
         compared with; None where stage 1 did not run.
+    density, separation: (T, N) float32 DPC-KNN density (noise included) and separation of
+        each token in the set it was clustered in (a static token: its time-averaged position
+        in its segment's static set), whose product chose the centres; NaN where its set was
+        kept as it is; None where stage 1 did not run.
     """
 
     tokens: torch.Tensor
@@ -56,6 +60,8 @@ class MergeResult:
     grid: tuple[int, int]
     set_sizes: list[int] | None = None
     similarity: torch.Tensor | None = None
+    density: torch.Tensor | None = None
+    separation: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -247,8 +253,8 @@ def _merge(
         ]
     )  # (S + T, N, C)
     draw = _row_noise(noise, plan, num_frames, num_tokens)
-    labels = dpc_knn_sets(rows, plan.sizes, plan.counts.clamp(min=1), config.k, draw)
-    labels = torch.where(plan.clustered[:, None], labels, ids)  # sets kept as they are: grid order
+    clustering = dpc_knn_sets(rows, plan.sizes, plan.counts.clamp(min=1), config.k, draw)
+    labels = torch.where(plan.clustered[:, None], clustering.labels, ids)  # unclustered: grid order
 
     # Output order: sets in slot order, each set's merged tokens in label order.
     per_slot = torch.zeros_like(plan.counts).scatter_(0, plan.slots, plan.counts)
@@ -279,7 +285,13 @@ def _merge(
         )
         - 1
     )
-    assignment = slot_starts[plan.slots][row] + labels.flatten()[row * num_tokens + member]
+    place = row * num_tokens + member  # (T, N) each original token's place in the batch
+    assignment = slot_starts[plan.slots][row] + labels.flatten()[place]
+    clustered = plan.clustered[row]
+    density, separation = (
+        values.flatten()[place].where(clustered, torch.nan)
+        for values in (clustering.density, clustering.separation)
+    )
 
     # Budget sets: the non-empty slots, numbered densely in output order.
     slot_ends = per_slot.cumsum(0)
@@ -293,6 +305,8 @@ def _merge(
         groups=groups,
         grid=grid,
         set_sizes=set_sizes,
+        density=density,
+        separation=separation,
     )
 
 

@@ -30,6 +30,8 @@ class PendingTrace:
     similarity: torch.Tensor | None = None  # (T, N) stage 1's static similarity
     group: torch.Tensor | None = None  # (M,) stage-2 budget sets
     question_attention: torch.Tensor | None = None  # (Q, M), zero rows before the question
+    density: torch.Tensor | None = None  # (T, N) DPC-KNN density, NaN where not clustered
+    separation: torch.Tensor | None = None  # (T, N) DPC-KNN separation, likewise
 
     @classmethod
     def of(
@@ -52,10 +54,20 @@ class PendingTrace:
             merge.similarity,
             merge.groups,
             question_attention,
+            merge.density,
+            merge.separation,
         )
 
     def _optional(self) -> tuple[torch.Tensor | None, ...]:
-        return self.kept, self.scores, self.similarity, self.group, self.question_attention
+        return (
+            self.kept,
+            self.scores,
+            self.similarity,
+            self.group,
+            self.question_attention,
+            self.density,
+            self.separation,
+        )
 
     def _parts(self) -> list[torch.Tensor]:
         parts = [self.assignment, self.segments, self.static]
@@ -75,7 +87,7 @@ def materialize(traces: list[PendingTrace | PruningTrace | None]) -> list[Prunin
     done = {}
     for t in pending:
         assignment, segments, static = (next(chunks) for _ in range(3))
-        kept, scores, similarity, group, attention = (
+        kept, scores, similarity, group, attention, density, separation = (
             None if x is None else next(chunks).reshape(x.shape) for x in t._optional()
         )
         kept = None if kept is None else kept.astype(bool)
@@ -96,6 +108,9 @@ def materialize(traces: list[PendingTrace | PruningTrace | None]) -> list[Prunin
         trace = PruningTrace.from_stages(merge, kept=kept, scores=scores, timings=timings, **details)
         if similarity is not None:
             trace.similarity = similarity.astype(np.float32).reshape(trace.static.shape)
+        if density is not None:
+            trace.density = density.astype(np.float32).reshape(trace.static.shape)
+            trace.separation = separation.astype(np.float32).reshape(trace.static.shape)
         if group is not None:
             trace.group = group.astype(np.int64)
         if attention is not None:  # the rows before the question are zero: only its rows stay
@@ -129,6 +144,8 @@ class PruningTrace:
     question_attention: (Q, M) attention of each question row to each merged token at layer M,
         max over heads (the rows stage 2's scores are the max of).
     question_tokens: (Q,) the text of those question rows (the prompt's last Q tokens).
+    density, separation: (T, H, W) stage 1's DPC-KNN density and separation of each token in
+        the set it was clustered in (`MergeResult.density`); NaN where its set was not clustered.
     """
 
     segment: np.ndarray
@@ -145,6 +162,8 @@ class PruningTrace:
     group: np.ndarray | None = None
     question_attention: np.ndarray | None = None
     question_tokens: list[str] | None = None
+    density: np.ndarray | None = None
+    separation: np.ndarray | None = None
 
     @property
     def num_frames(self) -> int:
@@ -359,6 +378,8 @@ class PruningTrace:
             "members": int(members.sum()),
             "members_in_frame": int(members[frame].sum()),
             "member_frames": [int(spanned[0]), int(spanned[-1])],
+            "density": _finite(self.density, frame, row, col),
+            "separation": _finite(self.separation, frame, row, col),
         }
 
     def _stage2_facts(self, index: int, neighbours: int) -> dict[str, Any] | None:
@@ -426,3 +447,10 @@ class PruningTrace:
         words = self.question_tokens or [f"#{q}" for q in range(column.size)]
         order = np.argsort(-column, kind="stable")[:top]
         return [{"token": words[q], "position": int(q), "attention": float(column[q])} for q in order]
+
+
+def _finite(values: np.ndarray | None, frame: int, row: int, col: int) -> float | None:
+    """One token's value of an optional (T, H, W) fact, None where absent or not a number."""
+    if values is None or not np.isfinite(values[frame, row, col]):
+        return None
+    return float(values[frame, row, col])

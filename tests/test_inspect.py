@@ -147,6 +147,9 @@ def test_a_real_run_records_what_explain_needs_and_the_still_background_is_stati
     assert trace.grid == (6, 6) and trace.similarity.shape == trace.static.shape
     # The recorded similarity is what decided static (paper's mode: strictly above tau).
     assert ((trace.similarity > tau) == trace.static).all()
+    # DPC facts came back with the decisions, for the tokens of clustered sets only.
+    assert trace.density is not None and np.isfinite(trace.density).any()
+    assert np.isfinite(trace.density).sum() == np.isfinite(trace.separation).sum()
     background = trace.explain(0, 0, 0)
     assert background["stage1"]["static"] and background["stage1"]["similarity"] > tau
     assert background["stage1"]["member_frames"] == [0, trace.num_frames - 1]
@@ -231,3 +234,24 @@ def test_the_card_says_the_rank_the_cut_off_and_what_the_compared_method_did():
     kept = inspector.inspect(trace, thumbs, (1, 0, 2), other=evs, compare="evs")
     assert "kept as **1** of 1 in its budget set" in kept.card and "**EVS-style** kept it." in kept.card
     assert "Why dropped?" not in kept.card
+
+
+def test_stage1_records_each_tokens_dpc_density_and_separation():
+    """ALGORITHM.md §1.2 and §1.4 by hand for a frame's dynamic set: rho = exp(-mean of the k
+    smallest squared distances), delta = the distance to the nearest denser token (the densest:
+    the set's largest distance), distances divided by sqrt(C); NaN where a set is not clustered."""
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(4, 36, 16, generator=generator)  # random: nothing static, 36 > 14
+    merge = merge_tokens(features, PruneVidConfig(dpc_noise=0.0), (6, 6))
+    assert not merge.static.any()
+    for frame in range(4):
+        x = features[frame].double()
+        dist = torch.cdist(x, x) / 16**0.5
+        density = torch.exp(-(dist.sort(1).values[:, :7] ** 2).mean(1))
+        denser = density[None, :] > density[:, None]
+        separation = torch.where(denser.any(1), dist.masked_fill(~denser, torch.inf).amin(1), dist.max())
+        assert torch.allclose(merge.density[frame].double(), density, atol=1e-5)
+        assert torch.allclose(merge.separation[frame].double(), separation, atol=1e-5)
+    # Sets at or under spatial_merge_threshold (14) are kept as they are: no DPC facts.
+    small = merge_tokens(features[:, :9], PruneVidConfig(dpc_noise=0.0), (3, 3))
+    assert torch.isnan(small.density).all() and torch.isnan(small.separation).all()

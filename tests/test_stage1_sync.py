@@ -100,7 +100,7 @@ def test_sets_of_different_sizes_cluster_in_one_call_as_each_would_alone():
         padded[i, : len(x)], padded_noise[i, : len(u)] = x, u
     padded[0, 1:] = 100.0  # padding must be ignored, whatever it holds
     with HostProbe() as probe:
-        labels = dpc_knn_sets(padded, torch.tensor(sizes), torch.tensor(clusters), 7, padded_noise)
+        labels = dpc_knn_sets(padded, torch.tensor(sizes), torch.tensor(clusters), 7, padded_noise).labels
     assert probe.reads == 0
     for i, (x, u, k) in enumerate(zip(sets, noise, clusters)):
         alone = dpc_knn(x[None], k, 7, u[None])[0]

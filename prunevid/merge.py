@@ -42,7 +42,7 @@ class MergeResult:
     grid: (H, W) of the per-frame token grid, N = H * W.
     set_sizes: the number of merged tokens in each budget set (`groups` numbering) where the
         host knows them without a read (the paper's mode, stage 1 off); None where they stay on
-        the device (under a retention). `select.keep_counts` takes them.
+        the device (under a retention). `select.kept_total` takes them.
     similarity: (T, N) float32 static similarity of each token's grid position over its
         temporal segment (ALGORITHM.md §3.1; -inf in one-frame segments), what `tau` was
         compared with; None where stage 1 did not run.

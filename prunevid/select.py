@@ -53,11 +53,7 @@ def question_guided(
 
 
 def keep_counts(
-    groups: torch.Tensor,
-    config: PruneVidConfig,
-    num_visual: int,
-    set_sizes: list[int] | None = None,
-    num_sets: int | None = None,
+    groups: torch.Tensor, config: PruneVidConfig, num_visual: int, num_sets: int | None = None
 ) -> torch.Tensor:
     """How many tokens stage 2 keeps in each budget set. groups: (n,) -> (S,).
 
@@ -65,15 +61,11 @@ def keep_counts(
     a video of `num_visual` tokens, shared among the sets in proportion to their sizes (at least
     one each while there are enough). Empty sets keep nothing.
 
-    Where the sets' sizes come from decides what the host pays:
-    - `set_sizes` (`MergeResult.set_sizes`, host-known): a CPU tensor, nothing read;
-    - else `num_sets`, any host-known bound on the number of sets (`len(groups)` will do):
-      (num_sets,) counts on groups' device, zero past the last set, nothing read;
-    - else the sets are counted on the host: one read.
+    With `num_sets`, any host-known bound on the number of sets (2T for a video; `len(groups)`
+    will do): (num_sets,) counts on groups' device, zero past the last set, nothing read (their
+    total is `kept_total`). Without it the sets are counted on the host: one read.
     """
-    if set_sizes is not None:
-        sizes = torch.tensor(set_sizes, dtype=torch.long)
-    elif num_sets is not None:
+    if num_sets is not None:
         sizes = torch.zeros(num_sets, dtype=torch.long, device=groups.device)
         sizes.scatter_add_(0, groups, torch.ones_like(groups))
     else:

@@ -70,7 +70,7 @@ def test_stage2_counts_and_selection_read_nothing_when_the_sizes_are_known(reten
     scores = torch.rand(merge.num_tokens, generator=torch.Generator().manual_seed(1))
     attention = scores[None, None]  # (1, 1, M): visual_scores gives `scores` back
     with HostProbe() as probe:
-        counts = keep_counts(merge.groups, config, num_visual, merge.set_sizes, len(merge.groups))
+        counts = keep_counts(merge.groups, config, num_visual, num_sets=len(merge.groups))
         total = kept_total(config, num_visual, merge.num_tokens, merge.set_sizes)
         kept = keep_by_budget(scores, merge.groups, counts, total)
         _, mask = question_guided(attention, merge.groups, counts)

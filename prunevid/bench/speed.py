@@ -45,7 +45,7 @@ from ..baselines import METHODS
 from ..config import PruneVidConfig
 from ..flops import DecoderShape
 from ..merge import merge_tokens
-from ..select import keep_counts
+from ..select import kept_total
 from .archs import ARCHS, Arch, build_model
 from .measure import (
     DEFAULT_QUESTION,
@@ -349,7 +349,7 @@ def calibrate_tau(
 def stage2_kept(frames: torch.Tensor, config: PruneVidConfig, grid: tuple[int, int] | None = None) -> int:
     """Visual tokens PruneVid keeps after both stages (the budget does not depend on the scores)."""
     merge = merge_tokens(frames, config, grid)
-    return int(keep_counts(merge.groups, config, frames.shape[:2].numel()).sum())
+    return kept_total(config, frames.shape[:2].numel(), merge.num_tokens, merge.set_sizes)
 
 
 # ----------------------------------------------------------------------------- methods and runs

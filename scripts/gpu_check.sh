@@ -28,7 +28,7 @@ trap 'rm -f "$report"' EXIT
 for arch in ${GPU_CHECK_ARCHS:-qwen2-7b qwen2.5-vl-7b}; do
   "$python" -m prunevid.cli bench speed --device "$device" --arch "$arch" --dtype bfloat16 \
     --video assets/bbb.mp4 --frames 16 --repeats 3 --new-tokens 32 --stage1-retention 0.4 --alpha 0.4 \
-    --seed 0 --warmup-frames 2 --vision-frames 16 $profile \
+    --seed 0 --warmup-frames 2 --vision-frames 16 --retentions 0.25,0.15,0.1 $profile \
     --json "$(dirname "$out")/bench_speed_${arch}_bfloat16_${device%%:*}.json" --markdown "$report"
   { printf '\n## %s, bfloat16, on %s (scripts/gpu_check.sh, %s)\n\n' "$arch" "$device" "$(date -u +%F)"
     cat "$report"; } >> "$out"

@@ -327,9 +327,12 @@ def measure(
     total = len(methods) * (repeats + (warmup is not None))
     with tqdm(total=total, desc=desc, leave=False, file=sys.stderr, mininterval=2.0) as bar:
         if warmup is not None:
+            # A GPU's first call at a shape pays one-time costs (allocator growth, kernel
+            # selection): warm up at the timed shape there; on the CPU the short clip suffices.
+            warm = prompt if model.device.type == "cuda" else warmup
             for method in methods:
                 bar.set_postfix_str(f"warm-up {method.name}")
-                run_once(model, method, warmup, min(2, new_tokens))
+                run_once(model, method, warm, min(2, new_tokens))
                 bar.update()
         for r in range(repeats):
             shift = r % len(methods)

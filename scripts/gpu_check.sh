@@ -4,7 +4,7 @@
 # and, per method, a profile of its prefill and decode step (kernels, syncs, device-host copies,
 # GPU-busy and host-overhead ms). Each run's report is appended to docs/bench_speed.md (or
 # $GPU_CHECK_OUT) under a heading naming the GPU, its JSON written beside it. About 7 minutes on
-# one H100/H200 (each 7B model is built on the CPU first: ~30 GB of host memory in fp32).
+# one H100/H200 (each 7B model is made and filled with random weights on the GPU, in seconds).
 # Without a CUDA GPU it says so in one line and exits 0.
 # GPU_CHECK_DEVICE and GPU_CHECK_ARCHS change where and what it measures (the tests run it on the CPU,
 # without the profile: it doubles a CPU run, and tests/test_bench_gpu_ready.py covers it);

@@ -199,8 +199,7 @@ class Setup:
 def prepare(args: argparse.Namespace) -> Setup:
     arch = ARCHS[args.arch]
     tic = time.perf_counter()
-    model, tokenizer = build_model(arch, args.seed)
-    model.to(check_device(args.device))
+    model, tokenizer = build_model(arch, args.seed, check_device(args.device))
     build_s = time.perf_counter() - tic
     video, frames = _clip(args)
     warmup = None

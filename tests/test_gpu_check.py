@@ -1,7 +1,7 @@
 """scripts/gpu_check.sh without a GPU (one line, exit 0), and the same script pointed at the CPU
 with the tiny model (GPU_CHECK_DEVICE / GPU_CHECK_ARCHS): `prunevid bench speed --device` runs
-and its report is appended under a heading naming the model, dtype and device. `--device` asks
-for a device this machine has, or says in one sentence why not."""
+and its report is appended under a heading naming the GPU ("CPU" here), model, dtype and device.
+`--device` asks for a device this machine has, or says in one sentence why not."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_gpu_check_appends_each_report_under_its_own_heading(tmp_path):
     done = gpu_check({"GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_ARCHS": "tiny", "GPU_CHECK_OUT": str(results)})
     assert done.returncode == 0, done.stderr
     text = results.read_text()
-    assert text.startswith("# earlier results\n\n## tiny, bfloat16, on cpu (scripts/gpu_check.sh, ")
+    assert text.startswith("# earlier results\n\n## CPU: tiny, bfloat16, on cpu (scripts/gpu_check.sh, ")
     assert "`prunevid bench speed --arch tiny --dtype bfloat16 --video assets/bbb.mp4 --frames 16" in text
     assert "**tiny**, bfloat16:" in text and "| stock | 784 (100.0%) |" in text and "| prunevid |" in text
     record = json.loads((tmp_path / "bench_speed_tiny_bfloat16_cpu.json").read_text())

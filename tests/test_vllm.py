@@ -570,17 +570,18 @@ def test_vllm_starts_with_prunevid_installed_whatever_its_version(version):
         "load_general_plugins()\n"
         "from vllm import ModelRegistry\n"
         "from vllm.model_executor.models.config import MODELS_CONFIG_MAP\n"
-        f"print('registered', {plugin.ARCHITECTURE!r} in ModelRegistry.get_supported_archs(), "
-        f"{plugin.ARCHITECTURE!r} in MODELS_CONFIG_MAP)\n"
+        "archs = ModelRegistry.get_supported_archs()\n"
+        f"print('registered', {plugin.ARCHITECTURE!r} in archs, {plugin.ARCHITECTURE!r} in MODELS_CONFIG_MAP, "
+        f"{plugin.LLAVA_ARCHITECTURE!r} in archs, {plugin.LLAVA_ARCHITECTURE!r} in MODELS_CONFIG_MAP)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     said = [line for line in (run.stdout + run.stderr).splitlines() if "PruneVid" in line]
     if version is None:
-        assert "registered True True" in run.stdout
+        assert "registered True True True True" in run.stdout
         assert said == []
     else:
-        assert "registered False False" in run.stdout
+        assert "registered False False False False" in run.stdout
         assert len(said) == 1
         assert f"it is tested on vLLM >=0.32,<0.33 and this is vLLM {version}" in said[0]
 

@@ -192,9 +192,11 @@ def fake_vllm(
     modules["vllm.model_executor.models.interfaces"].supports_multimodal_pruning = lambda model: True
     modules["vllm.v1.worker.cpu_model_runner"] = types.ModuleType("vllm.v1.worker.cpu_model_runner")
     modules["vllm.v1.worker.cpu_model_runner"].CPUModelRunner = type("CPUModelRunner", (FakeCPURunner,), {})
+    # Always replaced, so that a real vLLM imported earlier in this process (the vLLM venv runs
+    # tests/test_vllm.py first) cannot lend its module to a fake that lacks the name.
+    modules["vllm.model_executor.models"] = types.ModuleType("vllm.model_executor.models")
+    modules["vllm.model_executor.models.config"] = types.ModuleType("vllm.model_executor.models.config")
     if hooks is not None:
-        modules["vllm.model_executor.models"] = types.ModuleType("vllm.model_executor.models")
-        modules["vllm.model_executor.models.config"] = types.ModuleType("vllm.model_executor.models.config")
         modules["vllm.model_executor.models.config"].MODELS_CONFIG_MAP = hooks
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)

@@ -667,8 +667,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(checkpoint: str, settings: dict, port: int, log: Path) -> subprocess.Popen:
-    overrides = {"architectures": ARCH, "prunevid": settings}
+def _serve(
+    checkpoint: str, settings: dict, port: int, log: Path, architecture: str = plugin.ARCHITECTURE
+) -> subprocess.Popen:
+    overrides = {"architectures": [architecture], "prunevid": settings}
     command = [
         *(str(Path(sys.executable).parent / "vllm"), "serve", checkpoint),
         *("--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--enforce-eager"),
@@ -679,6 +681,18 @@ def _serve(checkpoint: str, settings: dict, port: int, log: Path) -> subprocess.
     ]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_until_healthy(server: subprocess.Popen, port: int, log: Path, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        assert server.poll() is None, f"vllm serve exited: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"vllm serve did not come up in {seconds:.0f} s"
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
 
 
 def _chat(port: int, body: dict) -> dict:
@@ -697,15 +711,7 @@ def test_vllm_serve_answers_a_chat_request_with_a_video(checkpoint, stock, prune
     port, log = _free_port(), tmp_path / "serve.log"
     server = _serve(checkpoint, PRUNED, port, log)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, f"vllm serve exited: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "vllm serve did not come up in 300 s"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+        _wait_until_healthy(server, port, log)
         body = {
             "model": checkpoint,
             "messages": chat_messages(),

@@ -16,7 +16,8 @@ helpers these tests share. The checks:
 * a budget per request (mm_processor_kwargs), exact, equal to the transformers path at that
   retention, and solo == batched with three budgets in one batch; a bad one fails its request;
 * images are untouched, alone or beside a pruned video;
-* "prunevid" without the plugin's architecture, and --video-pruning-rate beside it, refuse to start.
+* "prunevid" without the plugin's architecture, and --video-pruning-rate beside it, refuse to start;
+* `vllm serve` answers an OpenAI chat request with a video as the in-process engine does.
 """
 
 from __future__ import annotations
@@ -37,7 +38,22 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import numpy as np
 import torch
-from test_vllm import IMAGE, NEW_TOKENS, _error_messages, answers, greedy, prefill_inputs, take_log, video
+from test_vllm import (
+    IMAGE,
+    NEW_TOKENS,
+    SERVE_MEDIA,
+    _chat,
+    _error_messages,
+    _free_port,
+    _serve,
+    _wait_until_healthy,
+    answers,
+    chat_messages,
+    greedy,
+    prefill_inputs,
+    take_log,
+    video,
+)
 from vllm import LLM
 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
@@ -148,10 +164,11 @@ def media_requests(llm: LLM) -> dict:
 
 @pytest.fixture(scope="module")
 def stock(checkpoint) -> dict:
-    with engine(checkpoint) as llm:
+    with engine(checkpoint, media_io_kwargs=SERVE_MEDIA) as llm:
         results = {name: observe(llm, request(name)) for name in VIDEOS}
         results["batch"] = mixed_batch(llm)
         results.update(media_requests(llm))
+        results["chat"] = llm.chat(chat_messages(), greedy(), use_tqdm=False)[0]
         return results
 
 
@@ -172,6 +189,7 @@ def pruned(checkpoint) -> dict:
         enable_chunked_prefill=True,
         max_num_batched_tokens=48,
         block_size=32,
+        media_io_kwargs=SERVE_MEDIA,
     ) as llm:
         with pytest.raises(ValueError) as refused:
             llm.generate(request("six", retention=1.5), greedy(), use_tqdm=False)
@@ -190,6 +208,7 @@ def pruned(checkpoint) -> dict:
         ]
         results["budget_batch"] = llm.generate(batch, greedy(), use_tqdm=False)
         results["eight_eighth"] = observe(llm, request("eight", retention=0.125))
+        results["chat"] = llm.chat(chat_messages(), greedy(), use_tqdm=False)[0]
         return results
 
 
@@ -380,3 +399,39 @@ def test_llava_vllm_video_pruning_rate_is_refused_beside_prunevid(checkpoint):
         checkpoint, hf_overrides={"architectures": ARCH, "prunevid": PRUNED}, video_pruning_rate=0.5
     )
     assert any("PruneVid replaces vLLM's own video pruning" in m for m in messages)
+
+
+# ---- vllm serve ------------------------------------------------------------------------------
+
+
+def test_llava_vllm_serve_answers_a_chat_request_with_a_video(checkpoint, stock, pruned, tmp_path):
+    """`vllm serve` (front-end and engine in separate processes) with the LLaVA-OneVision
+    architecture: the served prompt and greedy tokens are the in-process engine's, a request's own
+    budget is exact, and the start-up line is logged once."""
+    port, log = _free_port(), tmp_path / "serve.log"
+    server = _serve(checkpoint, PRUNED, port, log, plugin.LLAVA_ARCHITECTURE)
+    try:
+        _wait_until_healthy(server, port, log)
+        body = {
+            "model": checkpoint,
+            "messages": chat_messages(),
+            "max_tokens": NEW_TOKENS,
+            "temperature": 0,
+            "return_token_ids": True,
+        }
+        reply = _chat(port, body)
+        half = _chat(port, {**body, "mm_processor_kwargs": {plugin.REQUEST_RETENTION: 0.5}})
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    # The served video, 8 frames: 8 x 49 = 392 tokens and the newline in stock vLLM; 25%: 98 + 1.
+    assert stock["chat"].prompt_token_ids.count(VIDEO) == 393
+    assert reply["prompt_token_ids"].count(VIDEO) == 99
+    assert reply["prompt_token_ids"] == pruned["chat"].prompt_token_ids
+    assert reply["choices"][0]["token_ids"] == list(pruned["chat"].outputs[0].token_ids)
+    assert half["prompt_token_ids"].count(VIDEO) == 197  # 0.5 x 392, and the newline
+    said = [line for line in log.read_text().splitlines() if "PruneVid stage 1 on" in line]
+    assert len(said) == 1, said
+    assert said[0].endswith(
+        "PruneVid stage 1 on PruneVidLlavaOnevisionForConditionalGeneration, retention 0.25"
+    )

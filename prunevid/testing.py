@@ -327,3 +327,87 @@ def save_tiny_qwen_vl(
         (Path(folder) / name).write_text(json.dumps(content, indent=2))
     (Path(folder) / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
     return folder
+
+
+# A LLaVA-OneVision chat format for list-of-parts messages (the llava-hf checkpoints' layout).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' or 'video' in part %}<video>\n"
+    "{% elif part['type'] == 'image' or 'image' in part %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_tiny_llava_onevision(folder: str, seed: int = 0) -> str:
+    """Write a tiny random LLaVA-OneVision checkpoint a server can load offline: weights, config,
+    the local tokenizer with a chat template, and image and video processor configs (112 px
+    frames, 8 px patches: 7 x 7 pooled tokens per frame; images tiled on a grid of at most
+    2 x 2 tiles of 112 px). Returns the folder."""
+    import json
+    from pathlib import Path
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    # Width 128 (head size 32): vLLM's CPU attention has no kernel for the default head size 16.
+    model = tiny_model(seed=seed, tokenizer=tokenizer, hidden_size=128, intermediate_size=256)
+    vision = model.config.vision_config
+    side = vision.image_size
+    pinpoints = [[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+    model.config.image_grid_pinpoints = pinpoints
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _llava_hf_names(Path(folder) / "model.safetensors")
+    processing = {
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "resample": 3,
+        "size": {"height": side, "width": side},
+        "processor_class": "LlavaOnevisionProcessor",
+    }
+    files = {
+        "preprocessor_config.json": {
+            "image_processor_type": "LlavaOnevisionImageProcessor",
+            "image_grid_pinpoints": pinpoints,
+            "do_pad": True,
+            **processing,
+        },
+        "video_preprocessor_config.json": {
+            "video_processor_type": "LlavaOnevisionVideoProcessor",
+            "do_sample_frames": False,
+            **processing,
+        },
+        "processor_config.json": {
+            "processor_class": "LlavaOnevisionProcessor",
+            "num_image_tokens": (side // vision.patch_size) ** 2,
+            "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": "anyres_max_9",
+        },
+    }
+    for name, content in files.items():
+        (Path(folder) / name).write_text(json.dumps(content, indent=2))
+    (Path(folder) / "chat_template.jinja").write_text(LLAVA_CHAT_TEMPLATE)
+    return folder
+
+
+def _llava_hf_names(path) -> None:
+    """Name the vision tower's weights as the llava-hf checkpoints do (`vision_tower.vision_model.`,
+    which vLLM's loader expects and transformers reads too); transformers 5 writes them without
+    `vision_model.`."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path)
+    renamed = {
+        k.replace("vision_tower.", "vision_tower.vision_model.", 1)
+        if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.")
+        else k: v
+        for k, v in weights.items()
+    }
+    save_file(renamed, path, metadata={"format": "pt"})

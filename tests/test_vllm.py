@@ -570,17 +570,18 @@ def test_vllm_starts_with_prunevid_installed_whatever_its_version(version):
         "load_general_plugins()\n"
         "from vllm import ModelRegistry\n"
         "from vllm.model_executor.models.config import MODELS_CONFIG_MAP\n"
-        f"print('registered', {plugin.ARCHITECTURE!r} in ModelRegistry.get_supported_archs(), "
-        f"{plugin.ARCHITECTURE!r} in MODELS_CONFIG_MAP)\n"
+        "archs = ModelRegistry.get_supported_archs()\n"
+        f"print('registered', {plugin.ARCHITECTURE!r} in archs, {plugin.ARCHITECTURE!r} in MODELS_CONFIG_MAP, "
+        f"{plugin.LLAVA_ARCHITECTURE!r} in archs, {plugin.LLAVA_ARCHITECTURE!r} in MODELS_CONFIG_MAP)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     said = [line for line in (run.stdout + run.stderr).splitlines() if "PruneVid" in line]
     if version is None:
-        assert "registered True True" in run.stdout
+        assert "registered True True True True" in run.stdout
         assert said == []
     else:
-        assert "registered False False" in run.stdout
+        assert "registered False False False False" in run.stdout
         assert len(said) == 1
         assert f"it is tested on vLLM >=0.32,<0.33 and this is vLLM {version}" in said[0]
 
@@ -666,8 +667,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(checkpoint: str, settings: dict, port: int, log: Path) -> subprocess.Popen:
-    overrides = {"architectures": ARCH, "prunevid": settings}
+def _serve(
+    checkpoint: str, settings: dict, port: int, log: Path, architecture: str = plugin.ARCHITECTURE
+) -> subprocess.Popen:
+    overrides = {"architectures": [architecture], "prunevid": settings}
     command = [
         *(str(Path(sys.executable).parent / "vllm"), "serve", checkpoint),
         *("--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024", "--enforce-eager"),
@@ -678,6 +681,18 @@ def _serve(checkpoint: str, settings: dict, port: int, log: Path) -> subprocess.
     ]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_until_healthy(server: subprocess.Popen, port: int, log: Path, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        assert server.poll() is None, f"vllm serve exited: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"vllm serve did not come up in {seconds:.0f} s"
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
 
 
 def _chat(port: int, body: dict) -> dict:
@@ -696,15 +711,7 @@ def test_vllm_serve_answers_a_chat_request_with_a_video(checkpoint, stock, prune
     port, log = _free_port(), tmp_path / "serve.log"
     server = _serve(checkpoint, PRUNED, port, log)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, f"vllm serve exited: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "vllm serve did not come up in 300 s"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+        _wait_until_healthy(server, port, log)
         body = {
             "model": checkpoint,
             "messages": chat_messages(),

@@ -192,9 +192,11 @@ def fake_vllm(
     modules["vllm.model_executor.models.interfaces"].supports_multimodal_pruning = lambda model: True
     modules["vllm.v1.worker.cpu_model_runner"] = types.ModuleType("vllm.v1.worker.cpu_model_runner")
     modules["vllm.v1.worker.cpu_model_runner"].CPUModelRunner = type("CPUModelRunner", (FakeCPURunner,), {})
+    # Always replaced, so that a real vLLM imported earlier in this process (the vLLM venv runs
+    # tests/test_vllm.py first) cannot lend its module to a fake that lacks the name.
+    modules["vllm.model_executor.models"] = types.ModuleType("vllm.model_executor.models")
+    modules["vllm.model_executor.models.config"] = types.ModuleType("vllm.model_executor.models.config")
     if hooks is not None:
-        modules["vllm.model_executor.models"] = types.ModuleType("vllm.model_executor.models")
-        modules["vllm.model_executor.models.config"] = types.ModuleType("vllm.model_executor.models.config")
         modules["vllm.model_executor.models.config"].MODELS_CONFIG_MAP = hooks
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
@@ -220,8 +222,14 @@ def test_a_tested_vllm_gets_the_architecture_and_its_config_hooks(monkeypatch, c
     fake_vllm(monkeypatch, version, registry, hooks)
     with caplog.at_level(logging.INFO, logger="vllm.prunevid"):
         plugin.register()
-    assert registry.registered == {plugin.ARCHITECTURE: plugin.MODEL_CLASS}
+    assert registry.registered == {
+        "PruneVidQwen2_5_VLForConditionalGeneration": "prunevid.integrations.vllm_qwen:"
+        "PruneVidQwen2_5_VLForConditionalGeneration",
+        "PruneVidLlavaOnevisionForConditionalGeneration": "prunevid.integrations.vllm_llava:"
+        "PruneVidLlavaOnevisionForConditionalGeneration",
+    }
     assert hooks[plugin.ARCHITECTURE] is plugin.ConfigHook
+    assert hooks[plugin.LLAVA_ARCHITECTURE] is plugin.LlavaConfigHook
     assert hooks["Qwen2_5_VLForConditionalGeneration"] is plugin.UnpluggedHook
     assert hooks["Qwen3VLMoeForConditionalGeneration"] is theirs
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -291,9 +299,87 @@ def test_prunevid_settings_on_a_stock_architecture_are_refused_with_what_to_add(
     assert str(error.value) == (
         'hf_overrides "prunevid" does nothing on Qwen2_5_VLForConditionalGeneration: add "architectures": '
         '["PruneVidQwen2_5_VLForConditionalGeneration"] to hf_overrides (PruneVid runs in vLLM on Qwen2.5-VL '
-        "checkpoints)"
+        "and LLaVA-OneVision checkpoints)"
     )
     plugin.UnpluggedHook.verify_and_update_config(vllm_config("Qwen2_5_VLForConditionalGeneration"))  # stock
+
+
+def test_prunevid_settings_on_a_stock_llava_onevision_name_its_plugin_architecture():
+    config = vllm_config("LlavaOnevisionForConditionalGeneration", {"retention": 0.25})
+    with pytest.raises(ValueError) as error:
+        plugin.UnpluggedHook.verify_and_update_config(config)
+    assert str(error.value).startswith(
+        'hf_overrides "prunevid" does nothing on LlavaOnevisionForConditionalGeneration: add "architectures": '
+        '["PruneVidLlavaOnevisionForConditionalGeneration"] to hf_overrides'
+    )
+
+
+# ---- LLaVA-OneVision: 1-D RoPE, no positions to carry -------------------------------------------
+
+
+def test_the_llava_config_hook_says_so_once_and_leaves_vllm_pruning_off(caplog):
+    """LLaVA-OneVision's positions are 1-D: vLLM numbers the shorter prompt as the adapter does, so
+    nothing needs vLLM's pruning path (its LLaVA-OneVision has none)."""
+    config = vllm_config(plugin.LLAVA_ARCHITECTURE, {"retention": 0.25})
+    with caplog.at_level(logging.INFO, logger="vllm.prunevid"):
+        plugin.LlavaConfigHook.verify_and_update_config(config)
+    assert config.model_config.multimodal_config.video_pruning_rate is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "PruneVid stage 1 on PruneVidLlavaOnevisionForConditionalGeneration, retention 0.25"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("prunevid", "rate", "message"),
+    [
+        ({"retention": 1.5}, None, r"retention must be in \(0, 1\], got 1.5"),
+        ({"retention": 0.25, "alpha": 0.4}, None, "no setting 'alpha'"),
+        ({"retention": 0.25}, 0.5, "PruneVid replaces vLLM's own video pruning"),
+    ],
+)
+def test_the_llava_config_hook_refuses_bad_settings_in_one_sentence(prunevid, rate, message):
+    with pytest.raises(ValueError, match=message):
+        plugin.LlavaConfigHook.verify_and_update_config(
+            vllm_config(plugin.LLAVA_ARCHITECTURE, prunevid, rate)
+        )
+
+
+def test_llava_pooled_grid_is_half_the_patch_grid_rounded_up():
+    assert plugin.llava_pooled_grid(types.SimpleNamespace(image_size=384, patch_size=14)) == (14, 14)  # 27
+    assert plugin.llava_pooled_grid(types.SimpleNamespace(image_size=112, patch_size=8)) == (7, 7)  # 14
+
+
+def test_merged_llava_video_averages_a_static_video_and_keeps_the_newline():
+    # 2 frames of a 2 x 2 grid with the same content, then the newline: at half the tokens, one
+    # token per position, the mean over time (the content itself), then the newline unchanged.
+    frame, newline = torch.randn(4, 8), torch.randn(1, 8)
+    out = plugin.merged_llava_video(
+        torch.cat([frame, frame, newline]), (2, 2), plugin.settings({"retention": 0.5})
+    )
+    assert out.shape == (4 + 1, 8)
+    torch.testing.assert_close(out[:4], frame)
+    assert torch.equal(out[4:], newline)
+
+
+def test_merged_llava_video_is_stage_one_then_the_newline_and_reads_back_nothing_of_its_own():
+    """Around `merge_tokens` (whose budget mode reads back the T segment labels once, merge.py's
+    `_segment_bounds`), the LLaVA path reads and uploads nothing: every count follows from shapes."""
+    from prunevid.bench.probe import HostProbe
+
+    torch.manual_seed(0)
+    features = torch.randn(3 * 49 + 1, 16)  # 3 frames of 7 x 7, then the newline
+    config = plugin.settings({"retention": 0.25, "tau": 0.0})
+    with HostProbe() as alone:
+        merge_tokens(features[:-1].view(3, 49, 16), config, (7, 7))
+    with HostProbe() as probe:
+        out = plugin.merged_llava_video(features, (7, 7), config)
+    assert (probe.reads, probe.uploads) == (alone.reads, alone.uploads)
+    assert out.shape[0] == 37 + 1  # round(0.25 * 147) = round(36.75), and the newline
+    assert plugin.visual_token_count(147, config) == 37
+    torch.testing.assert_close(out[:-1], merge_tokens(features[:-1].view(3, 49, 16), config, (7, 7)).tokens)
+    assert torch.equal(out[-1], features[-1])
+    # Keeping every token (a request at retention 1): the video as the tower gave it.
+    assert plugin.merged_llava_video(features, (7, 7), plugin.settings({"retention": 1.0})) is features
 
 
 # ---- the CPU runner fix: the plugin's architecture only, unless EVS is opted in ---------------

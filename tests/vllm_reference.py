@@ -15,6 +15,11 @@ prompt; embeds (L', C) and positions (3, L'), what the decoder layers receive fr
 written out independently of the adapter and of `MergeResult.first_members` by
 `tests/reference.py`'s `logical_prompt` (stage 1's merge, then each merged token at the stock
 position of the first token its assignment names).
+
+A LLaVA-OneVision checkpoint (1-D RoPE) takes input_ids (L,) with T * h * w + 1 placeholders
+(the pooled grids and the newline), pixel_values_videos (1, T, 3, H, W) and settings, and gives
+embeds (L', C), positions (L',), features (T * h * w + 1, C) and logical_embeds /
+logical_positions (L',).
 """
 
 from __future__ import annotations
@@ -23,7 +28,11 @@ import sys
 
 import torch
 from reference import logical_prompt  # tests/reference.py: run as a script, its folder is on the path
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 import prunevid
 from prunevid.config import PruneVidConfig
@@ -78,6 +87,43 @@ def reference(checkpoint: str, request: dict) -> dict[str, torch.Tensor]:
     }
 
 
+def llava_reference(checkpoint: str, request: dict) -> dict[str, torch.Tensor]:
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ids = request["input_ids"][None]
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values_videos": request["pixel_values_videos"],
+    }
+    with torch.no_grad():
+        features = model.model.get_video_features(
+            inputs["pixel_values_videos"], return_dict=True
+        ).pooler_output[0]
+    captured: dict[str, torch.Tensor] = {}
+    decoder_prefill = base.prefill
+
+    def recording(lm, embeds, mask, positions, *args):
+        captured.update(embeds=embeds[0].clone(), positions=positions[0].clone())
+        return decoder_prefill(lm, embeds, mask, positions, *args)
+
+    config = PruneVidConfig(stage2=False, selected_layer=0, **request["settings"])
+    logical = logical_prompt(model, inputs, config)  # the stock model, before it is patched
+    base.prefill = recording
+    try:
+        prunevid.patch(model, config)
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        base.prefill = decoder_prefill
+    return {
+        "features": features,
+        "logical_embeds": logical.embeds,
+        "logical_positions": logical.positions[0],
+        **captured,
+    }
+
+
 if __name__ == "__main__":
     checkpoint, request_path, out_path = sys.argv[1:]
-    torch.save(reference(checkpoint, torch.load(request_path)), out_path)
+    llava = AutoConfig.from_pretrained(checkpoint).model_type == "llava_onevision"
+    torch.save((llava_reference if llava else reference)(checkpoint, torch.load(request_path)), out_path)

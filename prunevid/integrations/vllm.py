@@ -1,16 +1,17 @@
-"""PruneVid stage 1 as a vLLM plugin for Qwen2.5-VL, without a fork of vLLM.
+"""PruneVid stage 1 as a vLLM plugin for Qwen2.5-VL and LLaVA-OneVision, without a fork of vLLM.
 
     pip install "prunevid[vllm]"     # the entry point `vllm.general_plugins` runs `register`
     vllm serve Qwen/Qwen2.5-VL-7B-Instruct --hf-overrides \\
         '{"architectures": ["PruneVidQwen2_5_VLForConditionalGeneration"], "prunevid": {"retention": 0.25}}'
 
-`register` adds the architecture `ARCHITECTURE` (a subclass of vLLM's Qwen2.5-VL model and of
-its multimodal processor, `vllm_qwen.py`); the checkpoint is pointed at it with `hf_overrides`,
-whose `prunevid` mapping holds the settings (`SETTINGS`; `retention` is required). A request may
-set its own retention in `mm_processor_kwargs` (`REQUEST_RETENTION`). On a vLLM outside
-`SUPPORTED_VLLM`, `register` registers nothing and logs why; `VLLM_NAMES` lists every vLLM name
-the plugin relies on. `ConfigHook` runs in vLLM's front-end: it validates the settings, turns
-vLLM's video pruning path on in the config every process receives, and logs the start-up line.
+`register` adds the architecture `ARCHITECTURE` (a subclass of vLLM's Qwen2.5-VL model and of its
+multimodal processor, `vllm_qwen.py`) and `LLAVA_ARCHITECTURE` (LLaVA-OneVision's,
+`vllm_llava.py`); the checkpoint is pointed at one with `hf_overrides`, whose `prunevid` mapping
+holds the settings (`SETTINGS`; `retention` is required). A request may set its own retention in
+`mm_processor_kwargs` (`REQUEST_RETENTION`). On a vLLM outside `SUPPORTED_VLLM`, `register`
+registers nothing and logs why; `VLLM_NAMES` lists every vLLM name the plugin relies on.
+`ConfigHook` runs in vLLM's front-end: it validates the settings, turns vLLM's video pruning path
+on in the config every process receives, and logs the start-up line.
 
 How it fits vLLM. vLLM fixes each video's placeholder count in the front-end, before the vision
 tower runs, so only stage 1 in budget mode can run there: a video of T time steps of N merged
@@ -25,6 +26,12 @@ where it would without pruning (`grid_positions`' extent), as the transformers a
 Positions travel in the model dtype, where bf16 holds integers exactly only up to 256, so each
 is sent as two base-256 digits (`encode_positions`), exact up to 65,535 in bf16, fp16 and fp32.
 
+LLaVA-OneVision numbers its prompt with 1-D RoPE: vLLM numbers the shorter prompt 0, 1, 2, ...
+exactly as the transformers adapter renumbers it, so nothing travels but the tokens. Its videos
+get `visual_token_count` placeholders and the trailing newline, and `merged_llava_video` runs
+stage 1 on the pooled frame grids, with no position channels and vLLM's pruning path off
+(`LlavaConfigHook`).
+
 Stage 2 is not here: it needs the question inside the language model and would make the cached
 prefix of a video depend on the question, defeating prefix caching.
 
@@ -36,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 
@@ -48,6 +56,10 @@ from ..merge import merge_tokens
 
 ARCHITECTURE = "PruneVidQwen2_5_VLForConditionalGeneration"
 MODEL_CLASS = "prunevid.integrations.vllm_qwen:PruneVidQwen2_5_VLForConditionalGeneration"
+# LLaVA-OneVision (1-D RoPE: no position channels, vLLM's pruning path stays off; `vllm_llava.py`).
+LLAVA_ARCHITECTURE = "PruneVidLlavaOnevisionForConditionalGeneration"
+LLAVA_MODEL_CLASS = "prunevid.integrations.vllm_llava:PruneVidLlavaOnevisionForConditionalGeneration"
+MODELS = {ARCHITECTURE: MODEL_CLASS, LLAVA_ARCHITECTURE: LLAVA_MODEL_CLASS}
 # hf_overrides {"prunevid": {...}}: the stage-1 knobs (the others are stage 2's or frame sampling,
 # which vLLM's media loader does: --media-io-kwargs '{"video": {"num_frames": 16}}').
 SETTINGS = ("retention", "stage1", "tau", "temporal_segment_ratio", "k", "dpc_noise", "seed", "centre")
@@ -79,6 +91,13 @@ VLLM_NAMES = (
     "vllm.model_executor.models.config:MODELS_CONFIG_MAP",
     "vllm.config:VllmConfig.try_verify_and_update_config",
     "vllm.config.multimodal:MultiModalConfig.video_pruning_rate",
+    "vllm.model_executor.models.llava_onevision:LlavaOnevisionForConditionalGeneration._process_video_pixels",
+    "vllm.model_executor.models.llava_onevision:LlavaOnevisionForConditionalGeneration.embed_multimodal",
+    "vllm.model_executor.models.llava_onevision:LlavaOnevisionMultiModalProcessor._apply_hf_processor_main",
+    "vllm.model_executor.models.llava_onevision:LlavaOnevisionMultiModalProcessor._get_prompt_updates",
+    "vllm.model_executor.models.llava_onevision:LlavaOnevisionMultiModalProcessor._get_mm_fields_config",
+    "vllm.model_executor.models.llava_onevision:LlavaOnevisionProcessingInfo._get_num_frame_tokens",
+    "vllm.model_executor.models.llava_onevision:LlavaOnevisionDummyInputsBuilder",
 )
 # vLLM's loggers write to vLLM's handlers; a child of "vllm" shows where vLLM's own lines do.
 logger = logging.getLogger("vllm.prunevid")
@@ -106,10 +125,12 @@ def register() -> None:
     except (ImportError, AttributeError) as error:
         logger.warning("PruneVid's vLLM plugin is off: vLLM %s lacks %s", vllm.__version__, error)
         return
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    for architecture, model_class in MODELS.items():
+        if architecture not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(architecture, model_class)
     # vLLM runs an architecture's config hook in the front-end, on the config every process gets.
     MODELS_CONFIG_MAP[ARCHITECTURE] = ConfigHook
+    MODELS_CONFIG_MAP[LLAVA_ARCHITECTURE] = LlavaConfigHook
     for architecture in STOCK_ARCHITECTURES:
         MODELS_CONFIG_MAP.setdefault(architecture, UnpluggedHook)
     if on_cpu:
@@ -117,26 +138,28 @@ def register() -> None:
         CPUModelRunner.load_model.every_model = os.environ.get(EVS_ON_CPU) == "1"
 
 
-# Checkpoints someone may give "prunevid" settings to without the plugin's architecture.
-STOCK_ARCHITECTURES = (
-    "Qwen2_5_VLForConditionalGeneration",
-    "Qwen2VLForConditionalGeneration",
-    "Qwen3VLForConditionalGeneration",
-    "Qwen3VLMoeForConditionalGeneration",
-    "LlavaOnevisionForConditionalGeneration",
-)
+# Checkpoints someone may give "prunevid" settings to without the plugin's architecture, and the
+# plugin's architecture to name instead (Qwen2.5-VL's where the family has none of its own).
+STOCK_ARCHITECTURES = {
+    "Qwen2_5_VLForConditionalGeneration": ARCHITECTURE,
+    "Qwen2VLForConditionalGeneration": ARCHITECTURE,
+    "Qwen3VLForConditionalGeneration": ARCHITECTURE,
+    "Qwen3VLMoeForConditionalGeneration": ARCHITECTURE,
+    "LlavaOnevisionForConditionalGeneration": LLAVA_ARCHITECTURE,
+}
 
 
-def configure(vllm_config) -> None:
+def configure(vllm_config, positions: bool = True) -> None:
     """The plugin's architecture in vLLM's front-end, before any other process starts: validates
     the settings (a bad one stops start-up with one sentence), turns on vLLM's video pruning path
     in the config every process receives (`video_pruning_rate` = 1 - retention; vLLM's runners
     strip the position channels and rewrite positions only while it is above 0, its schedulers
-    and compile cache read it too), and logs what runs."""
+    and compile cache read it too), and logs what runs. With `positions` False (a 1-D RoPE
+    model, LLaVA-OneVision: nothing to rewrite) the pruning path stays off."""
     model_config = vllm_config.model_config
     config = settings(getattr(model_config.hf_config, "prunevid", None))
     multimodal = model_config.multimodal_config
-    rate = 1 - config.retention if prunes(config) else None
+    rate = 1 - config.retention if prunes(config) and positions else None
     if multimodal.video_pruning_rate and multimodal.video_pruning_rate != rate:
         raise ValueError(
             "PruneVid replaces vLLM's own video pruning: leave out --video-pruning-rate "
@@ -151,9 +174,11 @@ def refuse_unplugged(vllm_config) -> None:
     """A stock architecture given "prunevid" settings would prune nothing and say nothing: refuse."""
     model_config = vllm_config.model_config
     if getattr(model_config.hf_config, "prunevid", None) is not None:
+        ours = STOCK_ARCHITECTURES.get(model_config.architecture, ARCHITECTURE)
         raise ValueError(
             f'hf_overrides "prunevid" does nothing on {model_config.architecture}: add '
-            f'"architectures": ["{ARCHITECTURE}"] to hf_overrides (PruneVid runs in vLLM on Qwen2.5-VL checkpoints)'
+            f'"architectures": ["{ours}"] to hf_overrides (PruneVid runs in vLLM on Qwen2.5-VL and '
+            "LLaVA-OneVision checkpoints)"
         )
 
 
@@ -165,6 +190,13 @@ class ConfigHook:
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
         return
+
+
+class LlavaConfigHook(ConfigHook):
+    """The hook for LLaVA-OneVision: settings validated and the start-up line, vLLM's pruning
+    path off (its positions are 1-D: the prompt's own numbering is already the pruned one)."""
+
+    verify_and_update_config = staticmethod(functools.partial(configure, positions=False))
 
 
 class UnpluggedHook(ConfigHook):
@@ -233,7 +265,13 @@ def video_token_count(grid_thw: tuple[int, int, int], merge_size: int, config: P
     """Placeholders of a video whose patch grid is (t, h, w): the stage-1 budget of its
     t * (h / merge) * (w / merge) tokens, which stage 1 meets for any content."""
     steps, per_step = grid_thw[0], grid_thw[1] // merge_size * (grid_thw[2] // merge_size)
-    return stage1_count(steps * per_step, config) if prunes(config) else steps * per_step
+    return visual_token_count(steps * per_step, config)
+
+
+def visual_token_count(num_visual: int, config: PruneVidConfig) -> int:
+    """A video's visual tokens after stage 1: max(1, round(retention * num_visual)) when the
+    settings prune, else all of them."""
+    return stage1_count(num_visual, config) if prunes(config) else num_visual
 
 
 def grid_positions(
@@ -326,6 +364,26 @@ def merged_video(
     first = merge.first_members().to(features.device)
     channels = first_member_channels(first, grid_thw, merge_size, steps_per_position, features.dtype)
     return torch.cat([merge.tokens.to(features.dtype), channels], dim=1)
+
+
+def llava_pooled_grid(vision_config) -> tuple[int, int]:
+    """A frame's token grid after LLaVA-OneVision's 2 x 2 bilinear pooling (ceil of half the
+    patch grid's side: 14 x 14 for 384 px frames of 14 px patches)."""
+    side = math.ceil(vision_config.image_size // vision_config.patch_size / 2)
+    return side, side
+
+
+def merged_llava_video(features: torch.Tensor, grid: tuple[int, int], config: PruneVidConfig) -> torch.Tensor:
+    """Stage 1 on one LLaVA-OneVision video as vLLM's tower gives it: (T * h * w + 1, C), the
+    pooled grids row-major frame after frame, then the newline -> (visual_token_count(T * h * w)
+    + 1, C), the merged tokens in their own order, then the newline (as the transformers adapter
+    writes them). Every count follows from the shapes: nothing is read back from the device."""
+    if not prunes(config):
+        return features
+    per_frame = grid[0] * grid[1]
+    frames = features[:-1].view(-1, per_frame, features.shape[-1])
+    merge = merge_tokens(frames, config, grid)
+    return torch.cat([merge.tokens.to(features.dtype), features[-1:]])
 
 
 def media_with_positions(

@@ -242,19 +242,18 @@ def _merge(
     num_segments = len(plan.starts)
     ids = torch.arange(num_tokens, device=device)
 
-    # Rows of the batch: each set's members gathered to the front, in grid order.
-    members_static = (~plan.static).long().argsort(dim=1, stable=True)  # (S, N): static first
-    members_dynamic = plan.static.long().argsort(dim=1, stable=True)[plan.segment]  # (T, N)
-    means = _static_means(features, plan)  # (S, N, C)
-    rows = torch.cat(
-        [
-            means.gather(1, members_static[:, :, None].expand(-1, -1, channels)),
-            features.gather(1, members_dynamic[:, :, None].expand(-1, -1, channels)),
-        ]
-    )  # (S + T, N, C)
+    # Rows of the batch: each set's members gathered to the front, in grid order (a stable sort
+    # of the bool masks: descending puts the static positions first, ascending the dynamic).
+    static = plan.static[plan.segment]  # (T, N)
+    members = torch.cat(
+        [plan.static.argsort(dim=1, descending=True, stable=True), static.argsort(dim=1, stable=True)]
+    )  # (S + T, N) grid position of each set's m-th member
+    sources = torch.cat([_static_means(features, plan), features])  # (S + T, N, C)
+    rows = sources.gather(1, members[:, :, None].expand(-1, -1, channels))  # (S + T, N, C)
     draw = _row_noise(noise, plan, num_frames, num_tokens)
     clustering = dpc_knn_sets(rows, plan.sizes, plan.counts.clamp(min=1), config.k, draw)
-    labels = torch.where(plan.clustered[:, None], clustering.labels, ids)  # unclustered: grid order
+    clustered = plan.clustered[:, None]  # (S + T, 1)
+    labels = torch.where(clustered, clustering.labels, ids)  # unclustered: grid order
 
     # Output order: sets in slot order, each set's merged tokens in label order.
     per_slot = torch.zeros_like(plan.counts).scatter_(0, plan.slots, plan.counts)
@@ -263,40 +262,29 @@ def _merge(
         per_slot_host = per_slot.tolist()
         num_merged = sum(per_slot_host)
         set_sizes = [count for count in per_slot_host if count]
-    slot_starts = per_slot.cumsum(0) - per_slot
-    valid = ids < plan.sizes[:, None]
-    target = torch.where(valid, slot_starts[plan.slots][:, None] + labels, num_merged).flatten()
+    slot_ends = per_slot.cumsum(0)
+    slot_starts = slot_ends - per_slot
+    padding = ids >= plan.sizes[:, None]
+    target = (slot_starts[plan.slots][:, None] + labels).masked_fill(padding, num_merged).flatten()
 
     # Each merged token is the plain mean of its members (summed in float32); padding goes to a
     # spare row that is dropped.
     sums = rows.new_zeros(num_merged + 1, channels, dtype=torch.float32)
     sums.index_add_(0, target, rows.flatten(0, 1).float())
-    members = sums.new_zeros(num_merged + 1).index_add_(0, target, valid.flatten().float())
-    tokens = (sums[:num_merged] / members[:num_merged, None]).to(features.dtype)
+    count = sums.new_zeros(num_merged + 1, 1).index_add_(0, target, sums.new_ones(len(target), 1))
+    tokens = (sums / count)[:num_merged].to(features.dtype)
 
-    # Where every original token went: its segment's static set or its frame's dynamic set.
-    static = plan.static[plan.segment]  # (T, N)
-    row = torch.where(
-        static, plan.segment[:, None], num_segments + torch.arange(num_frames, device=device)[:, None]
-    )
-    member = (
-        torch.where(
-            static, plan.static.long().cumsum(1)[plan.segment], (~plan.static).long().cumsum(1)[plan.segment]
-        )
-        - 1
-    )
-    place = row * num_tokens + member  # (T, N) each original token's place in the batch
-    assignment = slot_starts[plan.slots][row] + labels.flatten()[place]
-    clustered = plan.clustered[row]
-    density, separation = (
-        values.flatten()[place].where(clustered, torch.nan)
-        for values in (clustering.density, clustering.separation)
-    )
+    # Where every original token went: its place in the batch, row (its segment's static set or
+    # its frame's dynamic set) times N plus its member index there (the members' inverse).
+    rows_at = members.argsort(dim=1) + torch.arange(len(members), device=device)[:, None] * num_tokens
+    place = torch.where(static, rows_at[:num_segments][plan.segment], rows_at[num_segments:])  # (T, N)
+    assignment = target[place]
+    facts = torch.stack([clustering.density, clustering.separation]).where(clustered, torch.nan)
+    density, separation = facts.flatten(1)[:, place].unbind()
 
     # Budget sets: the non-empty slots, numbered densely in output order.
-    slot_ends = per_slot.cumsum(0)
     slot = torch.searchsorted(slot_ends, torch.arange(num_merged, device=device), right=True)
-    groups = ((per_slot > 0).long().cumsum(0) - 1)[slot]
+    groups = ((per_slot > 0).cumsum(0) - 1)[slot]
     return MergeResult(
         tokens=tokens,
         assignment=assignment,

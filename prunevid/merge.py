@@ -301,45 +301,46 @@ def _merge(
 def _static_means(features: torch.Tensor, plan: _Plan) -> torch.Tensor:
     """(T, N, C) -> (S, N, C): each position's mean over its segment's frames (a plain mean,
     accumulated in float32 at least, as `Tensor.mean` does)."""
-    table, valid = _frame_table(plan.starts, plan.widths, plan.max_width, features.shape[0])
-    accumulate = torch.promote_types(features.dtype, torch.float32)
-    padded = features[table].masked_fill(~valid[:, :, None, None], 0)  # (S, W, N, C)
-    sums = padded.sum(1, dtype=accumulate)
-    return (sums / plan.widths.clamp(min=1)[:, None, None]).to(features.dtype)
+    table = _frame_table(plan.starts, plan.widths, plan.max_width, features.shape[0])
+    accumulate = torch.float64 if features.dtype == torch.float64 else torch.float32
+    sums = _with_zero_frame(features)[table].sum(1, dtype=accumulate)  # (S, N, C)
+    return (sums / plan.widths.clamp(min=1).view(-1, 1, 1)).to(features.dtype)
 
 
 def _row_noise(noise: _Noise, plan: _Plan, num_frames: int, num_tokens: int) -> torch.Tensor | None:
     """(S + T, N) each set's DPC tie-break noise, the values ALGORITHM.md §1.3's order of draws
     gives it: per segment its static set (if clustered), then its frames' dynamic sets (if any
-    is clustered). One draw covers the most any content can take; the generator is local to
-    the call, so drawing more than is used changes nothing."""
+    is clustered). One draw covers the most any content can take, and a set's N more (the
+    generator is local to the call, so drawing more than is used changes nothing); a set that
+    draws nothing gets values that are never used."""
     num_segments = len(plan.starts)
-    stream = noise(num_segments * num_tokens + num_frames * num_tokens)
+    stream = noise((num_segments + num_frames + 1) * num_tokens)
     if stream is None:
         return None
     stream = stream.to(plan.sizes.device)
-    static_sizes, dynamic_sizes = plan.sizes[:num_segments], plan.sizes[num_segments:]
-    static_draw = static_sizes * plan.clustered[:num_segments]
-    frames_clustered = torch.zeros_like(static_sizes).index_add_(
-        0, plan.segment, plan.clustered[num_segments:].long()
-    )
-    dynamic_per_frame = num_tokens - static_sizes  # per segment
-    taken = static_draw + (frames_clustered > 0) * plan.widths * dynamic_per_frame
-    first = taken.cumsum(0) - taken  # (S,) where each segment's draws begin
-    frames = torch.arange(num_frames, device=stream.device)
-    dynamic_first = (
-        first[plan.segment] + static_draw[plan.segment] + (frames - plan.starts[plan.segment]) * dynamic_sizes
-    )
-    offsets = torch.cat([first, dynamic_first])[:, None] + torch.arange(num_tokens, device=stream.device)
-    return stream[offsets.clamp(max=len(stream) - 1)]
+    # Draws of each set: a static set its size if clustered; a frame its size if any frame of
+    # its segment is clustered.
+    any_clustered = torch.zeros_like(plan.starts).scatter_reduce_(
+        0, plan.segment, plan.clustered[num_segments:].long(), "amax"
+    )  # (S,) 0 or 1
+    drawing = torch.cat([plan.clustered[:num_segments], any_clustered[plan.segment]])
+    draws = plan.sizes * drawing  # (S + T,)
+    # Sets draw in output order (`slots`): where each set's draws begin.
+    in_order = torch.zeros_like(draws).scatter_(0, plan.slots, draws)
+    first = (in_order.cumsum(0) - in_order)[plan.slots]
+    return stream[first[:, None] + torch.arange(num_tokens, device=stream.device)]
 
 
-def _frame_table(
-    starts: torch.Tensor, widths: torch.Tensor, max_width: int, num_frames: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, W) frame index of each segment's w-th frame (clamped where padding) and its mask."""
+def _frame_table(starts: torch.Tensor, widths: torch.Tensor, max_width: int, num_frames: int) -> torch.Tensor:
+    """(S, W) frame index of each segment's w-th frame; T (`_with_zero_frame`'s zeros) where
+    the segment is shorter."""
     steps = torch.arange(max_width, device=starts.device)
-    return (starts[:, None] + steps).clamp(max=num_frames - 1), steps < widths[:, None]
+    return (starts[:, None] + steps).masked_fill(steps >= widths[:, None], num_frames)
+
+
+def _with_zero_frame(frames: torch.Tensor) -> torch.Tensor:
+    """(T, N, C) -> (T + 1, N, C): a frame of zeros after the last, what padding reads."""
+    return torch.nn.functional.pad(frames, (0, 0, 0, 0, 0, 1))
 
 
 def _similarity(
@@ -347,13 +348,28 @@ def _similarity(
 ) -> torch.Tensor:
     """`static_similarity` of every segment at once. frames: (T, N, C); starts, widths: (S,)
     -> (S, N) float32; -inf in a segment of fewer than two frames."""
-    table, valid = _frame_table(starts, widths, max_width, frames.shape[0])
-    unit = torch.nn.functional.normalize(frames.float(), dim=-1, eps=1e-12)
-    padded = unit[table].masked_fill(~valid[:, :, None, None], 0)  # (S, W, N, C)
-    gram = torch.einsum("sanc,sbnc->snab", padded, padded)  # (S, N, W, W)
+    table = _frame_table(starts, widths, max_width, frames.shape[0])
+    frames = frames.float()
+    # torch.nn.functional.normalize's arithmetic, without its expand.
+    unit = frames / torch.linalg.vector_norm(frames, dim=-1, keepdim=True).clamp_min(1e-12)
+    padded = _with_zero_frame(unit)[table]  # (S, W, N, C)
+    gram = _frame_products(padded)  # (S, N, W, W)
     off_diagonal = gram.sum((2, 3)) - gram.diagonal(dim1=2, dim2=3).sum(-1)
+    # A segment of fewer than two frames has no pairs, and its off-diagonal sum is an exact 0
+    # (its one product less itself, or nothing): 0 / 0 is NaN, which becomes -inf.
     pairs = (widths * (widths - 1))[:, None]
-    return (off_diagonal / pairs.clamp(min=1)).masked_fill(pairs == 0, -torch.inf)
+    return (off_diagonal / pairs).nan_to_num(nan=-torch.inf)
+
+
+def _frame_products(padded: torch.Tensor) -> torch.Tensor:
+    """(S, W, N, C) -> (S, N, W, W): every segment's dot products of its frames' tokens, position
+    by position. The one matrix product torch.einsum("sanc,sbnc->snab") runs, on the same
+    operands (a view where the layout allows, else a copy; so the same bits), without the
+    einsum's half-dozen bookkeeping views."""
+    segments, width, positions, channels = padded.shape
+    left = padded.permute(0, 2, 1, 3).reshape(segments * positions, width, channels)
+    right = padded.permute(0, 2, 3, 1).reshape(segments * positions, channels, width)
+    return torch.bmm(left, right).view(segments, positions, width, width)
 
 
 def _segment_bounds(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -101,22 +102,51 @@ def merge_tokens(
     target = None if config.retention is None else stage1_count(num_frames * num_tokens, config)
     if target is not None and target < num_frames:  # the fallback a small budget may need
         segments.append(_even_runs(num_frames, math.ceil(target / num_tokens)))
-    # One upload: (plans, 2, S) first frames and widths, segments padded to a common count.
-    padded = max(len(starts) for starts, _ in segments)
-    bounds = torch.tensor(
-        [[s + [num_frames] * (padded - len(s)), w + [0] * (padded - len(w))] for s, w in segments],
-        device=features.device,
-    )
+    layouts = _layouts(segments, num_frames, features.device)  # the one upload
+    temporal = _layout(layouts[0], num_frames)
     max_width = max(max(widths) for _, widths in segments)
-    similarity = _similarity(reference, bounds[0, 0], bounds[0, 1], max(segments[0][1]))  # (S, N)
+    similarity = _similarity(reference, temporal.starts, temporal.widths, max(segments[0][1]))  # (S, N)
     if target is None:
-        plan = _paper_plan(bounds[0], similarity, config, num_frames, max_width)
+        plan = _paper_plan(temporal, similarity, config, max_width)
     else:
-        plan = _budget_plan(bounds, similarity, config, target, num_frames, max_width)
+        plan = _budget_plan(layouts, temporal, similarity, config, target, max_width)
     result = _merge(features, plan, config, noise, grid, target)
-    frames = torch.arange(num_frames, device=features.device)
-    result.similarity = similarity[torch.searchsorted(bounds[0, 0], frames, right=True) - 1]
+    result.similarity = similarity[temporal.segment]
     return result
+
+
+class _Layout(NamedTuple):
+    """Segments padded to S (width 0 after the last one): views of one row of `_layouts`.
+    starts, widths: (S,) first frame and frame count of each segment; slots: (S + T,) each
+    set's place in output order (S static sets, then T dynamic ones: per segment its static
+    set, then its frames); segment: (T,) segment of each frame."""
+
+    starts: torch.Tensor
+    widths: torch.Tensor
+    slots: torch.Tensor
+    segment: torch.Tensor
+
+
+def _layout(row: torch.Tensor, num_frames: int) -> _Layout:
+    """The `_Layout` of one row (3S + 2T,) of `_layouts`."""
+    num_segments = (len(row) - 2 * num_frames) // 3
+    return _Layout(*row.split([num_segments, num_segments, num_segments + num_frames, num_frames]))
+
+
+def _layouts(
+    segments: list[tuple[list[int], list[int]]], num_frames: int, device: torch.device
+) -> torch.Tensor:
+    """(P, 3S + 2T): each candidate segmentation's starts, widths, slots and frame segments
+    (`_Layout`), worked out on the host from its (first frames, widths), segments padded to a
+    common count, and uploaded at once."""
+    padded = max(len(starts) for starts, _ in segments)
+    rows = []
+    for starts, widths in segments:
+        segment = [s for s, width in enumerate(widths) for _ in range(width)]
+        starts = starts + [num_frames] * (padded - len(starts))
+        slots = [start + s for s, start in enumerate(starts)] + [t + s + 1 for t, s in enumerate(segment)]
+        rows.append(starts + widths + [0] * (padded - len(widths)) + slots + segment)
+    return torch.tensor(rows, device=device)
 
 
 @dataclass
@@ -142,23 +172,17 @@ class _Plan:
     clustered: torch.Tensor | None = None
 
 
-def _plan(bounds: torch.Tensor, static: torch.Tensor, num_frames: int, max_width: int) -> _Plan:
-    """The sets of segments `bounds` (2, S) with static positions `static` (S, N)."""
-    starts, widths = bounds
-    frames = torch.arange(num_frames, device=static.device)
-    segment = (frames[:, None] >= starts).sum(1) - 1
+def _plan(layout: _Layout, static: torch.Tensor, max_width: int) -> _Plan:
+    """The sets of segments `layout` with static positions `static` (S, N)."""
     num_static = static.sum(1)
-    sizes = torch.cat([num_static, static.shape[1] - num_static[segment]])
-    slots = torch.cat([starts + torch.arange(len(starts), device=static.device), frames + segment + 1])
-    return _Plan(starts, widths, max_width, segment, static, sizes, slots)
+    sizes = torch.cat([num_static, (static.shape[1] - num_static)[layout.segment]])
+    return _Plan(layout.starts, layout.widths, max_width, layout.segment, static, sizes, layout.slots)
 
 
-def _paper_plan(
-    bounds: torch.Tensor, similarity: torch.Tensor, config: PruneVidConfig, num_frames: int, max_width: int
-) -> _Plan:
+def _paper_plan(layout: _Layout, similarity: torch.Tensor, config: PruneVidConfig, max_width: int) -> _Plan:
     """ALGORITHM.md §3-4: tau marks the static positions; sets above `spatial_merge_threshold`
     keep max(1, int(n * cluster_ratio)) clusters."""
-    plan = _plan(bounds, similarity > config.tau, num_frames, max_width)
+    plan = _plan(layout, similarity > config.tau, max_width)
     plan.clustered = plan.sizes > config.spatial_merge_threshold
     clusters = (plan.sizes.double() * config.cluster_ratio).long().clamp(min=1)  # float64, as int(n * r)
     plan.counts = torch.where(plan.clustered, clusters, plan.sizes)
@@ -166,11 +190,11 @@ def _paper_plan(
 
 
 def _budget_plan(
-    bounds: torch.Tensor,
+    layouts: torch.Tensor,
+    temporal: _Layout,
     similarity: torch.Tensor,
     config: PruneVidConfig,
     target: int,
-    num_frames: int,
     max_width: int,
 ) -> _Plan:
     """A plan whose token counts add up to exactly `target` (`budget.stage1_count(T * N,
@@ -183,20 +207,19 @@ def _budget_plan(
     token per frame, and below that merges runs of consecutive frames as static segments (one
     run per N tokens of budget, at least one). Which of these applies depends on the content,
     so the device chooses (`torch.where`), and the host never learns which.
-    bounds: (P, 2, S) the temporal segments and, where the budget is below T, the runs;
-    similarity: (S, N).
+    layouts: (P, 3S + 2T) `_layouts` of the temporal segments (`temporal`, the first) and,
+    where the budget is below T, of the runs; similarity: (S, N).
     """
-    num_tokens = similarity.shape[1]
+    num_frames, num_tokens = len(temporal.segment), similarity.shape[1]
     room = num_frames * num_tokens - target
-    plan = _plan(bounds[0], _fit_static(similarity, bounds[0, 1], config.tau, room), num_frames, max_width)
+    plan = _plan(temporal, _fit_static(similarity, temporal.widths, config.tau, room), max_width)
     too_many = (plan.sizes > 0).sum() > target
-    if len(bounds) == 1:  # a token per frame fits: frames fall back to their own sets
-        static = plan.static & ~too_many
-        plan = _plan(bounds[0], static, num_frames, max_width)
+    if len(layouts) == 1:  # a token per frame fits: frames fall back to their own sets
+        plan = _plan(temporal, plan.static & ~too_many, max_width)
     else:  # fewer tokens than frames: runs of frames fall back to static segments
-        runs = bounds[1, 1] > 0
-        static = torch.where(too_many, runs[:, None].expand_as(plan.static), plan.static)
-        plan = _plan(torch.where(too_many, bounds[1], bounds[0]), static, num_frames, max_width)
+        runs = _layout(layouts[1], num_frames)
+        static = torch.where(too_many, (runs.widths > 0)[:, None], plan.static)
+        plan = _plan(_layout(torch.where(too_many, layouts[1], layouts[0]), num_frames), static, max_width)
     shares = torch.zeros_like(plan.sizes).scatter_(0, plan.slots, plan.sizes)  # in output order
     plan.counts = allocate_tensor(shares, target)[plan.slots]
     plan.clustered = plan.counts < plan.sizes

@@ -62,14 +62,15 @@ def dpc_knn_sets(
     n, channels = x.shape[1], x.shape[2]
     ids = torch.arange(n, device=x.device)
     size = sizes[:, None]  # (B, 1)
-    padding = ids >= size  # (B, n)
-    padding_j = padding[:, None, :]  # (B, 1, n): the token compared with is padding
-    outside = padding[:, :, None] | padding_j  # (B, n, n): a pair with a padding token
+    # Where every set is full there is no padding to mask (None: nothing to mask).
+    padding = None if full else ids >= size  # (B, n)
+    outside = None if full else padding[:, :, None] | padding[:, None, :]  # (B, n, n): a pair with padding
     dist = _distances(x.float(), None if full else sizes) / channels**0.5  # (B, n, n)
+    within = _masked(dist, outside, torch.inf)  # distances inside each set, inf elsewhere
 
     # Density: each token's k nearest distances include its own zero; a set smaller than k
     # averages all its distances. Those beyond a set's size are the padding's inf, and count 0.
-    nearest = dist.masked_fill(outside, torch.inf).topk(min(k, n), dim=-1, largest=False).values
+    nearest = within.topk(min(k, n), dim=-1, largest=False).values
     squares = (nearest**2).nan_to_num(posinf=0.0).sum(-1)
     density = torch.exp(-(squares / size.clamp(min=1, max=k)))  # (B, n)
     if noise is not None:
@@ -77,12 +78,12 @@ def dpc_knn_sets(
 
     # Separation: distance to the nearest denser token; the densest (inf so far) takes the
     # set's largest distance, which no other separation exceeds.
-    lower = (density[:, None, :] <= density[:, :, None]) | padding_j  # [b, i, j]: j not denser
-    separation = dist.masked_fill(lower, torch.inf).amin(-1)
-    largest = dist.masked_fill(outside, -torch.inf).flatten(1).amax(-1, keepdim=True)
+    lower = density[:, None, :] <= density[:, :, None]  # [b, i, j]: j not denser than i
+    separation = within.masked_fill(lower, torch.inf).amin(-1)
+    largest = _masked(dist, outside, -torch.inf).flatten(1).amax(-1, keepdim=True)
     separation = torch.minimum(separation, largest)
 
-    score = (density * separation).masked_fill(padding, -torch.inf)
+    score = _masked(density * separation, padding, -torch.inf)
     order = score.sort(dim=-1, descending=True, stable=True).indices  # (B, n): centres by rank
     rank = order.argsort(-1)  # the inverse permutation
 
@@ -94,6 +95,11 @@ def dpc_knn_sets(
     labels = from_centres.masked_fill(not_centre, torch.inf).argmin(1)
     labels = torch.where(rank < num_clusters, rank, labels)
     return Clustering(labels, density, separation)
+
+
+def _masked(values: torch.Tensor, mask: torch.Tensor | None, fill: float) -> torch.Tensor:
+    """values with `fill` where `mask` (broadcast), or values themselves where mask is None."""
+    return values if mask is None else values.masked_fill(mask, fill)
 
 
 def _distances(x: torch.Tensor, sizes: torch.Tensor | None) -> torch.Tensor:

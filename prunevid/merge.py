@@ -232,14 +232,13 @@ def _fit_static(similarity: torch.Tensor, widths: torch.Tensor, tau: float, room
     turn dynamic until it does not (one in a segment of W frames gives back W - 1).
     similarity: (S, N); widths: (S,)."""
     static = similarity > tau
-    gain = (widths - 1)[:, None].expand_as(similarity).flatten()  # (S * N,)
-    excess = (gain * static.flatten()).sum() - room
+    gain = widths - 1  # (S,)
+    excess = (gain[:, None] * static).sum() - room
     values = similarity.masked_fill(~static, torch.inf).flatten()  # static ones first
-    order = values.sort(stable=True).indices
-    needed = (gain[order].cumsum(0) < excess).sum() + 1
-    ranks = torch.arange(len(order), device=order.device)
-    dynamic = torch.zeros_like(static.flatten()).scatter_(0, order, ranks < needed)
-    return static & ~(dynamic.view_as(static) & (excess > 0))
+    order = values.sort(stable=True).indices  # (S * N,)
+    needed = (gain[order // similarity.shape[1]].cumsum(0) < excess).sum() + 1
+    needed = needed * (excess > 0)  # none turn dynamic where the static ones fit
+    return static & (order.argsort().view_as(static) >= needed)
 
 
 def _even_runs(num_frames: int, num_runs: int) -> tuple[list[int], list[int]]:

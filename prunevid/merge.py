@@ -105,11 +105,14 @@ def merge_tokens(
     layouts = _layouts(segments, num_frames, features.device)  # the one upload
     temporal = _layout(layouts[0], num_frames)
     max_width = max(max(widths) for _, widths in segments)
-    similarity = _similarity(reference, temporal.starts, temporal.widths, max(segments[0][1]))  # (S, N)
+    table = _frame_table(temporal.starts, temporal.widths, max(segments[0][1]), num_frames)  # (S, W)
+    similarity = _similarity(reference, table, temporal.widths)  # (S, N)
     if target is None:
         plan = _paper_plan(temporal, similarity, config, max_width)
     else:
         plan = _budget_plan(layouts, temporal, similarity, config, target, max_width)
+    if plan.starts is temporal.starts and plan.max_width == table.shape[1]:
+        plan.table = table  # the temporal segments' frames, already indexed
     result = _merge(features, plan, config, noise, grid, target)
     result.similarity = similarity[temporal.segment]
     return result
@@ -119,24 +122,27 @@ class _Layout(NamedTuple):
     """Segments padded to S (width 0 after the last one): views of one row of `_layouts`.
     starts, widths: (S,) first frame and frame count of each segment; slots: (S + T,) each
     set's place in output order (S static sets, then T dynamic ones: per segment its static
-    set, then its frames); segment: (T,) segment of each frame."""
+    set, then its frames); by_slot: (S + T,) the set in each place (the inverse of slots);
+    segment: (T,) segment of each frame."""
 
     starts: torch.Tensor
     widths: torch.Tensor
     slots: torch.Tensor
+    by_slot: torch.Tensor
     segment: torch.Tensor
 
 
 def _layout(row: torch.Tensor, num_frames: int) -> _Layout:
-    """The `_Layout` of one row (3S + 2T,) of `_layouts`."""
-    num_segments = (len(row) - 2 * num_frames) // 3
-    return _Layout(*row.split([num_segments, num_segments, num_segments + num_frames, num_frames]))
+    """The `_Layout` of one row (4S + 3T,) of `_layouts`."""
+    num_segments = (len(row) - 3 * num_frames) // 4
+    sets = num_segments + num_frames
+    return _Layout(*row.split([num_segments, num_segments, sets, sets, num_frames]))
 
 
 def _layouts(
     segments: list[tuple[list[int], list[int]]], num_frames: int, device: torch.device
 ) -> torch.Tensor:
-    """(P, 3S + 2T): each candidate segmentation's starts, widths, slots and frame segments
+    """(P, 4S + 3T): each candidate segmentation's starts, widths, slots, sets by slot and frame segments
     (`_Layout`), worked out on the host from its (first frames, widths), segments padded to a
     common count, and uploaded at once."""
     padded = max(len(starts) for starts, _ in segments)
@@ -145,7 +151,8 @@ def _layouts(
         segment = [s for s, width in enumerate(widths) for _ in range(width)]
         starts = starts + [num_frames] * (padded - len(starts))
         slots = [start + s for s, start in enumerate(starts)] + [t + s + 1 for t, s in enumerate(segment)]
-        rows.append(starts + widths + [0] * (padded - len(widths)) + slots + segment)
+        by_slot = sorted(range(len(slots)), key=slots.__getitem__)
+        rows.append(starts + widths + [0] * (padded - len(widths)) + slots + by_slot + segment)
     return torch.tensor(rows, device=device)
 
 
@@ -157,7 +164,7 @@ class _Plan:
     starts, widths: (S,) first frame and frame count of each segment; max_width: the largest
     width (host-known); segment: (T,) segment of each frame; static: (S, N) static positions;
     sizes: (S + T,) tokens in each set; slots: (S + T,) each set's place in output order (per
-    segment its static set, then its frames); counts: (S + T,) merged tokens each set yields;
+    segment its static set, then its frames), by_slot: its inverse; counts: (S + T,) merged tokens each set yields;
     clustered: (S + T,) whether it is clustered (else kept as it is, counts == sizes).
     """
 
@@ -168,15 +175,19 @@ class _Plan:
     static: torch.Tensor
     sizes: torch.Tensor
     slots: torch.Tensor
+    by_slot: torch.Tensor
     counts: torch.Tensor | None = None
     clustered: torch.Tensor | None = None
+    table: torch.Tensor | None = None  # (S, max_width) `_frame_table`, where already built
 
 
 def _plan(layout: _Layout, static: torch.Tensor, max_width: int) -> _Plan:
     """The sets of segments `layout` with static positions `static` (S, N)."""
     num_static = static.sum(1)
     sizes = torch.cat([num_static, (static.shape[1] - num_static)[layout.segment]])
-    return _Plan(layout.starts, layout.widths, max_width, layout.segment, static, sizes, layout.slots)
+    return _Plan(
+        layout.starts, layout.widths, max_width, layout.segment, static, sizes, layout.slots, layout.by_slot
+    )
 
 
 def _paper_plan(layout: _Layout, similarity: torch.Tensor, config: PruneVidConfig, max_width: int) -> _Plan:
@@ -220,7 +231,7 @@ def _budget_plan(
         runs = _layout(layouts[1], num_frames)
         static = torch.where(too_many, (runs.widths > 0)[:, None], plan.static)
         plan = _plan(_layout(torch.where(too_many, layouts[1], layouts[0]), num_frames), static, max_width)
-    shares = torch.zeros_like(plan.sizes).scatter_(0, plan.slots, plan.sizes)  # in output order
+    shares = plan.sizes[plan.by_slot]  # in output order
     plan.counts = allocate_tensor(shares, target)[plan.slots]
     plan.clustered = plan.counts < plan.sizes
     return plan
@@ -278,7 +289,7 @@ def _merge(
     labels = torch.where(clustered, clustering.labels, ids)  # unclustered: grid order
 
     # Output order: sets in slot order, each set's merged tokens in label order.
-    per_slot = torch.zeros_like(plan.counts).scatter_(0, plan.slots, plan.counts)
+    per_slot = plan.counts[plan.by_slot]
     set_sizes = None
     if num_merged is None:  # the paper's mode: the one read of the output length
         per_slot_host = per_slot.tolist()
@@ -298,7 +309,8 @@ def _merge(
 
     # Where every original token went: its place in the batch, row (its segment's static set or
     # its frame's dynamic set) times N plus its member index there (the members' inverse).
-    rows_at = members.argsort(dim=1) + torch.arange(len(members), device=device)[:, None] * num_tokens
+    first_at = torch.arange(0, members.numel(), num_tokens, device=device)  # (S + T,) row * N
+    rows_at = members.argsort(dim=1) + first_at[:, None]
     place = torch.where(static, rows_at[:num_segments][plan.segment], rows_at[num_segments:])  # (T, N)
     assignment = target[place]
     facts = torch.stack([clustering.density, clustering.separation]).where(clustered, torch.nan)
@@ -323,7 +335,9 @@ def _merge(
 def _static_means(features: torch.Tensor, plan: _Plan) -> torch.Tensor:
     """(T, N, C) -> (S, N, C): each position's mean over its segment's frames (a plain mean,
     accumulated in float32 at least, as `Tensor.mean` does)."""
-    table = _frame_table(plan.starts, plan.widths, plan.max_width, features.shape[0])
+    table = plan.table
+    if table is None:
+        table = _frame_table(plan.starts, plan.widths, plan.max_width, features.shape[0])
     accumulate = torch.float64 if features.dtype == torch.float64 else torch.float32
     sums = _with_zero_frame(features)[table].sum(1, dtype=accumulate)  # (S, N, C)
     return (sums / plan.widths.clamp(min=1).view(-1, 1, 1)).to(features.dtype)
@@ -348,7 +362,7 @@ def _row_noise(noise: _Noise, plan: _Plan, num_frames: int, num_tokens: int) -> 
     drawing = torch.cat([plan.clustered[:num_segments], any_clustered[plan.segment]])
     draws = plan.sizes * drawing  # (S + T,)
     # Sets draw in output order (`slots`): where each set's draws begin.
-    in_order = torch.zeros_like(draws).scatter_(0, plan.slots, draws)
+    in_order = draws[plan.by_slot]
     first = (in_order.cumsum(0) - in_order)[plan.slots]
     return stream[first[:, None] + torch.arange(num_tokens, device=stream.device)]
 
@@ -365,12 +379,9 @@ def _with_zero_frame(frames: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(frames, (0, 0, 0, 0, 0, 1))
 
 
-def _similarity(
-    frames: torch.Tensor, starts: torch.Tensor, widths: torch.Tensor, max_width: int
-) -> torch.Tensor:
-    """`static_similarity` of every segment at once. frames: (T, N, C); starts, widths: (S,)
-    -> (S, N) float32; -inf in a segment of fewer than two frames."""
-    table = _frame_table(starts, widths, max_width, frames.shape[0])
+def _similarity(frames: torch.Tensor, table: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """`static_similarity` of every segment at once. frames: (T, N, C); table: (S, W) its
+    `_frame_table`; widths: (S,) -> (S, N) float32; -inf in a segment of fewer than two frames."""
     frames = frames.float()
     # torch.nn.functional.normalize's arithmetic, without its expand.
     unit = frames / torch.linalg.vector_norm(frames, dim=-1, keepdim=True).clamp_min(1e-12)
@@ -457,7 +468,8 @@ def static_similarity(frames: torch.Tensor) -> torch.Tensor:
     """Mean pairwise cosine similarity of each grid position over a segment's frames, self-pairs
     excluded. frames: (W, N, C) -> (N,) float32; -inf for a one-frame segment (nothing is static)."""
     bounds = torch.tensor([0, frames.shape[0]], device=frames.device)
-    return _similarity(frames, bounds[:1], bounds[1:], frames.shape[0])[0]
+    table = _frame_table(bounds[:1], bounds[1:], frames.shape[0], frames.shape[0])
+    return _similarity(frames, table, bounds[1:])[0]
 
 
 def static_positions(frames: torch.Tensor, tau: float) -> torch.Tensor:

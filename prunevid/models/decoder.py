@@ -211,7 +211,7 @@ def select_tokens(
         question = row_index >= span.question_start.clamp(max=width - 1)  # (Q,)
         attention = attention.index_select(2, span.index) * question[:, None]  # (H, Q, n)
         score, kept = rule(attention, span.groups.to(keys.device), span.counts)
-        keep[b] = keep[b].index_put((span.index,), kept)
+        keep[b].index_put_((span.index,), kept)  # in place: a view of row b
         kept_masks.append(kept)
         scores.append(score)
         attentions.append(attention.amax(0))  # for PruningTrace.explain: which question rows looked

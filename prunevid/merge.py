@@ -275,12 +275,12 @@ def _merge(
     num_segments = len(plan.starts)
     ids = torch.arange(num_tokens, device=device)
 
-    # Rows of the batch: each set's members gathered to the front, in grid order (a stable sort
-    # of the bool masks: descending puts the static positions first, ascending the dynamic).
+    # Rows of the batch: each set's members gathered to the front, in grid order: one stable
+    # sort of 0/1 keys, 0 for a static set's static positions and a frame's dynamic ones (uint8:
+    # older CUDA builds of torch refuse to sort bool).
     static = plan.static[plan.segment]  # (T, N)
-    members = torch.cat(
-        [plan.static.argsort(dim=1, descending=True, stable=True), static.argsort(dim=1, stable=True)]
-    )  # (S + T, N) grid position of each set's m-th member
+    keys = torch.cat([~plan.static, static]).byte()  # (S + T, N)
+    members = keys.argsort(dim=1, stable=True)  # (S + T, N) grid position of each set's m-th member
     sources = torch.cat([_static_means(features, plan), features])  # (S + T, N, C)
     rows = sources.gather(1, members[:, :, None].expand(-1, -1, channels))  # (S + T, N, C)
     draw = _row_noise(noise, plan, num_frames, num_tokens)

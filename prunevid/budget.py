@@ -65,26 +65,23 @@ def allocate_tensor(
     steps = torch.arange(
         len(sizes) * (max(1, minimum) if isinstance(minimum, int) else 1), device=sizes.device
     )
-    total, minimum = _on_device(total, sizes.device), _on_device(minimum, sizes.device)
-    floors = torch.minimum(sizes, minimum)
+    # Host ints stay Python scalars in the arithmetic (the same values, no tensor to build).
+    total = total.to(sizes.device) if isinstance(total, torch.Tensor) else total
+    if isinstance(minimum, torch.Tensor):
+        floors = torch.minimum(sizes, minimum.to(sizes.device))
+    else:
+        floors = sizes.clamp(max=minimum)
     # float64 and an exact integer numerator: the same quotas as Python's total * size / whole.
     quotas = (total * sizes).double() / sizes.sum().clamp(min=1).double()
     counts = torch.maximum(floors, quotas.floor().long())
     gap = total - counts.sum()
-    adding = counts[:, None] + steps  # (S, J): the count before each possible step
+    quota, count = quotas[:, None], counts[:, None]  # (S, 1)
+    adding = count + steps  # (S, J): the count before each possible step
     # A step's priority: how far below its quota the set is (adding) or above it (removing).
-    up = (quotas[:, None] - adding).masked_fill(adding >= sizes[:, None], -torch.inf)
-    removing = counts[:, None] - steps
-    down = (removing - quotas[:, None]).masked_fill(removing <= floors[:, None], -torch.inf)
+    up = (quota - adding).masked_fill(adding >= sizes[:, None], -torch.inf)
+    removing = count - steps
+    down = (removing - quota).masked_fill(removing <= floors[:, None], -torch.inf)
     priority = torch.where(gap > 0, up, down).flatten()
-    order = priority.sort(descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=sizes.device))
+    rank = priority.sort(descending=True, stable=True).indices.argsort()  # each step's place
     taken = (rank < gap.abs()).view(len(sizes), -1).sum(1)
     return counts + gap.sign() * taken
-
-
-def _on_device(value: int | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A 0-d long tensor on `device`; a host int is filled there rather than copied over."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    return torch.full((), value, dtype=torch.long, device=device)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -101,22 +102,58 @@ def merge_tokens(
     target = None if config.retention is None else stage1_count(num_frames * num_tokens, config)
     if target is not None and target < num_frames:  # the fallback a small budget may need
         segments.append(_even_runs(num_frames, math.ceil(target / num_tokens)))
-    # One upload: (plans, 2, S) first frames and widths, segments padded to a common count.
-    padded = max(len(starts) for starts, _ in segments)
-    bounds = torch.tensor(
-        [[s + [num_frames] * (padded - len(s)), w + [0] * (padded - len(w))] for s, w in segments],
-        device=features.device,
-    )
+    layouts = _layouts(segments, num_frames, features.device)  # the one upload
+    temporal = _layout(layouts[0], num_frames)
     max_width = max(max(widths) for _, widths in segments)
-    similarity = _similarity(reference, bounds[0, 0], bounds[0, 1], max(segments[0][1]))  # (S, N)
+    table = _frame_table(temporal.starts, temporal.widths, max(segments[0][1]), num_frames)  # (S, W)
+    similarity = _similarity(reference, table, temporal.widths)  # (S, N)
     if target is None:
-        plan = _paper_plan(bounds[0], similarity, config, num_frames, max_width)
+        plan = _paper_plan(temporal, similarity, config, max_width)
     else:
-        plan = _budget_plan(bounds, similarity, config, target, num_frames, max_width)
+        plan = _budget_plan(layouts, temporal, similarity, config, target, max_width)
+    if plan.starts is temporal.starts and plan.max_width == table.shape[1]:
+        plan.table = table  # the temporal segments' frames, already indexed
     result = _merge(features, plan, config, noise, grid, target)
-    frames = torch.arange(num_frames, device=features.device)
-    result.similarity = similarity[torch.searchsorted(bounds[0, 0], frames, right=True) - 1]
+    result.similarity = similarity[temporal.segment]
     return result
+
+
+class _Layout(NamedTuple):
+    """Segments padded to S (width 0 after the last one): views of one row of `_layouts`.
+    starts, widths: (S,) first frame and frame count of each segment; slots: (S + T,) each
+    set's place in output order (S static sets, then T dynamic ones: per segment its static
+    set, then its frames); by_slot: (S + T,) the set in each place (the inverse of slots);
+    segment: (T,) segment of each frame."""
+
+    starts: torch.Tensor
+    widths: torch.Tensor
+    slots: torch.Tensor
+    by_slot: torch.Tensor
+    segment: torch.Tensor
+
+
+def _layout(row: torch.Tensor, num_frames: int) -> _Layout:
+    """The `_Layout` of one row (4S + 3T,) of `_layouts`."""
+    num_segments = (len(row) - 3 * num_frames) // 4
+    sets = num_segments + num_frames
+    return _Layout(*row.split([num_segments, num_segments, sets, sets, num_frames]))
+
+
+def _layouts(
+    segments: list[tuple[list[int], list[int]]], num_frames: int, device: torch.device
+) -> torch.Tensor:
+    """(P, 4S + 3T): each candidate segmentation's starts, widths, slots, sets by slot and frame segments
+    (`_Layout`), worked out on the host from its (first frames, widths), segments padded to a
+    common count, and uploaded at once."""
+    padded = max(len(starts) for starts, _ in segments)
+    rows = []
+    for starts, widths in segments:
+        segment = [s for s, width in enumerate(widths) for _ in range(width)]
+        starts = starts + [num_frames] * (padded - len(starts))
+        slots = [start + s for s, start in enumerate(starts)] + [t + s + 1 for t, s in enumerate(segment)]
+        by_slot = sorted(range(len(slots)), key=slots.__getitem__)
+        rows.append(starts + widths + [0] * (padded - len(widths)) + slots + by_slot + segment)
+    return torch.tensor(rows, device=device)
 
 
 @dataclass
@@ -127,7 +164,7 @@ class _Plan:
     starts, widths: (S,) first frame and frame count of each segment; max_width: the largest
     width (host-known); segment: (T,) segment of each frame; static: (S, N) static positions;
     sizes: (S + T,) tokens in each set; slots: (S + T,) each set's place in output order (per
-    segment its static set, then its frames); counts: (S + T,) merged tokens each set yields;
+    segment its static set, then its frames), by_slot: its inverse; counts: (S + T,) merged tokens each set yields;
     clustered: (S + T,) whether it is clustered (else kept as it is, counts == sizes).
     """
 
@@ -138,27 +175,25 @@ class _Plan:
     static: torch.Tensor
     sizes: torch.Tensor
     slots: torch.Tensor
+    by_slot: torch.Tensor
     counts: torch.Tensor | None = None
     clustered: torch.Tensor | None = None
+    table: torch.Tensor | None = None  # (S, max_width) `_frame_table`, where already built
 
 
-def _plan(bounds: torch.Tensor, static: torch.Tensor, num_frames: int, max_width: int) -> _Plan:
-    """The sets of segments `bounds` (2, S) with static positions `static` (S, N)."""
-    starts, widths = bounds
-    frames = torch.arange(num_frames, device=static.device)
-    segment = (frames[:, None] >= starts).sum(1) - 1
+def _plan(layout: _Layout, static: torch.Tensor, max_width: int) -> _Plan:
+    """The sets of segments `layout` with static positions `static` (S, N)."""
     num_static = static.sum(1)
-    sizes = torch.cat([num_static, static.shape[1] - num_static[segment]])
-    slots = torch.cat([starts + torch.arange(len(starts), device=static.device), frames + segment + 1])
-    return _Plan(starts, widths, max_width, segment, static, sizes, slots)
+    sizes = torch.cat([num_static, (static.shape[1] - num_static)[layout.segment]])
+    return _Plan(
+        layout.starts, layout.widths, max_width, layout.segment, static, sizes, layout.slots, layout.by_slot
+    )
 
 
-def _paper_plan(
-    bounds: torch.Tensor, similarity: torch.Tensor, config: PruneVidConfig, num_frames: int, max_width: int
-) -> _Plan:
+def _paper_plan(layout: _Layout, similarity: torch.Tensor, config: PruneVidConfig, max_width: int) -> _Plan:
     """ALGORITHM.md §3-4: tau marks the static positions; sets above `spatial_merge_threshold`
     keep max(1, int(n * cluster_ratio)) clusters."""
-    plan = _plan(bounds, similarity > config.tau, num_frames, max_width)
+    plan = _plan(layout, similarity > config.tau, max_width)
     plan.clustered = plan.sizes > config.spatial_merge_threshold
     clusters = (plan.sizes.double() * config.cluster_ratio).long().clamp(min=1)  # float64, as int(n * r)
     plan.counts = torch.where(plan.clustered, clusters, plan.sizes)
@@ -166,11 +201,11 @@ def _paper_plan(
 
 
 def _budget_plan(
-    bounds: torch.Tensor,
+    layouts: torch.Tensor,
+    temporal: _Layout,
     similarity: torch.Tensor,
     config: PruneVidConfig,
     target: int,
-    num_frames: int,
     max_width: int,
 ) -> _Plan:
     """A plan whose token counts add up to exactly `target` (`budget.stage1_count(T * N,
@@ -183,21 +218,20 @@ def _budget_plan(
     token per frame, and below that merges runs of consecutive frames as static segments (one
     run per N tokens of budget, at least one). Which of these applies depends on the content,
     so the device chooses (`torch.where`), and the host never learns which.
-    bounds: (P, 2, S) the temporal segments and, where the budget is below T, the runs;
-    similarity: (S, N).
+    layouts: (P, 3S + 2T) `_layouts` of the temporal segments (`temporal`, the first) and,
+    where the budget is below T, of the runs; similarity: (S, N).
     """
-    num_tokens = similarity.shape[1]
+    num_frames, num_tokens = len(temporal.segment), similarity.shape[1]
     room = num_frames * num_tokens - target
-    plan = _plan(bounds[0], _fit_static(similarity, bounds[0, 1], config.tau, room), num_frames, max_width)
+    plan = _plan(temporal, _fit_static(similarity, temporal.widths, config.tau, room), max_width)
     too_many = (plan.sizes > 0).sum() > target
-    if len(bounds) == 1:  # a token per frame fits: frames fall back to their own sets
-        static = plan.static & ~too_many
-        plan = _plan(bounds[0], static, num_frames, max_width)
+    if len(layouts) == 1:  # a token per frame fits: frames fall back to their own sets
+        plan = _plan(temporal, plan.static & ~too_many, max_width)
     else:  # fewer tokens than frames: runs of frames fall back to static segments
-        runs = bounds[1, 1] > 0
-        static = torch.where(too_many, runs[:, None].expand_as(plan.static), plan.static)
-        plan = _plan(torch.where(too_many, bounds[1], bounds[0]), static, num_frames, max_width)
-    shares = torch.zeros_like(plan.sizes).scatter_(0, plan.slots, plan.sizes)  # in output order
+        runs = _layout(layouts[1], num_frames)
+        static = torch.where(too_many, (runs.widths > 0)[:, None], plan.static)
+        plan = _plan(_layout(torch.where(too_many, layouts[1], layouts[0]), num_frames), static, max_width)
+    shares = plan.sizes[plan.by_slot]  # in output order
     plan.counts = allocate_tensor(shares, target)[plan.slots]
     plan.clustered = plan.counts < plan.sizes
     return plan
@@ -209,14 +243,13 @@ def _fit_static(similarity: torch.Tensor, widths: torch.Tensor, tau: float, room
     turn dynamic until it does not (one in a segment of W frames gives back W - 1).
     similarity: (S, N); widths: (S,)."""
     static = similarity > tau
-    gain = (widths - 1)[:, None].expand_as(similarity).flatten()  # (S * N,)
-    excess = (gain * static.flatten()).sum() - room
+    gain = widths - 1  # (S,)
+    excess = (gain[:, None] * static).sum() - room
     values = similarity.masked_fill(~static, torch.inf).flatten()  # static ones first
-    order = values.sort(stable=True).indices
-    needed = (gain[order].cumsum(0) < excess).sum() + 1
-    ranks = torch.arange(len(order), device=order.device)
-    dynamic = torch.zeros_like(static.flatten()).scatter_(0, order, ranks < needed)
-    return static & ~(dynamic.view_as(static) & (excess > 0))
+    order = values.sort(stable=True).indices  # (S * N,)
+    needed = (gain[order // similarity.shape[1]].cumsum(0) < excess).sum() + 1
+    needed = needed * (excess > 0)  # none turn dynamic where the static ones fit
+    return static & (order.argsort().view_as(static) >= needed)
 
 
 def _even_runs(num_frames: int, num_runs: int) -> tuple[list[int], list[int]]:
@@ -242,61 +275,50 @@ def _merge(
     num_segments = len(plan.starts)
     ids = torch.arange(num_tokens, device=device)
 
-    # Rows of the batch: each set's members gathered to the front, in grid order.
-    members_static = (~plan.static).long().argsort(dim=1, stable=True)  # (S, N): static first
-    members_dynamic = plan.static.long().argsort(dim=1, stable=True)[plan.segment]  # (T, N)
-    means = _static_means(features, plan)  # (S, N, C)
-    rows = torch.cat(
-        [
-            means.gather(1, members_static[:, :, None].expand(-1, -1, channels)),
-            features.gather(1, members_dynamic[:, :, None].expand(-1, -1, channels)),
-        ]
-    )  # (S + T, N, C)
+    # Rows of the batch: each set's members gathered to the front, in grid order: one stable
+    # sort of 0/1 keys, 0 for a static set's static positions and a frame's dynamic ones (uint8:
+    # older CUDA builds of torch refuse to sort bool).
+    static = plan.static[plan.segment]  # (T, N)
+    keys = torch.cat([~plan.static, static]).byte()  # (S + T, N)
+    members = keys.argsort(dim=1, stable=True)  # (S + T, N) grid position of each set's m-th member
+    sources = torch.cat([_static_means(features, plan), features])  # (S + T, N, C)
+    rows = sources.gather(1, members[:, :, None].expand(-1, -1, channels))  # (S + T, N, C)
     draw = _row_noise(noise, plan, num_frames, num_tokens)
     clustering = dpc_knn_sets(rows, plan.sizes, plan.counts.clamp(min=1), config.k, draw)
-    labels = torch.where(plan.clustered[:, None], clustering.labels, ids)  # unclustered: grid order
+    clustered = plan.clustered[:, None]  # (S + T, 1)
+    labels = torch.where(clustered, clustering.labels, ids)  # unclustered: grid order
 
     # Output order: sets in slot order, each set's merged tokens in label order.
-    per_slot = torch.zeros_like(plan.counts).scatter_(0, plan.slots, plan.counts)
+    per_slot = plan.counts[plan.by_slot]
     set_sizes = None
     if num_merged is None:  # the paper's mode: the one read of the output length
         per_slot_host = per_slot.tolist()
         num_merged = sum(per_slot_host)
         set_sizes = [count for count in per_slot_host if count]
-    slot_starts = per_slot.cumsum(0) - per_slot
-    valid = ids < plan.sizes[:, None]
-    target = torch.where(valid, slot_starts[plan.slots][:, None] + labels, num_merged).flatten()
+    slot_ends = per_slot.cumsum(0)
+    slot_starts = slot_ends - per_slot
+    padding = ids >= plan.sizes[:, None]
+    target = (slot_starts[plan.slots][:, None] + labels).masked_fill(padding, num_merged).flatten()
 
     # Each merged token is the plain mean of its members (summed in float32); padding goes to a
     # spare row that is dropped.
     sums = rows.new_zeros(num_merged + 1, channels, dtype=torch.float32)
     sums.index_add_(0, target, rows.flatten(0, 1).float())
-    members = sums.new_zeros(num_merged + 1).index_add_(0, target, valid.flatten().float())
-    tokens = (sums[:num_merged] / members[:num_merged, None]).to(features.dtype)
+    count = sums.new_zeros(num_merged + 1, 1).index_add_(0, target, sums.new_ones(len(target), 1))
+    tokens = (sums / count)[:num_merged].to(features.dtype)
 
-    # Where every original token went: its segment's static set or its frame's dynamic set.
-    static = plan.static[plan.segment]  # (T, N)
-    row = torch.where(
-        static, plan.segment[:, None], num_segments + torch.arange(num_frames, device=device)[:, None]
-    )
-    member = (
-        torch.where(
-            static, plan.static.long().cumsum(1)[plan.segment], (~plan.static).long().cumsum(1)[plan.segment]
-        )
-        - 1
-    )
-    place = row * num_tokens + member  # (T, N) each original token's place in the batch
-    assignment = slot_starts[plan.slots][row] + labels.flatten()[place]
-    clustered = plan.clustered[row]
-    density, separation = (
-        values.flatten()[place].where(clustered, torch.nan)
-        for values in (clustering.density, clustering.separation)
-    )
+    # Where every original token went: its place in the batch, row (its segment's static set or
+    # its frame's dynamic set) times N plus its member index there (the members' inverse).
+    first_at = torch.arange(0, members.numel(), num_tokens, device=device)  # (S + T,) row * N
+    rows_at = members.argsort(dim=1) + first_at[:, None]
+    place = torch.where(static, rows_at[:num_segments][plan.segment], rows_at[num_segments:])  # (T, N)
+    assignment = target[place]
+    facts = torch.stack([clustering.density, clustering.separation]).where(clustered, torch.nan)
+    density, separation = facts.flatten(1)[:, place].unbind()
 
     # Budget sets: the non-empty slots, numbered densely in output order.
-    slot_ends = per_slot.cumsum(0)
     slot = torch.searchsorted(slot_ends, torch.arange(num_merged, device=device), right=True)
-    groups = ((per_slot > 0).long().cumsum(0) - 1)[slot]
+    groups = ((per_slot > 0).cumsum(0) - 1)[slot]
     return MergeResult(
         tokens=tokens,
         assignment=assignment,
@@ -313,59 +335,74 @@ def _merge(
 def _static_means(features: torch.Tensor, plan: _Plan) -> torch.Tensor:
     """(T, N, C) -> (S, N, C): each position's mean over its segment's frames (a plain mean,
     accumulated in float32 at least, as `Tensor.mean` does)."""
-    table, valid = _frame_table(plan.starts, plan.widths, plan.max_width, features.shape[0])
-    accumulate = torch.promote_types(features.dtype, torch.float32)
-    padded = features[table].masked_fill(~valid[:, :, None, None], 0)  # (S, W, N, C)
-    sums = padded.sum(1, dtype=accumulate)
-    return (sums / plan.widths.clamp(min=1)[:, None, None]).to(features.dtype)
+    table = plan.table
+    if table is None:
+        table = _frame_table(plan.starts, plan.widths, plan.max_width, features.shape[0])
+    accumulate = torch.float64 if features.dtype == torch.float64 else torch.float32
+    sums = _with_zero_frame(features)[table].sum(1, dtype=accumulate)  # (S, N, C)
+    return (sums / plan.widths.clamp(min=1).view(-1, 1, 1)).to(features.dtype)
 
 
 def _row_noise(noise: _Noise, plan: _Plan, num_frames: int, num_tokens: int) -> torch.Tensor | None:
     """(S + T, N) each set's DPC tie-break noise, the values ALGORITHM.md §1.3's order of draws
     gives it: per segment its static set (if clustered), then its frames' dynamic sets (if any
-    is clustered). One draw covers the most any content can take; the generator is local to
-    the call, so drawing more than is used changes nothing."""
+    is clustered). One draw covers the most any content can take, and a set's N more (the
+    generator is local to the call, so drawing more than is used changes nothing); a set that
+    draws nothing gets values that are never used."""
     num_segments = len(plan.starts)
-    stream = noise(num_segments * num_tokens + num_frames * num_tokens)
+    stream = noise((num_segments + num_frames + 1) * num_tokens)
     if stream is None:
         return None
     stream = stream.to(plan.sizes.device)
-    static_sizes, dynamic_sizes = plan.sizes[:num_segments], plan.sizes[num_segments:]
-    static_draw = static_sizes * plan.clustered[:num_segments]
-    frames_clustered = torch.zeros_like(static_sizes).index_add_(
-        0, plan.segment, plan.clustered[num_segments:].long()
-    )
-    dynamic_per_frame = num_tokens - static_sizes  # per segment
-    taken = static_draw + (frames_clustered > 0) * plan.widths * dynamic_per_frame
-    first = taken.cumsum(0) - taken  # (S,) where each segment's draws begin
-    frames = torch.arange(num_frames, device=stream.device)
-    dynamic_first = (
-        first[plan.segment] + static_draw[plan.segment] + (frames - plan.starts[plan.segment]) * dynamic_sizes
-    )
-    offsets = torch.cat([first, dynamic_first])[:, None] + torch.arange(num_tokens, device=stream.device)
-    return stream[offsets.clamp(max=len(stream) - 1)]
+    # Draws of each set: a static set its size if clustered; a frame its size if any frame of
+    # its segment is clustered.
+    any_clustered = torch.zeros_like(plan.starts).scatter_reduce_(
+        0, plan.segment, plan.clustered[num_segments:].long(), "amax"
+    )  # (S,) 0 or 1
+    drawing = torch.cat([plan.clustered[:num_segments], any_clustered[plan.segment]])
+    draws = plan.sizes * drawing  # (S + T,)
+    # Sets draw in output order (`slots`): where each set's draws begin.
+    in_order = draws[plan.by_slot]
+    first = (in_order.cumsum(0) - in_order)[plan.slots]
+    return stream[first[:, None] + torch.arange(num_tokens, device=stream.device)]
 
 
-def _frame_table(
-    starts: torch.Tensor, widths: torch.Tensor, max_width: int, num_frames: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, W) frame index of each segment's w-th frame (clamped where padding) and its mask."""
+def _frame_table(starts: torch.Tensor, widths: torch.Tensor, max_width: int, num_frames: int) -> torch.Tensor:
+    """(S, W) frame index of each segment's w-th frame; T (`_with_zero_frame`'s zeros) where
+    the segment is shorter."""
     steps = torch.arange(max_width, device=starts.device)
-    return (starts[:, None] + steps).clamp(max=num_frames - 1), steps < widths[:, None]
+    return (starts[:, None] + steps).masked_fill(steps >= widths[:, None], num_frames)
 
 
-def _similarity(
-    frames: torch.Tensor, starts: torch.Tensor, widths: torch.Tensor, max_width: int
-) -> torch.Tensor:
-    """`static_similarity` of every segment at once. frames: (T, N, C); starts, widths: (S,)
-    -> (S, N) float32; -inf in a segment of fewer than two frames."""
-    table, valid = _frame_table(starts, widths, max_width, frames.shape[0])
-    unit = torch.nn.functional.normalize(frames.float(), dim=-1, eps=1e-12)
-    padded = unit[table].masked_fill(~valid[:, :, None, None], 0)  # (S, W, N, C)
-    gram = torch.einsum("sanc,sbnc->snab", padded, padded)  # (S, N, W, W)
+def _with_zero_frame(frames: torch.Tensor) -> torch.Tensor:
+    """(T, N, C) -> (T + 1, N, C): a frame of zeros after the last, what padding reads."""
+    return torch.nn.functional.pad(frames, (0, 0, 0, 0, 0, 1))
+
+
+def _similarity(frames: torch.Tensor, table: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """`static_similarity` of every segment at once. frames: (T, N, C); table: (S, W) its
+    `_frame_table`; widths: (S,) -> (S, N) float32; -inf in a segment of fewer than two frames."""
+    frames = frames.float()
+    # torch.nn.functional.normalize's arithmetic, without its expand.
+    unit = frames / torch.linalg.vector_norm(frames, dim=-1, keepdim=True).clamp_min(1e-12)
+    padded = _with_zero_frame(unit)[table]  # (S, W, N, C)
+    gram = _frame_products(padded)  # (S, N, W, W)
     off_diagonal = gram.sum((2, 3)) - gram.diagonal(dim1=2, dim2=3).sum(-1)
+    # A segment of fewer than two frames has no pairs, and its off-diagonal sum is an exact 0
+    # (its one product less itself, or nothing): 0 / 0 is NaN, which becomes -inf.
     pairs = (widths * (widths - 1))[:, None]
-    return (off_diagonal / pairs.clamp(min=1)).masked_fill(pairs == 0, -torch.inf)
+    return (off_diagonal / pairs).nan_to_num(nan=-torch.inf)
+
+
+def _frame_products(padded: torch.Tensor) -> torch.Tensor:
+    """(S, W, N, C) -> (S, N, W, W): every segment's dot products of its frames' tokens, position
+    by position. The one matrix product torch.einsum("sanc,sbnc->snab") runs, on the same
+    operands (a view where the layout allows, else a copy; so the same bits), without the
+    einsum's half-dozen bookkeeping views."""
+    segments, width, positions, channels = padded.shape
+    left = padded.permute(0, 2, 1, 3).reshape(segments * positions, width, channels)
+    right = padded.permute(0, 2, 3, 1).reshape(segments * positions, channels, width)
+    return torch.bmm(left, right).view(segments, positions, width, width)
 
 
 def _segment_bounds(
@@ -431,7 +468,8 @@ def static_similarity(frames: torch.Tensor) -> torch.Tensor:
     """Mean pairwise cosine similarity of each grid position over a segment's frames, self-pairs
     excluded. frames: (W, N, C) -> (N,) float32; -inf for a one-frame segment (nothing is static)."""
     bounds = torch.tensor([0, frames.shape[0]], device=frames.device)
-    return _similarity(frames, bounds[:1], bounds[1:], frames.shape[0])[0]
+    table = _frame_table(bounds[:1], bounds[1:], frames.shape[0], frames.shape[0])
+    return _similarity(frames, table, bounds[1:])[0]
 
 
 def static_positions(frames: torch.Tensor, tau: float) -> torch.Tensor:

@@ -31,7 +31,8 @@ def question_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tenso
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key heads")
     keys = keys.float().repeat_interleave(heads // kv_heads, dim=0)
-    logits = queries.float() @ keys.transpose(1, 2) / queries.shape[-1] ** 0.5
+    # The bmm that `@` runs on these 3-D operands, without its reshapes.
+    logits = torch.bmm(queries.float(), keys.transpose(1, 2)) / queries.shape[-1] ** 0.5
     return logits.softmax(-1)
 
 
@@ -72,7 +73,7 @@ def keep_counts(
         sizes = torch.bincount(groups.cpu())
     if config.retention is None:
         counts = (config.alpha * sizes.double()).long().clamp(min=1)  # float64, as int(alpha * size)
-        return counts.where(sizes > 0, 0)
+        return counts.minimum(sizes)  # alpha <= 1: only an empty set's 1 changes, to 0
     total = final_count(num_visual, config.retention)
     minimum = (total >= (sizes > 0).sum()).long()  # one each, if there are enough
     return allocate_tensor(sizes, min(total, len(groups)), minimum)
@@ -112,11 +113,10 @@ def kept_mask(scores: torch.Tensor, groups: torch.Tensor, counts: torch.Tensor) 
     """(M,) bool: the `counts[s]` best-scored tokens of each set s (ties: the lower index), on
     the device, nothing read. scores, groups: (M,); counts: (S,), S above every group id."""
     order = scores.sort(descending=True, stable=True).indices
-    order = order[groups[order].sort(stable=True).indices]  # by set, best first inside each
-    sizes = torch.zeros(len(counts), dtype=torch.long, device=groups.device)
-    sizes.scatter_add_(0, groups, torch.ones_like(groups))
-    starts = sizes.cumsum(0) - sizes
-    ordered_groups = groups[order]
-    rank = torch.arange(len(order), device=scores.device) - starts[ordered_groups]
+    ordered_groups, by_set = groups[order].sort(stable=True)
+    order = order[by_set]  # by set, best first inside each
+    # A token's rank in its set: its place less its set's first place in the sorted groups.
+    first = torch.searchsorted(ordered_groups, ordered_groups)
+    rank = torch.arange(len(order), device=scores.device) - first
     best = rank < counts.to(scores.device)[ordered_groups]
     return torch.zeros_like(best).scatter_(0, order, best)

@@ -469,25 +469,26 @@ def _place(
     stay = ~flags | suffix  # tokens that keep their place
     if real is not None:
         stay &= real
-    starts = flags & ~torch.cat([flags.new_zeros(1), flags[:-1]])
+    starts = flags & ~torch.nn.functional.pad(flags[:-1], (1, 0))  # the previous token is no placeholder
     runs = starts.cumsum(0)  # (L,) runs begun up to each token
     run_start = at.new_zeros(frames + 1).scatter_(0, (runs - 1).clamp(max=frames).where(starts, frames), at)
     first = merge.first_members().to(flags.device)  # (M,) flat t * N + n of the first member
     frame = first // per_frame
     single = runs[-1:] == 1  # one run for the whole video, else one per time step
     run_of = torch.where(single, 0, frame)
-    stock_first = torch.where(single, run_start[:1] + first, run_start.gather(0, frame) + first % per_frame)
+    run_begins = run_start.gather(0, run_of)  # (M,) each merged token's run's first placeholder
+    stock_first = run_begins + torch.where(single, first, first % per_frame)
     stays_from = stay.flip(0).cumsum(0).flip(0)  # (L,) tokens that stay from each token on
     merged_in = at.new_zeros(frames + 1).index_add_(0, run_of, torch.ones_like(run_of))
     merged_from = merged_in.flip(0).cumsum(0).flip(0)  # (T + 1,) merged tokens in runs r and later
     stay_column = (width - stays_from - merged_from[runs.clamp(max=frames)]).where(stay, width)
     order = torch.arange(num_merged, device=flags.device)
-    columns = width - (num_merged - order) - stays_from.gather(0, run_start.gather(0, run_of))
+    columns = width - (num_merged - order) - stays_from.gather(0, run_begins)
     own = length + num_merged + rank - frames * per_frame  # a suffix token's slot in the table
     source = at.new_full((width + 1,), pad_slot)
     source.scatter_(0, stay_column, torch.where(suffix, own, at)).scatter_(0, columns, length + order)
     positions = at.new_zeros(width + 1).scatter_(0, stay_column, at).scatter_(0, columns, stock_first)
-    last = at.where(flags, -1).amax(0, keepdim=True)  # (1,) the video's last placeholder
+    last = (at * flags).amax(0, keepdim=True)  # (1,) the video's last placeholder
     after = (stays_from - stay.long()).gather(0, last)  # tokens after the video
     return source[:width], positions[:width], columns, (width - after)[0]
 

@@ -211,7 +211,7 @@ def select_tokens(
         question = row_index >= span.question_start.clamp(max=width - 1)  # (Q,)
         attention = attention.index_select(2, span.index) * question[:, None]  # (H, Q, n)
         score, kept = rule(attention, span.groups.to(keys.device), span.counts)
-        keep[b] = keep[b].index_put((span.index,), kept)
+        keep[b].index_put_((span.index,), kept)  # in place: a view of row b
         kept_masks.append(kept)
         scores.append(score)
         attentions.append(attention.amax(0))  # for PruningTrace.explain: which question rows looked
@@ -225,12 +225,15 @@ def select_tokens(
 
 def crop_cache(cache: Cache, keep: torch.Tensor, upto_layer: int) -> None:
     """Keep only positions `keep` (B, P) in the cache of layers 0..upto_layer (in place)."""
+    index = None
     for layer in cache.layers[: upto_layer + 1]:
         if type(layer) is not DynamicLayer:
             raise NotImplementedError(
                 f"PruneVid can only crop a full-attention DynamicCache, not {type(layer).__name__}"
             )
-        index = keep[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        shape = (-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        if index is None or index.shape[1::2] != layer.keys.shape[1::2]:  # built once for equal layers
+            index = keep[:, None, :, None].expand(shape)
         layer.keys = layer.keys.gather(2, index)
         layer.values = layer.values.gather(2, index)
 

@@ -144,11 +144,11 @@ def grid_sizes(positions: torch.Tensor, is_video: torch.Tensor) -> list[tuple[in
     """(2, V, L) stock (h, w) positions of V rows and their (V, L) video placeholders -> each
     video's per-time-step grid (height, width): the span of its first run's positions (Qwen3-VL
     numbers each time step's run afresh), in one read."""
-    starts = is_video & ~torch.cat([is_video[:, :1] & False, is_video[:, :-1]], 1)
-    first_run = is_video & (starts.cumsum(1) == 1)
+    starts = is_video & ~torch.nn.functional.pad(is_video[:, :-1], (1, 0))  # the previous token is text
+    elsewhere = ~(is_video & (starts.cumsum(1) == 1))  # outside the first run
     big = torch.iinfo(positions.dtype).max
-    high = positions.masked_fill(~first_run, -big).amax(-1)
-    low = positions.masked_fill(~first_run, big).amin(-1)
+    high = positions.masked_fill(elsewhere, -big).amax(-1)
+    low = positions.masked_fill(elsewhere, big).amin(-1)
     return [tuple(size) for size in (high - low + 1).T.tolist()]
 
 

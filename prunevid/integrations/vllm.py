@@ -243,6 +243,19 @@ def settings(values: Mapping | None) -> PruneVidConfig:
 REQUEST_RETENTION = "prunevid_retention"
 
 
+class RetentionField:
+    """Mixin for the plugin's multimodal processors: a video's request retention, when its
+    processing set one, travels to the model as a per-video field kept on the host."""
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        from vllm.multimodal.inputs import MultiModalFieldConfig
+
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        if REQUEST_RETENTION in hf_inputs:
+            fields[REQUEST_RETENTION] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
+        return fields
+
+
 def request_settings(config: PruneVidConfig, retention: float | None) -> PruneVidConfig:
     """The engine's settings with a request's own retention, if it gives one (validated: one
     sentence on error, which fails that request in the front-end)."""

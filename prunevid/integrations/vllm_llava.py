@@ -31,11 +31,11 @@ from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
 
 from .vllm import (
     REQUEST_RETENTION,
+    RetentionField,
     llava_pooled_grid,
     merged_llava_video,
     prunes,
@@ -45,7 +45,7 @@ from .vllm import (
 )
 
 
-class PruneVidLlavaOnevisionProcessor(LlavaOnevisionMultiModalProcessor):
+class PruneVidLlavaOnevisionProcessor(RetentionField, LlavaOnevisionMultiModalProcessor):
     """vLLM's LLaVA-OneVision processor with stage 1's budgeted placeholder count for videos."""
 
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
@@ -61,12 +61,6 @@ class PruneVidLlavaOnevisionProcessor(LlavaOnevisionMultiModalProcessor):
                 (len(processed["pixel_values_videos"]),), config.retention
             )
         return processed
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        if REQUEST_RETENTION in hf_inputs:
-            fields[REQUEST_RETENTION] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
-        return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         hf_config = self.info.get_hf_config()

@@ -25,13 +25,13 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.processing import PromptReplacement
 from vllm.multimodal.video_prune.evs import recompute_mrope_positions
 
 from .vllm import (
     CHANNELS,
     REQUEST_RETENTION,
+    RetentionField,
     check_extent,
     decode_positions,
     grid_positions,
@@ -45,7 +45,7 @@ from .vllm import (
 )
 
 
-class PruneVidQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
+class PruneVidQwen2_5_VLProcessor(RetentionField, Qwen2_5_VLMultiModalProcessor):
     """vLLM's Qwen2.5-VL processor with stage 1's budgeted placeholder count for videos."""
 
     def _call_hf_processor(self, hf_data, hf_kwargs):
@@ -61,12 +61,6 @@ class PruneVidQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
         if "video_grid_thw" in processed and prunes(engine):  # pruning off: stock fields
             processed[REQUEST_RETENTION] = torch.full((len(processed["video_grid_thw"]),), config.retention)
         return processed
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        if REQUEST_RETENTION in hf_inputs:
-            fields[REQUEST_RETENTION] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
-        return fields
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         hf_config = self.info.get_hf_config()

@@ -5,7 +5,8 @@
 and the settings only, never of the content, so a server can reserve the room before the video
 is encoded), stage 2 the final count. Inside a stage, `allocate` shares a count among the sets
 that stage works on (stage 1's static and per-frame dynamic sets; stage 2's budget sets) in
-proportion to their sizes. Pure integer arithmetic.
+proportion to their sizes, or, under `per_step_budget`, `step_counts` gives every time step an
+equal share. Pure integer arithmetic.
 """
 
 from __future__ import annotations
@@ -32,6 +33,21 @@ def stage1_count(num_visual: int, config: PruneVidConfig) -> int:
     if not config.stage2:
         return final
     return min(num_visual, max(final, round(num_visual * config.retention**config.stage1_share)))
+
+
+def step_counts(num_steps: int, per_step: int, config: PruneVidConfig) -> list[int]:
+    """Tokens stage 1 leaves in each of a video's time steps under `config.per_step_budget`:
+    `stage1_count(num_steps * per_step)` shared equally, the earlier steps one more where it does
+    not divide. Known from the shape alone, before the video is encoded."""
+    total = stage1_count(num_steps * per_step, config)
+    if total < num_steps:
+        raise ValueError(
+            f"a per-step budget needs a token per time step: retention {config.retention} leaves {total} "
+            f"of {num_steps * per_step} tokens for {num_steps} time steps (raise the retention, or sample "
+            "fewer frames)"
+        )
+    base, longer = divmod(total, num_steps)
+    return [base + 1] * longer + [base] * (num_steps - longer)
 
 
 def allocate(sizes: list[int], total: int, minimum: int = 1) -> list[int]:

@@ -54,6 +54,11 @@ class PruneVidConfig:
     stage1_share: with `retention`, stage 1's share of the reduction on a log scale: stage 1
         keeps retention ** stage1_share of the tokens, stage 2 the rest. 0.5 splits it evenly,
         as the paper's defaults do (~40% after stage 1, ~40% of that after stage 2).
+    per_step_budget: with `retention`, every time step (frame) gets an equal share of stage 1's
+        count (`budget.step_counts`), whatever the content, so that a server knows how many
+        tokens each step will hold before the video is encoded (vLLM's Qwen3-VL, whose prompt
+        holds one run of tokens per time step). Off: the count is shared among stage 1's sets in
+        proportion to their sizes.
     """
 
     stage1: bool = True
@@ -71,9 +76,10 @@ class PruneVidConfig:
     centre: bool = False
     retention: float | None = None
     stage1_share: float = 0.5
+    per_step_budget: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("stage1", "stage2", "centre"):
+        for name in ("stage1", "stage2", "centre", "per_step_budget"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, (low, high, low_in, high_in) in _RANGES.items():
@@ -90,6 +96,8 @@ class PruneVidConfig:
             below = value <= high if high_in else value < high
             if not (above and below):
                 raise ValueError(f"{name} must be in {_range_text(name)}, got {value!r}")
+        if self.per_step_budget and self.retention is None:
+            raise ValueError("per_step_budget shares a retention budget among time steps: set retention too")
 
     def replace(self, **changes: Any) -> PruneVidConfig:
         """A copy with some fields changed (validated again)."""

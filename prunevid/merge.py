@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from .budget import allocate_tensor, stage1_count
+from .budget import allocate_tensor, stage1_count, step_counts
 from .cluster import dpc_knn, dpc_knn_sets
 from .config import PruneVidConfig
 
@@ -85,8 +85,9 @@ def merge_tokens(
 
     With `config.stage1` off the tokens pass through unchanged and every frame is its own
     segment and budget set. With `config.retention` the output has exactly
-    `budget.stage1_count(T * N, config)` tokens (see `_budget_plan`). `grid` defaults to a
-    square grid.
+    `budget.stage1_count(T * N, config)` tokens (see `_budget_plan`), and with
+    `config.per_step_budget` too, exactly `budget.step_counts(T, N, config)[t]` of them have
+    their first member in frame t (`_step_plan`). `grid` defaults to a square grid.
     """
     num_frames, num_tokens, _ = features.shape
     grid = grid or _square_grid(num_tokens)
@@ -100,7 +101,9 @@ def merge_tokens(
     reference = features - features.mean((0, 1), keepdim=True) if config.centre else features
     segments = [_segment_bounds(features.mean(1), config, noise)]  # the host read of the labels
     target = None if config.retention is None else stage1_count(num_frames * num_tokens, config)
-    if target is not None and target < num_frames:  # the fallback a small budget may need
+    if config.per_step_budget:
+        step_counts(num_frames, num_tokens, config)  # refuses a budget below a token per frame
+    elif target is not None and target < num_frames:  # the fallback a small budget may need
         segments.append(_even_runs(num_frames, math.ceil(target / num_tokens)))
     layouts = _layouts(segments, num_frames, features.device)  # the one upload
     temporal = _layout(layouts[0], num_frames)
@@ -109,6 +112,8 @@ def merge_tokens(
     similarity = _similarity(reference, table, temporal.widths)  # (S, N)
     if target is None:
         plan = _paper_plan(temporal, similarity, config, max_width)
+    elif config.per_step_budget:
+        plan = _step_plan(temporal, similarity, config.tau, target, max_width)
     else:
         plan = _budget_plan(layouts, temporal, similarity, config, target, max_width)
     if plan.starts is temporal.starts and plan.max_width == table.shape[1]:
@@ -233,6 +238,39 @@ def _budget_plan(
         plan = _plan(_layout(torch.where(too_many, layouts[1], layouts[0]), num_frames), static, max_width)
     shares = plan.sizes[plan.by_slot]  # in output order
     plan.counts = allocate_tensor(shares, target)[plan.slots]
+    plan.clustered = plan.counts < plan.sizes
+    return plan
+
+
+def _step_plan(layout: _Layout, similarity: torch.Tensor, tau: float, target: int, max_width: int) -> _Plan:
+    """`config.per_step_budget`: a plan where each frame t ends with exactly its share of
+    `target` (`budget.step_counts`), counting every merged token in the frame of its first member.
+
+    A segment's static tokens begin in its first frame, so that frame's share is split between
+    the static set and the frame's dynamic set (in proportion to their sizes, rounded half up,
+    at least one each), and a later frame's share is its dynamic set's count. Hence a segment
+    keeps at most N minus its later frames' largest share of tau's static positions (their
+    dynamic sets must hold that share), and none where its first frame's share is below 2;
+    beyond that its least similar static positions turn dynamic. similarity: (S, N)."""
+    num_frames, num_tokens = len(layout.segment), similarity.shape[1]
+    frames = torch.arange(num_frames, device=similarity.device)
+    base, longer = divmod(target, num_frames)
+    shares = base + (frames < longer).long()  # (T,) `budget.step_counts` on the device
+    is_first = frames == layout.starts[layout.segment]  # (T,) a segment's first frame
+    later = torch.zeros_like(layout.starts).scatter_reduce(
+        0, layout.segment, shares.masked_fill(is_first, 0), "amax"
+    )  # (S,)
+    first_share = shares[layout.starts.clamp(max=num_frames - 1)]  # (S,) padding segments start at T
+    room = (num_tokens - later) * (first_share >= 2)
+    static = similarity > tau
+    # The least similar static positions turn dynamic first (ties: the lower position first).
+    rank = similarity.masked_fill(~static, torch.inf).sort(dim=1, stable=True).indices.argsort(dim=1)
+    excess = (static.sum(1) - room).clamp(min=0)
+    plan = _plan(layout, static & (rank >= excess[:, None]), max_width)
+    num_static = plan.sizes[: len(layout.starts)]
+    static_count = ((2 * first_share * num_static + num_tokens) // (2 * num_tokens)).clamp(min=1)
+    static_count = torch.minimum(static_count, first_share - 1) * (num_static > 0)
+    plan.counts = torch.cat([static_count, shares - static_count[layout.segment] * is_first])
     plan.clustered = plan.counts < plan.sizes
     return plan
 

@@ -12,7 +12,8 @@ of stage 1 (batched, GPU) honest.
 * `stage1_reference`: the whole of stage 1 on one video (T, N, C), with the seeded density noise
   drawn in the documented order (a segment's per-frame dynamic sets are one batched call: one
   draw of W x n_d values whenever any of them is clustered), in the paper's mode (`cluster_ratio`,
-  `spatial_merge_threshold`) or under `config.retention`.
+  `spatial_merge_threshold`) or under `config.retention`, shared among the sets or, with
+  `per_step_budget`, equally among the frames.
 * `largest_remainder`, `final_count`, `stage1_target`, `stage2_counts`, `keep_top`: the budget
   arithmetic and stage 2's per-set selection (ALGORITHM.md §5.4), in exact fractions.
 """
@@ -350,6 +351,50 @@ def _budget_plans(
     return plans
 
 
+def _step_plans(
+    segments: list[list[int]], similarity: list[np.ndarray], config: PruneVidConfig, num_tokens: int
+) -> list[_Plan]:
+    """`per_step_budget` (PruneVidConfig's docstring): frame t ends with shares[t] tokens, the
+    target split equally (the earlier frames one more), each merged token counted in the frame of
+    its first member:
+
+    * a segment's static positions are tau's, but at most N minus the largest share among its
+      later frames (their dynamic sets hold those shares), and none when its first frame's share
+      is below 2; the least similar (ties: the lower position) turn dynamic first;
+    * its first frame's share is split between the static set and that frame's dynamic set in
+      proportion to their sizes, rounded half up, at least one each; a later frame's share is its
+      dynamic set's count.
+    """
+    frames_total = sum(len(f) for f in segments)
+    target = stage1_target(frames_total * num_tokens, config)
+    assert target >= frames_total, "a token per frame at least"
+    shares = [target // frames_total + (1 if t < target % frames_total else 0) for t in range(frames_total)]
+    plans = []
+    for frames, s in zip(segments, similarity):
+        first_share = shares[frames[0]]
+        room = num_tokens - max((shares[t] for t in frames[1:]), default=0) if first_share >= 2 else 0
+        candidates = sorted((float(s[p]), p) for p in range(num_tokens) if s[p] > config.tau)
+        mask = np.zeros(num_tokens, dtype=bool)
+        for _, p in candidates[max(0, len(candidates) - room) :]:
+            mask[p] = True
+        num_static = int(mask.sum())
+        static_count = 0
+        if num_static:
+            half_up = math.floor(Fraction(first_share * num_static, num_tokens) + Fraction(1, 2))
+            static_count = min(max(1, half_up), first_share - 1)
+        dynamic = num_tokens - num_static
+        counts = [shares[t] - (static_count if i == 0 else 0) for i, t in enumerate(frames)]
+        plans.append(
+            _Plan(
+                frames,
+                mask,
+                static_count if static_count < num_static else None,
+                [c if c < dynamic else None for c in counts],
+            )
+        )
+    return plans
+
+
 def _static_runs(num_frames: int, num_tokens: int, target: int) -> list[_Plan]:
     """Fewer tokens than frames: ceil(target / N) near-equal runs of frames (longer runs first),
     each all static, sharing the target in proportion (all runs have N tokens)."""
@@ -394,6 +439,8 @@ def stage1_reference(features: torch.Tensor, config: PruneVidConfig) -> Stage1:
     similarity = [static_similarity(cosine_input[frames]) for frames in segments]
     if config.retention is None:
         plans = _paper_plans(segments, similarity, config)
+    elif config.per_step_budget:
+        plans = _step_plans(segments, similarity, config, num_tokens)
     else:
         plans = _budget_plans(segments, similarity, config, num_tokens)
 

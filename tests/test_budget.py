@@ -12,7 +12,7 @@ from helpers import greedy
 import prunevid
 from prunevid import PruneVidConfig, merge_tokens
 from prunevid.baselines import METHODS
-from prunevid.budget import allocate, final_count, stage1_count
+from prunevid.budget import allocate, final_count, stage1_count, step_counts
 from prunevid.merge import static_similarity
 from prunevid.models import llava_onevision, qwen2_vl
 from prunevid.select import keep_counts
@@ -147,6 +147,49 @@ def test_a_budget_below_one_token_per_set_still_fits_every_video():
     for retention in (0.25, 0.3, 0.35):
         merge = merge_tokens(mixed, PruneVidConfig(retention=retention, stage2=False), (2, 2))
         assert merge.num_tokens == round(retention * 64)
+
+
+def test_step_counts_share_the_budget_equally_in_time_order():
+    # 4 steps of 4 x 4 tokens at 0.25, stage 1 alone: 16 tokens, 4 a step.
+    assert step_counts(4, 16, PruneVidConfig(retention=0.25, stage2=False, per_step_budget=True)) == [4] * 4
+    # 16 steps of 196 at 0.1 with stage 2: stage 1 keeps round(3136 * sqrt(0.1)) = 992 = 16 * 62.
+    assert step_counts(16, 196, PruneVidConfig(retention=0.1, per_step_budget=True)) == [62] * 16
+    # 8 steps of 144 at 0.1, stage 1 alone: 115 tokens = 8 * 14 + 3, the first three get one more.
+    assert step_counts(8, 144, PruneVidConfig(retention=0.1, stage2=False, per_step_budget=True)) == (
+        [15] * 3 + [14] * 5
+    )
+    assert step_counts(3, 9, PruneVidConfig(retention=3 / 27, stage2=False, per_step_budget=True)) == [1] * 3
+    with pytest.raises(ValueError, match="a per-step budget needs a token per time step"):
+        step_counts(3, 9, PruneVidConfig(retention=2 / 27, stage2=False, per_step_budget=True))
+    with pytest.raises(ValueError, match="set retention too"):
+        PruneVidConfig(per_step_budget=True)
+
+
+@pytest.mark.parametrize("kind", ["random", "still", "mixed"])
+@pytest.mark.parametrize(
+    ("frames", "grid"), [(16, (14, 14)), (8, (6, 6)), (5, (4, 6)), (2, (3, 3)), (1, (5, 5))]
+)
+def test_a_per_step_budget_gives_every_frame_its_share(kind, frames, grid):
+    """Under `per_step_budget` each frame holds exactly its share of the merged tokens (counted
+    at their first members), the tokens come in frame order, each is its members' mean, and a
+    still video still merges over time where the shares leave room."""
+    n = grid[0] * grid[1]
+    features = video(kind, frames, n, seed=0)
+    for retention in (1.0, 0.5, 0.25, 0.1, frames / (frames * n)):
+        for stage2 in (True, False):
+            config = PruneVidConfig(retention=retention, stage2=stage2, per_step_budget=True)
+            merge = merge_tokens(features, config, grid)
+            frame_of_first = merge.first_members() // n
+            assert torch.equal(frame_of_first, frame_of_first.sort().values), "frame order"
+            assert torch.bincount(frame_of_first, minlength=frames).tolist() == step_counts(frames, n, config)
+            assignment = merge.assignment.flatten()
+            members = torch.nn.functional.one_hot(assignment, merge.num_tokens).T.float()
+            means = members @ features.reshape(-1, features.shape[-1]) / members.sum(1, keepdim=True)
+            torch.testing.assert_close(merge.tokens, means, atol=1e-5, rtol=1e-5)
+            if retention == 1.0:
+                assert torch.equal(merge.tokens, features.reshape(-1, features.shape[-1]))
+            if kind == "still" and frames > 1 and retention == 0.25 and not stage2:
+                assert merge.static.any(), "shares with room keep static positions"
 
 
 def test_without_a_retention_nothing_changes():

@@ -169,6 +169,24 @@ def test_stage1_equals_the_reference_under_a_budget(kind, frames, grid, seed, dp
         assert_same_stage1(features, config, grid)
 
 
+@pytest.mark.parametrize(("kind", "frames", "grid", "seed", "dpc_noise"), BUDGET_CASES)
+def test_stage1_equals_the_reference_with_a_budget_per_time_step(kind, frames, grid, seed, dpc_noise):
+    """`per_step_budget` at many budgets: exactly a token per frame and two, shares that leave
+    room for static positions or none, stage 2 on and off."""
+    features = token_video(kind, frames, grid, seed)
+    total = frames * grid[0] * grid[1]
+    retentions = [0.9, 0.5, 0.25, 0.1, 0.03, frames / total, 2 * frames / total, (2 * frames + 1) / total]
+    if grid == (14, 14):
+        retentions = [0.25, 0.03, frames / total]
+    for retention in retentions:
+        for stage2 in (True, False):
+            config = PruneVidConfig(
+                retention=retention, stage2=stage2, per_step_budget=True, dpc_noise=dpc_noise, seed=seed
+            )
+            if stage1_target(total, config) >= frames:
+                assert_same_stage1(features, config, grid)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_segment_whose_frames_are_partly_clustered_draws_noise_for_all_of_them(kind):
     """Near a retention of 1 some frames of a segment keep their dynamic set and others are

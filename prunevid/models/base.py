@@ -36,6 +36,7 @@ STAGE1_FIELDS = (
     "centre",
     "retention",
     "stage1_share",
+    "per_step_budget",
     "stage2",  # under a retention, stage 1's count depends on whether stage 2 runs
 )
 

@@ -36,11 +36,12 @@ log = logging.getLogger(__name__)
 # The example videos sit beside the page's folder in both layouts: assets/ next to app/ in a checkout
 # (and a Space), prunevid/assets/ next to prunevid/app/ in an installed wheel (pyproject.toml maps both).
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-# The budget (retention, stage1_share) has its own controls; the rest are the paper's knobs.
+# The budget (retention, stage1_share) has its own controls; the rest are the paper's knobs, but
+# per_step_budget, a server's layout option (vLLM's Qwen3-VL), which the page leaves off.
 KNOBS = [
     f.name
     for f in dataclasses.fields(PruneVidConfig)
-    if f.name not in ("stage1", "stage2", "retention", "stage1_share")
+    if f.name not in ("stage1", "stage2", "retention", "stage1_share", "per_step_budget")
 ]
 KNOB_HELP = {
     "tau": "static threshold: cosine similarity above which a position is static in a segment [-1, 1]",

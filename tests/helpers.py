@@ -1,6 +1,10 @@
 """Shared by the model tests (pytest puts this folder on sys.path)."""
 
+import os
+from contextlib import contextmanager
+
 import numpy as np
+import pytest
 import torch
 
 from prunevid.models import llava_onevision, qwen2_vl
@@ -69,3 +73,30 @@ def video_batch(model, tokenizer, seeds: list[int], questions: list[str]) -> dic
 def num_placeholders(model, inputs) -> torch.Tensor:
     """Video placeholder tokens per row: (B,)."""
     return (inputs["input_ids"] == model.config.video_token_id).sum(1)
+
+
+# Debian's Chromium, driven by Playwright (no browser download): the browser tests.
+CHROMIUM = "/usr/bin/chromium"
+needs_chromium = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium, as .ci/run does)"
+)
+
+
+@contextmanager
+def chromium():
+    """A headless Chromium (Playwright's sync API), closed on exit."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            yield browser
+        finally:
+            browser.close()

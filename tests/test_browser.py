@@ -12,20 +12,10 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import chromium, needs_chromium
 from test_app import ASSETS, start_app, stop_app
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium, as .ci/run does)"
-)
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +27,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield chromium
-        chromium.close()
+    with chromium() as opened:
+        yield opened
 
 
 def test_answer_an_example_in_the_browser(server, browser, tmp_path):

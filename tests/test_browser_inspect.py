@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import chromium, needs_chromium
 from test_app import start_app, stop_app
 from test_inspect import still_background_clip
 
 from prunevid.pipeline import answer, load_model, preset
 from prunevid.video import load_video, write_video
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 QUESTION = "what colour is the moving object ?"
 LAYER_LABELS = [
     "Merged clusters (mean colour)",
@@ -32,9 +31,7 @@ LAYER_LABELS = [
     "Pruned by stage 2 (darkened)",
     "Cluster outlines",
 ]
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (apt-get install chromium, as .ci/run does)"
-)
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +52,15 @@ def expected(clip):
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    process, url = start_app(tmp_path_factory.mktemp("server") / "server.log", PRUNEVID_MODEL="tiny-trained")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    with chromium() as browser:  # skips before the server starts where Playwright is absent
+        process, url = start_app(
+            tmp_path_factory.mktemp("server") / "server.log", PRUNEVID_MODEL="tiny-trained"
+        )
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
         page.goto(url)
         page.locator("#answer-button").wait_for(timeout=60_000)
         yield page
-        browser.close()
-    stop_app(process)
+        stop_app(process)
 
 
 def image_of(page, selector: str, index: int = 0) -> np.ndarray:

@@ -11,22 +11,23 @@ the rest (the model side: splicing, stage-2 gathering, cache, positions, masks, 
 each side's bound is checked on its own; `TOTAL_*` bound the whole prefill.
 
 Measured (over stock, 8 / 32 frames, selected_layer 1; paper mode | retention 0.25):
-                        before (6a7421b)               batched (9b14bb8)          fewer ops (now)
-LLaVA-OV prefill ops    +503/+1187 | +733/+1496        +559/+573 | +690/+704      +405/+405 | +505/+505
-  model side ops        +139 | +139                    +170 | +170                +160 | +160
+                        before (6a7421b)               batched (9b14bb8)          now
+LLaVA-OV prefill ops    +503/+1187 | +733/+1496        +559/+573 | +690/+704      +380/+380 | +480/+480
+  model side ops        +139 | +139                    +170 | +170                +135 | +135
   prefill reads         +46/+66 | +55/+79              2/2 | 1/1                  2/2 | 1/1
   model side reads      +28 | +28                      0 | 0                      0 | 0
   decode step           +9 ops, +1 read                +1 op, 0 reads             +1 op, 0 reads
-Qwen2.5-VL prefill ops  +589/+1233 | +764/+1508        +588/+602 | +719/+733      +431/+431 | +531/+531
-  model side ops        +185 | +185                    +199 | +199                +186 | +186
+Qwen2.5-VL prefill ops  +589/+1233 | +764/+1508        +588/+602 | +719/+733      +392/+392 | +492/+492
+  model side ops        +185 | +185                    +199 | +199                +147 | +147
   prefill reads         (not measured)                 3/3 | 2/2                  3/3 | 2/2
   model side reads      +36 | +36                      +1 | +1                    +1 | +1
   decode step           +9 ops, +1 read                0 ops, 0 reads             0 ops, 0 reads
 Stage 1 reads the T temporal labels once (its contiguity walk runs on the host) and, in the
 paper's mode, its output count with the budget sets' sizes once; Qwen-VL reads its grid sizes
-once (generate() consumes video_grid_thw). The issue's ops target (+400) is met within a few ops
-in the paper's mode, not under a retention: stage 1 alone is ~207 | ~271 of the ops (its two
-DPC-KNN clusterings ~70, the batch merge ~51, the budget split ~37 and its static fit ~22).
+once (generate() consumes video_grid_thw). The issue's ops target (+400) is met in the paper's
+mode, not under a retention: there the exact budgets cost ~100 ops more (two allocations,
+stage 1's and stage 2's, ~37 each, and stage 1's static fit ~22). Stage 1 alone is ~207 | ~271
+of the ops (its two DPC-KNN clusterings ~70, the batch merge ~51).
 """
 
 from collections import Counter
@@ -48,14 +49,15 @@ STAGES = ("merge.py", "cluster.py", "budget.py", "select.py")  # stage 1 and sta
 QUESTION = "what colour is the object ?"
 SIDE = 14  # tokens per frame: SIDE x SIDE = 196
 # The model side's ops over stock, and how much more 32 frames may cost than 8.
-MODEL_SIDE_OPS = 210
+MODEL_SIDE_OPS = 160
 GROWTH = 1.25
 # The model side's reads over stock: Qwen-VL reads its grid sizes off the positions once
 # (generate() consumes video_grid_thw); the kept count is host-known (`select.kept_total`).
 MODEL_SIDE_READS = {"llava": 0, "qwen": 1}
-# The whole prefill, stages included: ops at most these (measured 405-531 at 32 frames), and the
-# reads of the paper's mode (stage 1's labels and counts) | a retention (the labels only).
-TOTAL_OPS = 575
+# The whole prefill, stages included: ops at most these in the paper's mode (the issue's target;
+# measured 380-392 at 32 frames) | under a retention (measured 480-492), and the reads of the
+# paper's mode (stage 1's labels and counts) | a retention (the labels only).
+TOTAL_OPS = {None: 400, 0.25: 500}
 TOTAL_READS = {None: 2, 0.25: 1}
 DECODE_STEPS = 4
 
@@ -201,7 +203,7 @@ def test_patched_prefill_and_decode_cost_what_stock_costs(request, tokenizer, fa
     assert many["side_ops"] <= GROWTH * max(few["side_ops"], 1), report
     assert many["side_reads"] <= MODEL_SIDE_READS[family], model_reads
     # The whole prefill, stage 1 included.
-    assert many["ops"] <= TOTAL_OPS, report
+    assert many["ops"] <= TOTAL_OPS[retention], report
     assert many["ops"] <= GROWTH * few["ops"], report
     assert many["reads"] <= TOTAL_READS[retention] + MODEL_SIDE_READS[family], dict(side_reads)
     # A decode step: no host read, at most 2 ops over stock.

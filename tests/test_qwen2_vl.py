@@ -105,21 +105,27 @@ def test_batch_with_padding_equals_each_prompt_alone(model, tokenizer):
 
 
 def rotary_positions(model, inputs, steps=3):
-    """The position ids the rotary embedding receives during generate: one entry per call."""
-    seen = []
-    hook = model.model.language_model.rotary_emb.register_forward_hook(
-        lambda module, args, out: seen.append(args[1][:, 0].clone())
-    )
+    """The position ids the rotary embedding receives during generate: one entry per call, and
+    the rotary embeddings the layer after the cut (selected_layer 1) receives at the prefill."""
+    lm = model.model.language_model
+    seen, after_cut = [], []
+    hooks = [
+        lm.rotary_emb.register_forward_hook(lambda module, args, out: seen.append(args[1][:, 0].clone())),
+        lm.layers[2].register_forward_pre_hook(
+            lambda module, args, kwargs: after_cut.append(kwargs["position_embeddings"]), with_kwargs=True
+        ),
+    ]
     greedy(model, inputs, steps=steps)
-    hook.remove()
-    return seen
+    for hook in hooks:
+        hook.remove()
+    return seen, after_cut[0]
 
 
 def test_kept_tokens_keep_their_stock_3d_positions(model, tokenizer):
     inputs = inputs_for(model, tokenizer)
-    stock = rotary_positions(model, inputs)  # prefill, then one per generated token
+    stock, _ = rotary_positions(model, inputs)  # prefill, then one per generated token
     prunevid.patch(model, PruneVidConfig(stage1=False, selected_layer=1))
-    seen = rotary_positions(model, inputs)  # prefill, kept prompt after the cut, then generated
+    seen, after_cut = rotary_positions(model, inputs)  # prefill, then generated
     trace = prunevid.last_trace(model)
     positions = stock_positions(model, inputs)
     ids = inputs["input_ids"][0]
@@ -127,9 +133,13 @@ def test_kept_tokens_keep_their_stock_3d_positions(model, tokenizer):
     keep = ~is_video
     keep[is_video.nonzero().squeeze(1)[torch.from_numpy(trace.kept.reshape(-1))]] = True
     assert torch.equal(stock[0], positions) and torch.equal(seen[0], positions)
-    assert torch.equal(seen[1], positions[:, keep]), "kept tokens keep their (t, h, w)"
+    # The layers after the cut get the rotary embeddings of the kept tokens' stock (t, h, w).
+    embeds = model.get_input_embeddings()(ids[None, keep])
+    expected = model.model.language_model.rotary_emb(embeds, positions[:, None, keep])
+    for got, want in zip(after_cut, expected, strict=True):
+        assert torch.equal(got, want), "kept tokens keep their (t, h, w)"
     # Decoding continues exactly where the stock generate() does (the unpruned rope delta).
-    assert torch.equal(seen[2], stock[1]) and torch.equal(seen[3], stock[2])
+    assert torch.equal(seen[1], stock[1]) and torch.equal(seen[2], stock[2])
     assert len(set(positions[1, is_video].tolist())) > 1, "the video really has 3-D positions"
 
 

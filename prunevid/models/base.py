@@ -436,7 +436,7 @@ def _layout(
     index, question_start = [], []
     for b, video, merge in zip(rows, videos, merges):
         real = None if mask is None else mask[b].bool()
-        row, positions, columns, start = _place(is_video[b], real, video, merge, width, pad_slot)
+        row, positions, columns, start = _place(is_video[b], real, video, merge, width, lengths[b], pad_slot)
         source[b], position_source[b] = row, positions
         index.append(columns)
         question_start.append(start)
@@ -449,17 +449,17 @@ def _place(
     video: VideoGrid,
     merge: MergeResult,
     width: int,
+    count: int,
     pad_slot: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One row's layout. flags: (L,) its video placeholders: one run, or one run per time step
     (models that put text, e.g. timestamps, between frames), the suffix's placeholders last;
-    real: (L,) its mask, None for no padding (padding is dropped).
+    real: (L,) its mask, None for no padding (padding is dropped); count: the row's tokens.
 
     Text and suffix tokens keep their order; each merged token goes into the run of its first
-    member's time step (stage 1 emits them in that time order), before the run's suffix.
-    Columns count from the right: a token's column is W minus the tokens from it to the end.
-    Returns its (W,) source and position source, its merged tokens' (M,) columns and the
-    first column after the video ().
+    member's time step (stage 1 emits them in that time order), before the run's suffix. The
+    row is right-aligned in W columns. Returns its (W,) source and position source, its merged
+    tokens' (M,) columns and the first column after the video ().
     """
     length = flags.shape[0]
     frames, per_frame = video.tokens.shape[:2]
@@ -474,24 +474,23 @@ def _place(
     runs = starts.cumsum(0)  # (L,) runs begun up to each token
     run_start = at.new_zeros(frames + 1).scatter_(0, (runs - 1).clamp(max=frames).where(starts, frames), at)
     first = merge.first_members().to(flags.device)  # (M,) flat t * N + n of the first member
-    frame = first // per_frame
     single = runs[-1:] == 1  # one run for the whole video, else one per time step
-    run_of = torch.where(single, 0, frame)
-    run_begins = run_start.gather(0, run_of)  # (M,) each merged token's run's first placeholder
+    run_begins = run_start.gather(
+        0, torch.where(single, 0, first // per_frame)
+    )  # (M,) their runs' first placeholders
     stock_first = run_begins + torch.where(single, first, first % per_frame)
-    stays_from = stay.flip(0).cumsum(0).flip(0)  # (L,) tokens that stay from each token on
-    merged_in = at.new_zeros(frames + 1).index_add_(0, run_of, torch.ones_like(run_of))
-    merged_from = merged_in.flip(0).cumsum(0).flip(0)  # (T + 1,) merged tokens in runs r and later
-    stay_column = (width - stays_from - merged_from[runs.clamp(max=frames)]).where(stay, width)
-    order = torch.arange(num_merged, device=flags.device)
-    columns = width - (num_merged - order) - stays_from.gather(0, run_begins)
-    own = length + num_merged + rank - frames * per_frame  # a suffix token's slot in the table
-    source = at.new_full((width + 1,), pad_slot)
-    source.scatter_(0, stay_column, torch.where(suffix, own, at)).scatter_(0, columns, length + order)
-    positions = at.new_zeros(width + 1).scatter_(0, stay_column, at).scatter_(0, columns, stock_first)
+    # Every token that stays sorts by its index, every merged token by its run's first
+    # placeholder (which does not stay), in order; what does not stay (key L) sorts last.
+    keys = torch.cat([at.masked_fill(~stay, length), run_begins])  # (L + M,)
+    order = keys.argsort(stable=True)
+    own = rank + (length + num_merged - frames * per_frame)  # a suffix token's slot in the table
+    sources = torch.cat([torch.where(suffix, own, at), length + torch.arange(num_merged, device=at.device)])
+    padding = width - count
+    source = torch.cat([at.new_full((padding,), pad_slot), sources[order[:count]]])
+    positions = torch.cat([at.new_zeros(padding), torch.cat([at, stock_first])[order[:count]]])
+    columns = order.argsort()[length:] + padding
     last = (at * flags).amax(0, keepdim=True)  # (1,) the video's last placeholder
-    after = (stays_from - stay.long()).gather(0, last)  # tokens after the video
-    return source[:width], positions[:width], columns, (width - after)[0]
+    return source, positions, columns, padding + (keys <= last).sum()
 
 
 def _numbered(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -156,16 +156,17 @@ def prefill(
             hidden = hidden + residuals[i]
         if i == prune_at:
             selection = select_tokens(layer, layer_input, mask, spans, rule, lengths)
-            index = selection.keep[:, :, None].expand(-1, -1, hidden.shape[2])
-            hidden = hidden.gather(1, index)
-            residuals = None if residuals is None else [r.gather(1, index) for r in residuals]
-            position_ids = position_ids.gather(-1, selection.keep.expand(*position_ids.shape[:-2], -1, -1))
-            rope_positions, text_positions = _split_positions(position_ids)
+            index = selection.keep[:, :, None]  # (B, P, 1)
+            hidden = _kept_rows(hidden, index)
+            residuals = None if residuals is None else [_kept_rows(r, index) for r in residuals]
+            if text_positions is not None:
+                text_positions = text_positions.gather(-1, selection.keep)
+            # The kept tokens' rotary rows, as computed for them (each row is its own position's).
+            rotary = tuple(_kept_rows(r, index) for r in rotary)
             if cache is not None:
                 crop_cache(cache, selection.keep, upto_layer=i)
             # Layers after the cut see only the kept tokens: their cache is still empty.
             masks = _layer_masks(lm, layer_types, hidden, selection.mask, None)
-            rotary = lm.rotary_emb(hidden, rope_positions)
     return lm.norm(hidden), selection
 
 
@@ -223,6 +224,11 @@ def select_tokens(
     return Selection(keep, keep_mask, kept_masks, scores, start.stop(), attentions)
 
 
+def _kept_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(..., B, L, d) -> (..., B, P, d): the rows `index` (B, P, 1) of every batch row."""
+    return x.gather(-2, index.expand(*x.shape[:-3], -1, -1, x.shape[-1]))
+
+
 def crop_cache(cache: Cache, keep: torch.Tensor, upto_layer: int) -> None:
     """Keep only positions `keep` (B, P) in the cache of layers 0..upto_layer (in place)."""
     index = None
@@ -260,14 +266,14 @@ def _right_aligned(
     """The indices of each row's True flags (B, L), in order and right-aligned in `width`
     columns (the left padding points at index 0), and their mask (None when no row is padded:
     `mask` None and every row as long as `width`)."""
+    if mask is None and not uneven:  # every row has `width` flags: nothing to align
+        return (~flags).byte().argsort(dim=1, stable=True)[:, :width], None
     batch, length = flags.shape
     # The k-th flag from the right goes to column width - k; the others to a spare column.
     column = width - flags.flip(1).cumsum(1).flip(1)
     column = column.where(flags, width)
     index = torch.arange(length, device=flags.device).expand(batch, -1)
     keep = flags.new_zeros(batch, width + 1, dtype=torch.long).scatter_(1, column, index)[:, :width]
-    if mask is None and not uneven:
-        return keep, None
     real = flags.long() if mask is None else flags * mask
     return keep, real.new_zeros(batch, width + 1).scatter_(1, column, real)[:, :width]
 

@@ -475,9 +475,8 @@ def _place(
     run_start = at.new_zeros(frames + 1).scatter_(0, (runs - 1).clamp(max=frames).where(starts, frames), at)
     first = merge.first_members().to(flags.device)  # (M,) flat t * N + n of the first member
     single = runs[-1:] == 1  # one run for the whole video, else one per time step
-    run_begins = run_start.gather(
-        0, torch.where(single, 0, first // per_frame)
-    )  # (M,) their runs' first placeholders
+    run_of = torch.where(single, 0, first // per_frame)  # (M,) each merged token's run
+    run_begins = run_start.gather(0, run_of)  # (M,) its run's first placeholder
     stock_first = run_begins + torch.where(single, first, first % per_frame)
     # Every token that stays sorts by its index, every merged token by its run's first
     # placeholder (which does not stay), in order; what does not stay (key L) sorts last.

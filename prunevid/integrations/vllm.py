@@ -45,12 +45,13 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from packaging.version import Version
 
-from ..budget import stage1_count
+from ..budget import stage1_count, step_counts
+from ..cluster import cluster_means
 from ..config import PruneVidConfig
 from ..merge import merge_tokens
 
@@ -59,7 +60,14 @@ MODEL_CLASS = "prunevid.integrations.vllm_qwen:PruneVidQwen2_5_VLForConditionalG
 # LLaVA-OneVision (1-D RoPE: no position channels, vLLM's pruning path stays off; `vllm_llava.py`).
 LLAVA_ARCHITECTURE = "PruneVidLlavaOnevisionForConditionalGeneration"
 LLAVA_MODEL_CLASS = "prunevid.integrations.vllm_llava:PruneVidLlavaOnevisionForConditionalGeneration"
-MODELS = {ARCHITECTURE: MODEL_CLASS, LLAVA_ARCHITECTURE: LLAVA_MODEL_CLASS}
+# Qwen3-VL (one placeholder run per time step, each of a fixed share of the budget; `vllm_qwen3.py`).
+QWEN3_ARCHITECTURE = "PruneVidQwen3VLForConditionalGeneration"
+QWEN3_MODEL_CLASS = "prunevid.integrations.vllm_qwen3:PruneVidQwen3VLForConditionalGeneration"
+MODELS = {
+    ARCHITECTURE: MODEL_CLASS,
+    LLAVA_ARCHITECTURE: LLAVA_MODEL_CLASS,
+    QWEN3_ARCHITECTURE: QWEN3_MODEL_CLASS,
+}
 # hf_overrides {"prunevid": {...}}: the stage-1 knobs (the others are stage 2's or frame sampling,
 # which vLLM's media loader does: --media-io-kwargs '{"video": {"num_frames": 16}}').
 SETTINGS = ("retention", "stage1", "tau", "temporal_segment_ratio", "k", "dpc_noise", "seed", "centre")
@@ -98,6 +106,17 @@ VLLM_NAMES = (
     "vllm.model_executor.models.llava_onevision:LlavaOnevisionMultiModalProcessor._get_mm_fields_config",
     "vllm.model_executor.models.llava_onevision:LlavaOnevisionProcessingInfo._get_num_frame_tokens",
     "vllm.model_executor.models.llava_onevision:LlavaOnevisionDummyInputsBuilder",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration._postprocess_video_embeds_evs",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration._postprocess_image_embeds_evs",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration.get_mrope_input_positions",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration.recompute_mrope_positions",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration.embed_multimodal",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLMultiModalProcessor._apply_hf_processor_main",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLMultiModalProcessor._get_prompt_updates",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLMultiModalProcessor._get_mm_fields_config",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLMultiModalProcessor.get_video_repl",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLProcessingInfo",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLDummyInputsBuilder",
 )
 # vLLM's loggers write to vLLM's handlers; a child of "vllm" shows where vLLM's own lines do.
 logger = logging.getLogger("vllm.prunevid")
@@ -131,6 +150,7 @@ def register() -> None:
     # vLLM runs an architecture's config hook in the front-end, on the config every process gets.
     MODELS_CONFIG_MAP[ARCHITECTURE] = ConfigHook
     MODELS_CONFIG_MAP[LLAVA_ARCHITECTURE] = LlavaConfigHook
+    MODELS_CONFIG_MAP[QWEN3_ARCHITECTURE] = ConfigHook
     for architecture in STOCK_ARCHITECTURES:
         MODELS_CONFIG_MAP.setdefault(architecture, UnpluggedHook)
     if on_cpu:
@@ -143,7 +163,7 @@ def register() -> None:
 STOCK_ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": ARCHITECTURE,
     "Qwen2VLForConditionalGeneration": ARCHITECTURE,
-    "Qwen3VLForConditionalGeneration": ARCHITECTURE,
+    "Qwen3VLForConditionalGeneration": QWEN3_ARCHITECTURE,
     "Qwen3VLMoeForConditionalGeneration": ARCHITECTURE,
     "LlavaOnevisionForConditionalGeneration": LLAVA_ARCHITECTURE,
 }
@@ -177,8 +197,8 @@ def refuse_unplugged(vllm_config) -> None:
         ours = STOCK_ARCHITECTURES.get(model_config.architecture, ARCHITECTURE)
         raise ValueError(
             f'hf_overrides "prunevid" does nothing on {model_config.architecture}: add '
-            f'"architectures": ["{ours}"] to hf_overrides (PruneVid runs in vLLM on Qwen2.5-VL and '
-            "LLaVA-OneVision checkpoints)"
+            f'"architectures": ["{ours}"] to hf_overrides (PruneVid runs in vLLM on Qwen2.5-VL, Qwen3-VL '
+            "and LLaVA-OneVision checkpoints)"
         )
 
 
@@ -254,6 +274,12 @@ class RetentionField:
         if REQUEST_RETENTION in hf_inputs:
             fields[REQUEST_RETENTION] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
         return fields
+
+
+def retention_field(num_videos: int, retention: float) -> torch.Tensor:
+    """(num_videos,) the request's retention for each of its videos, in float64: float32 would
+    turn 0.01 into 0.0099999998 (in messages) and could move round(r * N) where r * N ends in .5."""
+    return torch.full((num_videos,), retention, dtype=torch.float64)
 
 
 def request_settings(config: PruneVidConfig, retention: float | None) -> PruneVidConfig:
@@ -426,6 +452,90 @@ def prompt_positions(num_tokens: int, media: list[tuple[int, int, int]]) -> tupl
     positions[cursor:] = torch.arange(num_tokens - cursor) + position
     last = position + num_tokens - cursor - 1 if cursor < num_tokens else position - 1
     return positions.expand(3, -1).clone(), last + 1 - num_tokens
+
+
+# ---- Qwen3-VL: one placeholder run per time step, each of a fixed quota ---------------------
+
+
+def qwen3_settings(values: Mapping | None) -> PruneVidConfig:
+    """The settings of `hf_overrides["prunevid"]` for Qwen3-VL: every time step gets a fixed
+    share of the budget (`per_step_budget`), so that each step's run of placeholders, written
+    in the front-end after its timestamp, has a length known before the video is encoded."""
+    return settings(values).replace(per_step_budget=True)
+
+
+def step_quotas(grid_thw: tuple[int, int, int], merge_size: int, config: PruneVidConfig) -> list[int]:
+    """Placeholders in each time step's run of a Qwen3-VL video of patch grid (t, h, w): stage 1's
+    budget of its t * h' * w' tokens shared equally among the steps, the earlier ones one more
+    (`budget.step_counts`; a budget below a token per step is refused with one sentence), or
+    every step's h' * w' when the settings keep every token."""
+    steps, per_step = grid_thw[0], grid_thw[1] // merge_size * (grid_thw[2] // merge_size)
+    return step_counts(steps, per_step, config) if prunes(config) else [per_step] * steps
+
+
+def merged_qwen3_video(
+    features: torch.Tensor,
+    grid_thw: tuple[int, int, int],
+    merge_size: int,
+    visual_dim: int,
+    config: PruneVidConfig,
+) -> torch.Tensor:
+    """Stage 1 on one Qwen3-VL video as vLLM's tower gives it: (t * h' * w', C + D * C), each
+    token's features (C = `visual_dim`) then its D deepstack levels, row-major per time step ->
+    (sum(step_quotas), C + D * C + CHANNELS). The merged tokens come in stage 1's order, the time
+    order of their first members, which fills the runs step by step, each with its quota. Main
+    features: `merge_tokens`'s (per_step_budget); deepstack: the plain mean of each merged
+    token's members (what stage 1 does to a token); then the channels: the first member's stock
+    position relative to its run's start, (0, row, column) (Qwen3-VL numbers each run afresh), and
+    the run's extent max(h', w'). Every count follows from the grid: nothing is read back."""
+    steps, height, width = grid_thw[0], grid_thw[1] // merge_size, grid_thw[2] // merge_size
+    if prunes(config):
+        merge = merge_tokens(
+            features[:, :visual_dim].view(steps, height * width, -1), config, (height, width)
+        )
+        first = merge.first_members().to(features.device)
+        labels = merge.assignment.flatten().to(features.device)  # (T * N,) stage 1 drops none
+        deepstack = cluster_means(features[None, :, visual_dim:], labels[None], merge.num_tokens)[0]
+        features = torch.cat([merge.tokens.to(features.dtype), deepstack], 1)
+    else:  # a request that keeps every token, in an engine that prunes
+        first = torch.arange(len(features), device=features.device)
+    channels = first_member_channels(first, grid_thw, merge_size, 0.0, features.dtype)
+    return torch.cat([features, channels], 1)
+
+
+def token_runs(tokens: Sequence[int], token: int) -> list[tuple[int, int]]:
+    """(start, length) of every maximal run of `token` in `tokens` (a video's per-step runs)."""
+    runs: list[tuple[int, int]] = []
+    for i, value in enumerate(tokens):
+        if value != token:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def place_media_positions(
+    input_ids: Sequence[int],
+    media_tokens: tuple[int, ...],
+    channels: torch.Tensor,
+    positions: torch.Tensor,
+    num_computed_tokens: int,
+) -> torch.Tensor:
+    """Qwen3-VL's positions once media are encoded: the first M media placeholders from
+    `num_computed_tokens` on (a prefill chunk's media, in prompt order) take their run's start
+    plus the (t, h, w) their channels carry. channels: (M, CHANNELS); positions: (3, L) long, the
+    first numbering (`prompt_positions`: each media token at its run's start, which t keeps,
+    since every Qwen3-VL image and time step has t offset 0, so placing twice changes nothing)."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    is_media = torch.isin(ids, torch.tensor(media_tokens))
+    is_media[:num_computed_tokens] = False
+    rows = is_media.nonzero().squeeze(1)[: len(channels)]
+    values = decode_positions(channels.to(positions.device))[:3]  # (3, M) relative (t, h, w)
+    placed = positions.clone()
+    placed[:, rows] = positions[0, rows] + values
+    return placed
 
 
 def _enable_pruning_on_cpu(runner: type, supports_pruning: Callable[[torch.nn.Module], bool]) -> None:

@@ -328,6 +328,16 @@ def test_prunevid_settings_on_a_stock_qwen3_vl_name_its_plugin_architecture():
     )
 
 
+def test_prunevid_settings_on_a_stock_qwen3_vl_moe_say_the_plugin_has_no_class_for_it():
+    config = vllm_config("Qwen3VLMoeForConditionalGeneration", {"retention": 0.25})
+    with pytest.raises(ValueError) as error:
+        plugin.UnpluggedHook.verify_and_update_config(config)
+    assert str(error.value) == (
+        'hf_overrides "prunevid" does nothing on Qwen3VLMoeForConditionalGeneration: the plugin has no class '
+        "for it yet (PruneVid runs in vLLM on Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision checkpoints)"
+    )
+
+
 # ---- LLaVA-OneVision: 1-D RoPE, no positions to carry -------------------------------------------
 
 
@@ -500,7 +510,7 @@ def test_qwen3_vl_shares_the_budget_equally_among_time_steps():
     # round(0.1 * 256) = 26 of 4 steps: the earlier steps one more.
     assert plugin.step_quotas((4, 16, 16), 2, plugin.request_settings(config, 0.1)) == [7, 7, 6, 6]
     assert plugin.step_quotas((4, 16, 16), 2, plugin.qwen3_settings({"retention": 1.0})) == [64] * 4
-    with pytest.raises(ValueError, match="^a per-step budget needs a token per time step: retention 0.01 "):
+    with pytest.raises(ValueError, match=r"^a per-step budget needs a token per time step: retention 0\.01 "):
         plugin.step_quotas((4, 16, 16), 2, plugin.request_settings(config, 0.01))  # 3 tokens, 4 steps
 
 

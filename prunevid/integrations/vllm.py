@@ -1,12 +1,12 @@
-"""PruneVid stage 1 as a vLLM plugin for Qwen2.5-VL and LLaVA-OneVision, without a fork of vLLM.
+"""PruneVid stage 1 as a vLLM plugin for Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision, without a fork of vLLM.
 
     pip install "prunevid[vllm]"     # the entry point `vllm.general_plugins` runs `register`
     vllm serve Qwen/Qwen2.5-VL-7B-Instruct --hf-overrides \\
         '{"architectures": ["PruneVidQwen2_5_VLForConditionalGeneration"], "prunevid": {"retention": 0.25}}'
 
 `register` adds the architecture `ARCHITECTURE` (a subclass of vLLM's Qwen2.5-VL model and of its
-multimodal processor, `vllm_qwen.py`) and `LLAVA_ARCHITECTURE` (LLaVA-OneVision's,
-`vllm_llava.py`); the checkpoint is pointed at one with `hf_overrides`, whose `prunevid` mapping
+multimodal processor, `vllm_qwen.py`), `QWEN3_ARCHITECTURE` (Qwen3-VL's, `vllm_qwen3.py`) and
+`LLAVA_ARCHITECTURE` (LLaVA-OneVision's, `vllm_llava.py`); the checkpoint is pointed at one with `hf_overrides`, whose `prunevid` mapping
 holds the settings (`SETTINGS`; `retention` is required). A request may set its own retention in
 `mm_processor_kwargs` (`REQUEST_RETENTION`). On a vLLM outside `SUPPORTED_VLLM`, `register`
 registers nothing and logs why; `VLLM_NAMES` lists every vLLM name the plugin relies on.
@@ -31,6 +31,14 @@ exactly as the transformers adapter renumbers it, so nothing travels but the tok
 get `visual_token_count` placeholders and the trailing newline, and `merged_llava_video` runs
 stage 1 on the pooled frame grids, with no position channels and vLLM's pruning path off
 (`LlavaConfigHook`).
+
+Qwen3-VL writes a video as one run of placeholders per time step, each after its timestamp, and
+numbers each run afresh from its start. Its runs' lengths are fixed in the front-end too, so the
+plugin gives every time step a fixed share of the budget (`qwen3_settings`: `per_step_budget`;
+`step_quotas`), which stage 1 then meets step by step for any content (`merged_qwen3_video`). The
+text's positions follow from the layout alone (`prompt_positions`, each run as a media item); a
+merged token's channels carry its first member's position relative to its run's start, which
+`place_media_positions` adds to the run's start once the video is encoded.
 
 Stage 2 is not here: it needs the question inside the language model and would make the cached
 prefix of a video depend on the question, defeating prefix caching.
@@ -159,12 +167,13 @@ def register() -> None:
 
 
 # Checkpoints someone may give "prunevid" settings to without the plugin's architecture, and the
-# plugin's architecture to name instead (Qwen2.5-VL's where the family has none of its own).
+# plugin's architecture to name instead (Qwen2.5-VL's for Qwen2-VL; none for Qwen3-VL's MoE, whose
+# language model no plugin class builds).
 STOCK_ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": ARCHITECTURE,
     "Qwen2VLForConditionalGeneration": ARCHITECTURE,
     "Qwen3VLForConditionalGeneration": QWEN3_ARCHITECTURE,
-    "Qwen3VLMoeForConditionalGeneration": ARCHITECTURE,
+    "Qwen3VLMoeForConditionalGeneration": None,
     "LlavaOnevisionForConditionalGeneration": LLAVA_ARCHITECTURE,
 }
 
@@ -195,10 +204,14 @@ def refuse_unplugged(vllm_config) -> None:
     model_config = vllm_config.model_config
     if getattr(model_config.hf_config, "prunevid", None) is not None:
         ours = STOCK_ARCHITECTURES.get(model_config.architecture, ARCHITECTURE)
+        fix = (
+            f'add "architectures": ["{ours}"] to hf_overrides'
+            if ours
+            else "the plugin has no class for it yet"
+        )
         raise ValueError(
-            f'hf_overrides "prunevid" does nothing on {model_config.architecture}: add '
-            f'"architectures": ["{ours}"] to hf_overrides (PruneVid runs in vLLM on Qwen2.5-VL, Qwen3-VL '
-            "and LLaVA-OneVision checkpoints)"
+            f'hf_overrides "prunevid" does nothing on {model_config.architecture}: {fix} (PruneVid runs in '
+            "vLLM on Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision checkpoints)"
         )
 
 

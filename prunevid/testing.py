@@ -312,8 +312,9 @@ def save_tiny_qwen3_vl(
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     # Width 128 and head size 32 (Qwen3's default is 128): vLLM's CPU attention has no kernel for
-    # head size 16, and vLLM's M-RoPE needs the sections to fill the head. Weights of std 0.1 (not
-    # 0.02): the tower's tokens differ enough for stage 1's decisions to hold across two engines.
+    # head size 16, and vLLM's M-RoPE needs the sections to fill the head. Text weights of std 0.1
+    # (not 0.02; the tower keeps 0.02), as tests/helpers.py's tiny models: sharp, position-sensitive
+    # attention, so that a wrong position or embedding shows in the greedy tokens.
     model = tiny_qwen_vl(
         "qwen3_vl",
         seed=seed,

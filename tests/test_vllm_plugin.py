@@ -579,3 +579,11 @@ def test_media_tokens_are_placed_at_their_runs_start_plus_their_channels(dtype):
     assert torch.equal(chunk[:, 303:], placed[:, 303:]) and torch.equal(chunk[:, :303], first[:, :303])
     # Placing again changes nothing: t, the run's start, stays as it was.
     assert torch.equal(plugin.place_media_positions(ids, (video, 8), channels, placed, 0), placed)
+    # Token ids as a tensor (vLLM's second model runner keeps them on the device): no read, no upload.
+    from prunevid.bench.probe import HostProbe
+
+    ids = torch.tensor(ids)
+    with HostProbe() as probe:
+        again = plugin.place_media_positions(ids, (video, 8), channels, first, 0)
+    assert (probe.reads, probe.uploads) == (0, 0), (probe.reads_by_op, probe.uploads_by_op)
+    assert torch.equal(again, placed)

@@ -530,7 +530,7 @@ def token_runs(tokens: Sequence[int], token: int) -> list[tuple[int, int]]:
 
 
 def place_media_positions(
-    input_ids: Sequence[int],
+    input_ids: Sequence[int] | torch.Tensor,
     media_tokens: tuple[int, ...],
     channels: torch.Tensor,
     positions: torch.Tensor,
@@ -540,15 +540,21 @@ def place_media_positions(
     `num_computed_tokens` on (a prefill chunk's media, in prompt order) take their run's start
     plus the (t, h, w) their channels carry. channels: (M, CHANNELS); positions: (3, L) long, the
     first numbering (`prompt_positions`: each media token at its run's start, which t keeps,
-    since every Qwen3-VL image and time step has t offset 0, so placing twice changes nothing)."""
-    ids = torch.as_tensor(input_ids, dtype=torch.long)
-    is_media = torch.isin(ids, torch.tensor(media_tokens))
-    is_media[:num_computed_tokens] = False
-    rows = is_media.nonzero().squeeze(1)[: len(channels)]
+    since every Qwen3-VL image and time step has t offset 0, so placing twice changes nothing).
+    Runs where `positions` lives (vLLM's runner keeps them on the host, its second runner on the
+    device), without a read back: the channels are matched to the placeholders by a running count."""
+    if len(channels) == 0:
+        return positions
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=positions.device)  # a list: vLLM 0.32's runner
+    is_media = torch.zeros_like(ids, dtype=torch.bool)
+    for token in media_tokens:  # host ints: nothing to upload
+        is_media |= ids == token
+    is_media[:num_computed_tokens].fill_(False)  # computed in earlier chunks
+    order = is_media.cumsum(0) - 1  # (L,) each placeholder's index among the chunk's media
+    placed = is_media & (order < len(channels))
     values = decode_positions(channels.to(positions.device))[:3]  # (3, M) relative (t, h, w)
-    placed = positions.clone()
-    placed[:, rows] = positions[0, rows] + values
-    return placed
+    moved = positions[0] + values[:, order.clamp(0, len(channels) - 1)]  # (3, L)
+    return torch.where(placed, moved, positions)
 
 
 def _enable_pruning_on_cpu(runner: type, supports_pruning: Callable[[torch.nn.Module], bool]) -> None:

@@ -105,8 +105,11 @@ class PruneVidQwen3VLProcessor(RetentionField, Qwen3VLMultiModalProcessor):
         ]
 
 
-class PruneVidQwen3VLMixin:
-    """The plugin's overrides of vLLM's Qwen3-VL model (mixed into it and into its MoE variant)."""
+@MULTIMODAL_REGISTRY.register_processor(
+    PruneVidQwen3VLProcessor, info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+)
+class PruneVidQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL whose video embeddings are PruneVid stage 1's merged tokens."""
 
     def __init__(self, *, vllm_config, prefix: str = "model"):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -155,12 +158,13 @@ class PruneVidQwen3VLMixin:
         mrope_positions: torch.LongTensor,
         num_computed_tokens: int,
     ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
-        """Strip the channels of this prefill chunk's media and place its media tokens. The
-        channels come back to the host, where vLLM keeps the positions (one read for the chunk)."""
+        """Strip the channels of this prefill chunk's media and place its media tokens. vLLM
+        0.32's runner keeps the positions on the host, so the chunk's channels come back once;
+        the rope delta (vLLM's definition) is read off the positions, final for every text token."""
         stripped = [mm[:, :-CHANNELS] for mm in multimodal_embeddings]
         positions = mrope_positions
         if multimodal_embeddings:
-            channels = torch.cat([mm[:, -CHANNELS:] for mm in multimodal_embeddings]).cpu()
+            channels = torch.cat([mm[:, -CHANNELS:] for mm in multimodal_embeddings])
             media = (self.config.image_token_id, self.config.video_token_id)
             positions = place_media_positions(
                 input_ids, media, channels, mrope_positions, num_computed_tokens
@@ -185,10 +189,3 @@ class PruneVidQwen3VLMixin:
                 runs = token_runs(tokens, self.config.video_token_id)
                 media += [(start + offset, count, extent) for offset, count in runs]
         return prompt_positions(len(input_tokens), media)
-
-
-@MULTIMODAL_REGISTRY.register_processor(
-    PruneVidQwen3VLProcessor, info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
-)
-class PruneVidQwen3VLForConditionalGeneration(PruneVidQwen3VLMixin, Qwen3VLForConditionalGeneration):
-    """vLLM's Qwen3-VL whose video embeddings are PruneVid stage 1's merged tokens."""

@@ -138,7 +138,7 @@ class PruneVidQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
                 features,
                 tuple(grid),
                 self.visual.spatial_merge_size,
-                self.visual_dim,
+                self.config.vision_config.out_hidden_size,  # the main features; deepstack levels follow
                 request_settings(self.prunevid, retention),
             )
             for features, grid, retention in zip(video_embeds_split, grids, retentions)

@@ -290,13 +290,56 @@ def save_tiny_qwen_vl(
     the local tokenizer with Qwen's chat template, and image and video processor configs
     (Qwen-VL's defaults but frames of `min_pixels` to `max_pixels`, so that videos stay a few
     hundred tokens). Returns the folder."""
-    import json
-    from pathlib import Path
-
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     # Width 128 (head size 32): vLLM's CPU attention has no kernel for the default head size 16.
     model = tiny_qwen_vl("qwen2_5_vl", seed=seed, tokenizer=tokenizer, hidden_size=128, intermediate_size=256)
+    processing = {
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+    }
+    return _save_qwen(folder, model, tokenizer, "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", processing)
+
+
+def save_tiny_qwen3_vl(
+    folder: str, seed: int = 0, min_pixels: int = 32 * 32, max_pixels: int = 16 * 256 * 256
+) -> str:
+    """Write a tiny random Qwen3-VL checkpoint a server can load offline, as `save_tiny_qwen_vl`
+    (16 px patches, deepstack features from both vision blocks, interleaved M-RoPE as the real
+    checkpoints). Qwen3-VL's video processor bounds the pixels of the whole clip: the defaults
+    keep 8 frames of 256 px (4 time steps of 8 x 8 tokens) whole."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    # Width 128 and head size 32 (Qwen3's default is 128): vLLM's CPU attention has no kernel for
+    # head size 16, and vLLM's M-RoPE needs the sections to fill the head. Text weights of std 0.1
+    # (not 0.02; the tower keeps 0.02), as tests/helpers.py's tiny models: sharp, position-sensitive
+    # attention, so that a wrong position or embedding shows in the greedy tokens.
+    model = tiny_qwen_vl(
+        "qwen3_vl",
+        seed=seed,
+        tokenizer=tokenizer,
+        hidden_size=128,
+        intermediate_size=256,
+        head_dim=32,
+        initializer_range=0.1,
+    )
+    model.config.text_config.rope_parameters["mrope_interleaved"] = (
+        True  # read by vLLM; transformers always is
+    )
+    processing = {
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+    }
+    return _save_qwen(folder, model, tokenizer, "Qwen3VLProcessor", "Qwen3VLVideoProcessor", processing)
+
+
+def _save_qwen(folder: str, model, tokenizer, processor: str, video_processor: str, processing: dict) -> str:
+    """Save a Qwen-VL model, its tokenizer, chat template and image and video processor configs."""
+    import json
+    from pathlib import Path
+
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     vision = model.config.vision_config
@@ -306,22 +349,20 @@ def save_tiny_qwen_vl(
         "rescale_factor": 1 / 255,
         "do_normalize": True,
         "do_convert_rgb": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
         "patch_size": vision.patch_size,
         "temporal_patch_size": vision.temporal_patch_size,
         "merge_size": vision.spatial_merge_size,
-        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
-        "processor_class": "Qwen2_5_VLProcessor",
+        "processor_class": processor,
+        **processing,
     }
     files = {
         "preprocessor_config.json": {"image_processor_type": "Qwen2VLImageProcessor", **processing},
         "video_preprocessor_config.json": {
-            "video_processor_type": "Qwen2VLVideoProcessor",
+            "video_processor_type": video_processor,
             "do_sample_frames": False,
             **processing,
         },
-        "processor_config.json": {"processor_class": "Qwen2_5_VLProcessor"},
+        "processor_config.json": {"processor_class": processor},
     }
     for name, content in files.items():
         (Path(folder) / name).write_text(json.dumps(content, indent=2))

@@ -571,17 +571,18 @@ def test_vllm_starts_with_prunevid_installed_whatever_its_version(version):
         "from vllm import ModelRegistry\n"
         "from vllm.model_executor.models.config import MODELS_CONFIG_MAP\n"
         "archs = ModelRegistry.get_supported_archs()\n"
-        f"print('registered', {plugin.ARCHITECTURE!r} in archs, {plugin.ARCHITECTURE!r} in MODELS_CONFIG_MAP, "
-        f"{plugin.LLAVA_ARCHITECTURE!r} in archs, {plugin.LLAVA_ARCHITECTURE!r} in MODELS_CONFIG_MAP)\n"
+        "ours = [(a in archs, a in MODELS_CONFIG_MAP) for a in "
+        f"{[plugin.ARCHITECTURE, plugin.LLAVA_ARCHITECTURE, plugin.QWEN3_ARCHITECTURE]!r}]\n"
+        "print('registered', *[flag for pair in ours for flag in pair])\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     said = [line for line in (run.stdout + run.stderr).splitlines() if "PruneVid" in line]
     if version is None:
-        assert "registered True True True True" in run.stdout
+        assert "registered True True True True True True" in run.stdout
         assert said == []
     else:
-        assert "registered False False False False" in run.stdout
+        assert "registered False False False False False False" in run.stdout
         assert len(said) == 1
         assert f"it is tested on vLLM >=0.32,<0.33 and this is vLLM {version}" in said[0]
 

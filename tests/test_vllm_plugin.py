@@ -227,9 +227,13 @@ def test_a_tested_vllm_gets_the_architecture_and_its_config_hooks(monkeypatch, c
         "PruneVidQwen2_5_VLForConditionalGeneration",
         "PruneVidLlavaOnevisionForConditionalGeneration": "prunevid.integrations.vllm_llava:"
         "PruneVidLlavaOnevisionForConditionalGeneration",
+        "PruneVidQwen3VLForConditionalGeneration": "prunevid.integrations.vllm_qwen3:"
+        "PruneVidQwen3VLForConditionalGeneration",
     }
     assert hooks[plugin.ARCHITECTURE] is plugin.ConfigHook
+    assert hooks[plugin.QWEN3_ARCHITECTURE] is plugin.ConfigHook
     assert hooks[plugin.LLAVA_ARCHITECTURE] is plugin.LlavaConfigHook
+    assert hooks["Qwen3VLForConditionalGeneration"] is plugin.UnpluggedHook
     assert hooks["Qwen2_5_VLForConditionalGeneration"] is plugin.UnpluggedHook
     assert hooks["Qwen3VLMoeForConditionalGeneration"] is theirs
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -298,8 +302,8 @@ def test_prunevid_settings_on_a_stock_architecture_are_refused_with_what_to_add(
         plugin.UnpluggedHook.verify_and_update_config(config)
     assert str(error.value) == (
         'hf_overrides "prunevid" does nothing on Qwen2_5_VLForConditionalGeneration: add "architectures": '
-        '["PruneVidQwen2_5_VLForConditionalGeneration"] to hf_overrides (PruneVid runs in vLLM on Qwen2.5-VL '
-        "and LLaVA-OneVision checkpoints)"
+        '["PruneVidQwen2_5_VLForConditionalGeneration"] to hf_overrides (PruneVid runs in vLLM on Qwen2.5-VL, '
+        "Qwen3-VL and LLaVA-OneVision checkpoints)"
     )
     plugin.UnpluggedHook.verify_and_update_config(vllm_config("Qwen2_5_VLForConditionalGeneration"))  # stock
 
@@ -311,6 +315,26 @@ def test_prunevid_settings_on_a_stock_llava_onevision_name_its_plugin_architectu
     assert str(error.value).startswith(
         'hf_overrides "prunevid" does nothing on LlavaOnevisionForConditionalGeneration: add "architectures": '
         '["PruneVidLlavaOnevisionForConditionalGeneration"] to hf_overrides'
+    )
+
+
+def test_prunevid_settings_on_a_stock_qwen3_vl_name_its_plugin_architecture():
+    config = vllm_config("Qwen3VLForConditionalGeneration", {"retention": 0.25})
+    with pytest.raises(ValueError) as error:
+        plugin.UnpluggedHook.verify_and_update_config(config)
+    assert str(error.value).startswith(
+        'hf_overrides "prunevid" does nothing on Qwen3VLForConditionalGeneration: add "architectures": '
+        '["PruneVidQwen3VLForConditionalGeneration"] to hf_overrides'
+    )
+
+
+def test_prunevid_settings_on_a_stock_qwen3_vl_moe_say_the_plugin_has_no_class_for_it():
+    config = vllm_config("Qwen3VLMoeForConditionalGeneration", {"retention": 0.25})
+    with pytest.raises(ValueError) as error:
+        plugin.UnpluggedHook.verify_and_update_config(config)
+    assert str(error.value) == (
+        'hf_overrides "prunevid" does nothing on Qwen3VLMoeForConditionalGeneration: the plugin has no class '
+        "for it yet (PruneVid runs in vLLM on Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision checkpoints)"
     )
 
 
@@ -474,3 +498,92 @@ def test_a_request_keeping_every_token_gets_the_video_whole_with_its_stock_posit
         [0, 1, 0, 1, 0, 1, 0, 1],
         [3] * 8,
     ]
+
+
+# ---- Qwen3-VL: one run of placeholders per time step, each of a fixed share ---------------------
+
+
+def test_qwen3_vl_shares_the_budget_equally_among_time_steps():
+    config = plugin.qwen3_settings({"retention": 0.25, "tau": 0.9})
+    assert config.per_step_budget and config.tau == 0.9 and not config.stage2
+    assert plugin.step_quotas((4, 16, 16), 2, config) == [16, 16, 16, 16]  # 64 of 4 x 64
+    # round(0.1 * 256) = 26 of 4 steps: the earlier steps one more.
+    assert plugin.step_quotas((4, 16, 16), 2, plugin.request_settings(config, 0.1)) == [7, 7, 6, 6]
+    assert plugin.step_quotas((4, 16, 16), 2, plugin.qwen3_settings({"retention": 1.0})) == [64] * 4
+    with pytest.raises(ValueError, match=r"^a per-step budget needs a token per time step: retention 0\.01 "):
+        plugin.step_quotas((4, 16, 16), 2, plugin.request_settings(config, 0.01))  # 3 tokens, 4 steps
+
+
+def test_merged_qwen3_video_fills_each_run_with_its_share_and_reads_back_nothing_of_its_own():
+    """Stage 1 with per_step_budget on the main features, the members' mean on the deepstack
+    levels, and each token's position relative to its run's start; around `merge_tokens` (which
+    reads back the T segment labels once) nothing is read back or uploaded."""
+    from prunevid.bench.probe import HostProbe
+
+    torch.manual_seed(0)
+    features = torch.randn(4 * 36, 16 * 3)  # 4 steps of 6 x 6: 16 main channels, 2 deepstack levels
+    config = plugin.request_settings(plugin.qwen3_settings({"retention": 0.25}), 0.1)
+    with HostProbe() as alone:
+        merge = merge_tokens(features[:, :16].view(4, 36, 16), config, (6, 6))
+    with HostProbe() as probe:
+        out = plugin.merged_qwen3_video(features, (4, 12, 12), 2, 16, config)
+    assert (probe.reads, probe.uploads) == (alone.reads, alone.uploads)
+    assert out.shape == (14, 48 + plugin.CHANNELS)  # round(0.1 * 144) = 14
+    torch.testing.assert_close(out[:, :16], merge.tokens)
+    # Each merged token's members and first member, read off the assignment.
+    assignment = merge.assignment.flatten()
+    members = [(assignment == m).nonzero().squeeze(1) for m in range(14)]
+    first = torch.stack([m[0] for m in members])
+    assert torch.bincount(first // 36, minlength=4).tolist() == [4, 4, 3, 3]  # step_quotas
+    assert (torch.diff(first // 36) >= 0).all()  # in time order: the runs fill one after another
+    torch.testing.assert_close(out[:, 16:48], torch.stack([features[m, 16:].mean(0) for m in members]))
+    assert plugin.decode_positions(out[:, 48:]).tolist() == [
+        [0] * 14,  # every run is numbered from its own start
+        (first % 36 // 6).tolist(),
+        (first % 6).tolist(),
+        [6] * 14,  # the run's extent: max(h', w')
+    ]
+    # Keeping every token: the video whole, each token at its own (0, row, column).
+    whole = plugin.merged_qwen3_video(features, (4, 12, 12), 2, 16, plugin.qwen3_settings({"retention": 1.0}))
+    torch.testing.assert_close(whole[:, :48], features, rtol=0, atol=0)
+    assert plugin.decode_positions(whole[:, 48:])[1:3, 36:44].tolist() == [
+        [0] * 6 + [1] * 2,
+        [0, 1, 2, 3, 4, 5, 0, 1],
+    ]
+
+
+def test_token_runs_finds_each_time_steps_run():
+    assert plugin.token_runs([1, 9, 9, 2, 9, 3, 3, 9, 9, 9], 9) == [(1, 2), (4, 1), (7, 3)]
+    assert plugin.token_runs([1, 2], 9) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_media_tokens_are_placed_at_their_runs_start_plus_their_channels(dtype):
+    # 300 text tokens (positions past what bf16 holds), a run of 2 video tokens (extent 4), 1 text,
+    # a run of 2 (extent 4), 1 text: the first numbering puts each run's tokens at its start.
+    video = 7
+    ids = [1] * 300 + [video, video, 1, video, video, 1]
+    first, _ = plugin.prompt_positions(len(ids), [(300, 2, 4), (303, 2, 4)])
+    assert first[0, 300:].tolist() == [300, 300, 304, 305, 305, 309]
+    relative = torch.tensor([[0, 0, 0, 0], [3, 0, 1, 2], [1, 2, 3, 0]])  # (t, h, w) of the 4 media tokens
+    channels = plugin.encode_positions(relative, 4, dtype)
+    placed = plugin.place_media_positions(ids, (video, 8), channels, first, 0)
+    assert placed[:, 300:].tolist() == [
+        [300, 300, 304, 305, 305, 309],
+        [303, 300, 304, 306, 307, 309],
+        [301, 302, 304, 308, 305, 309],
+    ]
+    assert torch.equal(placed[:, :300], first[:, :300])
+    # A later prefill chunk (from token 302 on) carries only the second run's channels.
+    chunk = plugin.place_media_positions(ids, (video, 8), channels[2:], first, 302)
+    assert torch.equal(chunk[:, 303:], placed[:, 303:]) and torch.equal(chunk[:, :303], first[:, :303])
+    # Placing again changes nothing: t, the run's start, stays as it was.
+    assert torch.equal(plugin.place_media_positions(ids, (video, 8), channels, placed, 0), placed)
+    # Token ids as a tensor (vLLM's second model runner keeps them on the device): no read, no upload.
+    from prunevid.bench.probe import HostProbe
+
+    ids = torch.tensor(ids)
+    with HostProbe() as probe:
+        again = plugin.place_media_positions(ids, (video, 8), channels, first, 0)
+    assert (probe.reads, probe.uploads) == (0, 0), (probe.reads_by_op, probe.uploads_by_op)
+    assert torch.equal(again, placed)

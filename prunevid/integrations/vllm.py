@@ -1,12 +1,12 @@
-"""PruneVid stage 1 as a vLLM plugin for Qwen2.5-VL and LLaVA-OneVision, without a fork of vLLM.
+"""PruneVid stage 1 as a vLLM plugin for Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision, without a fork of vLLM.
 
     pip install "prunevid[vllm]"     # the entry point `vllm.general_plugins` runs `register`
     vllm serve Qwen/Qwen2.5-VL-7B-Instruct --hf-overrides \\
         '{"architectures": ["PruneVidQwen2_5_VLForConditionalGeneration"], "prunevid": {"retention": 0.25}}'
 
 `register` adds the architecture `ARCHITECTURE` (a subclass of vLLM's Qwen2.5-VL model and of its
-multimodal processor, `vllm_qwen.py`) and `LLAVA_ARCHITECTURE` (LLaVA-OneVision's,
-`vllm_llava.py`); the checkpoint is pointed at one with `hf_overrides`, whose `prunevid` mapping
+multimodal processor, `vllm_qwen.py`), `QWEN3_ARCHITECTURE` (Qwen3-VL's, `vllm_qwen3.py`) and
+`LLAVA_ARCHITECTURE` (LLaVA-OneVision's, `vllm_llava.py`); the checkpoint is pointed at one with `hf_overrides`, whose `prunevid` mapping
 holds the settings (`SETTINGS`; `retention` is required). A request may set its own retention in
 `mm_processor_kwargs` (`REQUEST_RETENTION`). On a vLLM outside `SUPPORTED_VLLM`, `register`
 registers nothing and logs why; `VLLM_NAMES` lists every vLLM name the plugin relies on.
@@ -32,6 +32,14 @@ get `visual_token_count` placeholders and the trailing newline, and `merged_llav
 stage 1 on the pooled frame grids, with no position channels and vLLM's pruning path off
 (`LlavaConfigHook`).
 
+Qwen3-VL writes a video as one run of placeholders per time step, each after its timestamp, and
+numbers each run afresh from its start. Its runs' lengths are fixed in the front-end too, so the
+plugin gives every time step a fixed share of the budget (`qwen3_settings`: `per_step_budget`;
+`step_quotas`), which stage 1 then meets step by step for any content (`merged_qwen3_video`). The
+text's positions follow from the layout alone (`prompt_positions`, each run as a media item); a
+merged token's channels carry its first member's position relative to its run's start, which
+`place_media_positions` adds to the run's start once the video is encoded.
+
 Stage 2 is not here: it needs the question inside the language model and would make the cached
 prefix of a video depend on the question, defeating prefix caching.
 
@@ -45,12 +53,13 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from packaging.version import Version
 
-from ..budget import stage1_count
+from ..budget import stage1_count, step_counts
+from ..cluster import cluster_means
 from ..config import PruneVidConfig
 from ..merge import merge_tokens
 
@@ -59,7 +68,14 @@ MODEL_CLASS = "prunevid.integrations.vllm_qwen:PruneVidQwen2_5_VLForConditionalG
 # LLaVA-OneVision (1-D RoPE: no position channels, vLLM's pruning path stays off; `vllm_llava.py`).
 LLAVA_ARCHITECTURE = "PruneVidLlavaOnevisionForConditionalGeneration"
 LLAVA_MODEL_CLASS = "prunevid.integrations.vllm_llava:PruneVidLlavaOnevisionForConditionalGeneration"
-MODELS = {ARCHITECTURE: MODEL_CLASS, LLAVA_ARCHITECTURE: LLAVA_MODEL_CLASS}
+# Qwen3-VL (one placeholder run per time step, each of a fixed share of the budget; `vllm_qwen3.py`).
+QWEN3_ARCHITECTURE = "PruneVidQwen3VLForConditionalGeneration"
+QWEN3_MODEL_CLASS = "prunevid.integrations.vllm_qwen3:PruneVidQwen3VLForConditionalGeneration"
+MODELS = {
+    ARCHITECTURE: MODEL_CLASS,
+    LLAVA_ARCHITECTURE: LLAVA_MODEL_CLASS,
+    QWEN3_ARCHITECTURE: QWEN3_MODEL_CLASS,
+}
 # hf_overrides {"prunevid": {...}}: the stage-1 knobs (the others are stage 2's or frame sampling,
 # which vLLM's media loader does: --media-io-kwargs '{"video": {"num_frames": 16}}').
 SETTINGS = ("retention", "stage1", "tau", "temporal_segment_ratio", "k", "dpc_noise", "seed", "centre")
@@ -98,6 +114,17 @@ VLLM_NAMES = (
     "vllm.model_executor.models.llava_onevision:LlavaOnevisionMultiModalProcessor._get_mm_fields_config",
     "vllm.model_executor.models.llava_onevision:LlavaOnevisionProcessingInfo._get_num_frame_tokens",
     "vllm.model_executor.models.llava_onevision:LlavaOnevisionDummyInputsBuilder",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration._postprocess_video_embeds_evs",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration._postprocess_image_embeds_evs",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration.get_mrope_input_positions",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration.recompute_mrope_positions",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLForConditionalGeneration.embed_multimodal",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLMultiModalProcessor._apply_hf_processor_main",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLMultiModalProcessor._get_prompt_updates",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLMultiModalProcessor._get_mm_fields_config",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLMultiModalProcessor.get_video_repl",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLProcessingInfo",
+    "vllm.model_executor.models.qwen3_vl:Qwen3VLDummyInputsBuilder",
 )
 # vLLM's loggers write to vLLM's handlers; a child of "vllm" shows where vLLM's own lines do.
 logger = logging.getLogger("vllm.prunevid")
@@ -131,6 +158,7 @@ def register() -> None:
     # vLLM runs an architecture's config hook in the front-end, on the config every process gets.
     MODELS_CONFIG_MAP[ARCHITECTURE] = ConfigHook
     MODELS_CONFIG_MAP[LLAVA_ARCHITECTURE] = LlavaConfigHook
+    MODELS_CONFIG_MAP[QWEN3_ARCHITECTURE] = ConfigHook
     for architecture in STOCK_ARCHITECTURES:
         MODELS_CONFIG_MAP.setdefault(architecture, UnpluggedHook)
     if on_cpu:
@@ -139,12 +167,13 @@ def register() -> None:
 
 
 # Checkpoints someone may give "prunevid" settings to without the plugin's architecture, and the
-# plugin's architecture to name instead (Qwen2.5-VL's where the family has none of its own).
+# plugin's architecture to name instead (Qwen2.5-VL's for Qwen2-VL; none for Qwen3-VL's MoE, whose
+# language model no plugin class builds).
 STOCK_ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": ARCHITECTURE,
     "Qwen2VLForConditionalGeneration": ARCHITECTURE,
-    "Qwen3VLForConditionalGeneration": ARCHITECTURE,
-    "Qwen3VLMoeForConditionalGeneration": ARCHITECTURE,
+    "Qwen3VLForConditionalGeneration": QWEN3_ARCHITECTURE,
+    "Qwen3VLMoeForConditionalGeneration": None,
     "LlavaOnevisionForConditionalGeneration": LLAVA_ARCHITECTURE,
 }
 
@@ -175,10 +204,14 @@ def refuse_unplugged(vllm_config) -> None:
     model_config = vllm_config.model_config
     if getattr(model_config.hf_config, "prunevid", None) is not None:
         ours = STOCK_ARCHITECTURES.get(model_config.architecture, ARCHITECTURE)
+        fix = (
+            f'add "architectures": ["{ours}"] to hf_overrides'
+            if ours
+            else "the plugin has no class for it yet"
+        )
         raise ValueError(
-            f'hf_overrides "prunevid" does nothing on {model_config.architecture}: add '
-            f'"architectures": ["{ours}"] to hf_overrides (PruneVid runs in vLLM on Qwen2.5-VL and '
-            "LLaVA-OneVision checkpoints)"
+            f'hf_overrides "prunevid" does nothing on {model_config.architecture}: {fix} (PruneVid runs in '
+            "vLLM on Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision checkpoints)"
         )
 
 
@@ -254,6 +287,12 @@ class RetentionField:
         if REQUEST_RETENTION in hf_inputs:
             fields[REQUEST_RETENTION] = MultiModalFieldConfig.batched("video", keep_on_cpu=True)
         return fields
+
+
+def retention_field(num_videos: int, retention: float) -> torch.Tensor:
+    """(num_videos,) the request's retention for each of its videos, in float64: float32 would
+    turn 0.01 into 0.0099999998 (in messages) and could move round(r * N) where r * N ends in .5."""
+    return torch.full((num_videos,), retention, dtype=torch.float64)
 
 
 def request_settings(config: PruneVidConfig, retention: float | None) -> PruneVidConfig:
@@ -426,6 +465,96 @@ def prompt_positions(num_tokens: int, media: list[tuple[int, int, int]]) -> tupl
     positions[cursor:] = torch.arange(num_tokens - cursor) + position
     last = position + num_tokens - cursor - 1 if cursor < num_tokens else position - 1
     return positions.expand(3, -1).clone(), last + 1 - num_tokens
+
+
+# ---- Qwen3-VL: one placeholder run per time step, each of a fixed quota ---------------------
+
+
+def qwen3_settings(values: Mapping | None) -> PruneVidConfig:
+    """The settings of `hf_overrides["prunevid"]` for Qwen3-VL: every time step gets a fixed
+    share of the budget (`per_step_budget`), so that each step's run of placeholders, written
+    in the front-end after its timestamp, has a length known before the video is encoded."""
+    return settings(values).replace(per_step_budget=True)
+
+
+def step_quotas(grid_thw: tuple[int, int, int], merge_size: int, config: PruneVidConfig) -> list[int]:
+    """Placeholders in each time step's run of a Qwen3-VL video of patch grid (t, h, w): stage 1's
+    budget of its t * h' * w' tokens shared equally among the steps, the earlier ones one more
+    (`budget.step_counts`; a budget below a token per step is refused with one sentence), or
+    every step's h' * w' when the settings keep every token."""
+    steps, per_step = grid_thw[0], grid_thw[1] // merge_size * (grid_thw[2] // merge_size)
+    return step_counts(steps, per_step, config) if prunes(config) else [per_step] * steps
+
+
+def merged_qwen3_video(
+    features: torch.Tensor,
+    grid_thw: tuple[int, int, int],
+    merge_size: int,
+    visual_dim: int,
+    config: PruneVidConfig,
+) -> torch.Tensor:
+    """Stage 1 on one Qwen3-VL video as vLLM's tower gives it: (t * h' * w', C + D * C), each
+    token's features (C = `visual_dim`) then its D deepstack levels, row-major per time step ->
+    (sum(step_quotas), C + D * C + CHANNELS). The merged tokens come in stage 1's order, the time
+    order of their first members, which fills the runs step by step, each with its quota. Main
+    features: `merge_tokens`'s (per_step_budget); deepstack: the plain mean of each merged
+    token's members (what stage 1 does to a token); then the channels: the first member's stock
+    position relative to its run's start, (0, row, column) (Qwen3-VL numbers each run afresh), and
+    the run's extent max(h', w'). Every count follows from the grid: nothing is read back."""
+    steps, height, width = grid_thw[0], grid_thw[1] // merge_size, grid_thw[2] // merge_size
+    if prunes(config):
+        merge = merge_tokens(
+            features[:, :visual_dim].view(steps, height * width, -1), config, (height, width)
+        )
+        first = merge.first_members().to(features.device)
+        labels = merge.assignment.flatten().to(features.device)  # (T * N,) stage 1 drops none
+        deepstack = cluster_means(features[None, :, visual_dim:], labels[None], merge.num_tokens)[0]
+        features = torch.cat([merge.tokens.to(features.dtype), deepstack], 1)
+    else:  # a request that keeps every token, in an engine that prunes
+        first = torch.arange(len(features), device=features.device)
+    channels = first_member_channels(first, grid_thw, merge_size, 0.0, features.dtype)
+    return torch.cat([features, channels], 1)
+
+
+def token_runs(tokens: Sequence[int], token: int) -> list[tuple[int, int]]:
+    """(start, length) of every maximal run of `token` in `tokens` (a video's per-step runs)."""
+    runs: list[tuple[int, int]] = []
+    for i, value in enumerate(tokens):
+        if value != token:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def place_media_positions(
+    input_ids: Sequence[int] | torch.Tensor,
+    media_tokens: tuple[int, ...],
+    channels: torch.Tensor,
+    positions: torch.Tensor,
+    num_computed_tokens: int,
+) -> torch.Tensor:
+    """Qwen3-VL's positions once media are encoded: the first M media placeholders from
+    `num_computed_tokens` on (a prefill chunk's media, in prompt order) take their run's start
+    plus the (t, h, w) their channels carry. channels: (M, CHANNELS); positions: (3, L) long, the
+    first numbering (`prompt_positions`: each media token at its run's start, which t keeps,
+    since every Qwen3-VL image and time step has t offset 0, so placing twice changes nothing).
+    Runs where `positions` lives (vLLM's runner keeps them on the host, its second runner on the
+    device), without a read back: the channels are matched to the placeholders by a running count."""
+    if len(channels) == 0:
+        return positions
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=positions.device)  # a list: vLLM 0.32's runner
+    is_media = torch.zeros_like(ids, dtype=torch.bool)
+    for token in media_tokens:  # host ints: nothing to upload
+        is_media |= ids == token
+    is_media[:num_computed_tokens].fill_(False)  # computed in earlier chunks
+    order = is_media.cumsum(0) - 1  # (L,) each placeholder's index among the chunk's media
+    placed = is_media & (order < len(channels))
+    values = decode_positions(channels.to(positions.device))[:3]  # (3, M) relative (t, h, w)
+    moved = positions[0] + values[:, order.clamp(0, len(channels) - 1)]  # (3, L)
+    return torch.where(placed, moved, positions)
 
 
 def _enable_pruning_on_cpu(runner: type, supports_pruning: Callable[[torch.nn.Module], bool]) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionDummyInputsBuilder,
     LlavaOnevisionForConditionalGeneration,
@@ -40,6 +39,7 @@ from .vllm import (
     merged_llava_video,
     prunes,
     request_settings,
+    retention_field,
     settings,
     visual_token_count,
 )
@@ -57,8 +57,8 @@ class PruneVidLlavaOnevisionProcessor(RetentionField, LlavaOnevisionMultiModalPr
         engine = settings(getattr(self.info.get_hf_config(), "prunevid", None))
         config = request_settings(engine, retention)  # a bad one fails this request, in the front-end
         if "pixel_values_videos" in processed and prunes(engine):  # pruning off: stock fields
-            processed[REQUEST_RETENTION] = torch.full(
-                (len(processed["pixel_values_videos"]),), config.retention
+            processed[REQUEST_RETENTION] = retention_field(
+                len(processed["pixel_values_videos"]), config.retention
             )
         return processed
 

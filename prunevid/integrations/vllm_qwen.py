@@ -40,6 +40,7 @@ from .vllm import (
     prompt_positions,
     prunes,
     request_settings,
+    retention_field,
     settings,
     video_token_count,
 )
@@ -59,7 +60,7 @@ class PruneVidQwen2_5_VLProcessor(RetentionField, Qwen2_5_VLMultiModalProcessor)
         engine = settings(getattr(self.info.get_hf_config(), "prunevid", None))
         config = request_settings(engine, hf_processor_mm_kwargs.get(REQUEST_RETENTION))
         if "video_grid_thw" in processed and prunes(engine):  # pruning off: stock fields
-            processed[REQUEST_RETENTION] = torch.full((len(processed["video_grid_thw"]),), config.retention)
+            processed[REQUEST_RETENTION] = retention_field(len(processed["video_grid_thw"]), config.retention)
         return processed
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):

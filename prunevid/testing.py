@@ -324,9 +324,8 @@ def save_tiny_qwen3_vl(
         head_dim=32,
         initializer_range=0.1,
     )
-    model.config.text_config.rope_parameters["mrope_interleaved"] = (
-        True  # read by vLLM; transformers always is
-    )
+    # vLLM reads the flag; transformers' Qwen3-VL always interleaves.
+    model.config.text_config.rope_parameters["mrope_interleaved"] = True
     processing = {
         "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5],

@@ -7,9 +7,9 @@ environment has vLLM's older pin), so the test starts it with that interpreter
     python tests/vllm_reference.py CHECKPOINT REQUEST.pt OUT.pt
 
 REQUEST (torch.save'd dict): input_ids (L,) with one placeholder per video token,
-pixel_values_videos, video_grid_thw (1, 3), second_per_grid_ts (1,) (Qwen2.5-VL only), settings
-(the plugin's `prunevid` mapping, and for Qwen3-VL `per_step_budget`). OUT: stock_positions (3, L), transformers' M-RoPE positions of the whole
-prompt; embeds (L', C) and positions (3, L'), what the decoder layers receive from
+pixel_values_videos, video_grid_thw (1, 3), second_per_grid_ts (1,) (Qwen2.5-VL only),
+settings (the plugin's `prunevid` mapping, and for Qwen3-VL `per_step_budget`). OUT:
+stock_positions (3, L), transformers' M-RoPE positions of the whole prompt; embeds (L', C) and positions (3, L'), what the decoder layers receive from
 `prunevid.patch` with stage 1 only (`PruneVidConfig(stage2=False, **settings)`); features
 (T * N, C), the vision tower's output; logical_embeds and logical_positions, the same prompt
 written out independently of the adapter and of `MergeResult.first_members` by

@@ -1,4 +1,4 @@
-"""PruneVid stage 1 as a vLLM plugin for Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision, without a fork of vLLM.
+"""PruneVid stage 1 as a vLLM plugin for Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision, without a fork.
 
     pip install "prunevid[vllm]"     # the entry point `vllm.general_plugins` runs `register`
     vllm serve Qwen/Qwen2.5-VL-7B-Instruct --hf-overrides \\
@@ -6,10 +6,10 @@
 
 `register` adds the architecture `ARCHITECTURE` (a subclass of vLLM's Qwen2.5-VL model and of its
 multimodal processor, `vllm_qwen.py`), `QWEN3_ARCHITECTURE` (Qwen3-VL's, `vllm_qwen3.py`) and
-`LLAVA_ARCHITECTURE` (LLaVA-OneVision's, `vllm_llava.py`); the checkpoint is pointed at one with `hf_overrides`, whose `prunevid` mapping
-holds the settings (`SETTINGS`; `retention` is required). A request may set its own retention in
-`mm_processor_kwargs` (`REQUEST_RETENTION`). On a vLLM outside `SUPPORTED_VLLM`, `register`
-registers nothing and logs why; `VLLM_NAMES` lists every vLLM name the plugin relies on.
+`LLAVA_ARCHITECTURE` (LLaVA-OneVision's, `vllm_llava.py`); the checkpoint is pointed at one with
+`hf_overrides`, whose `prunevid` mapping holds the settings (`SETTINGS`; `retention` is
+required). A request may set its own retention in `mm_processor_kwargs` (`REQUEST_RETENTION`).
+On a vLLM outside `SUPPORTED_VLLM`, `register` registers nothing and logs why; `VLLM_NAMES` lists every vLLM name the plugin relies on.
 `ConfigHook` runs in vLLM's front-end: it validates the settings, turns vLLM's video pruning path
 on in the config every process receives, and logs the start-up line.
 

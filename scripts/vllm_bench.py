@@ -1,7 +1,8 @@
-"""Time to first token and throughput in vLLM: stock Qwen2.5-VL, vLLM's EVS and PruneVid stage 1
-(the plugin) at the same budgets. By default on Qwen2.5-VL-3B layer sizes with dummy weights
-(speed does not depend on weight values; which tokens merge does, but not how many); `--model`
-takes a local folder with real weights instead.
+"""Time to first token and throughput in vLLM: stock Qwen2.5-VL or Qwen3-VL, vLLM's EVS and
+PruneVid stage 1 (the plugin) at the same budgets. By default on Qwen2.5-VL-3B layer sizes
+(`--family qwen3-vl`: Qwen3-VL-4B's) with dummy weights (speed does not depend on weight values;
+which tokens merge does, but not how many); `--model` takes a local folder with real weights
+instead (its family from its config).
 
 Run in an environment with vLLM and prunevid (`.ci/vllm` builds one on the CPU build; on a GPU:
 `pip install "prunevid[vllm]"`, nothing else):
@@ -11,6 +12,8 @@ Run in an environment with vLLM and prunevid (`.ci/vllm` builds one on the CPU b
         --size 448 --repeats 5 --json vllm_bench_gpu.json                           # 3B sizes, GPU
     python scripts/vllm_bench.py --model /models/Qwen2.5-VL-7B-Instruct --dtype bfloat16 \
         --online --rate 2 --num-requests 64 --json vllm_online.json                 # serving load
+    python scripts/vllm_bench.py --family qwen3-vl --size 384 --methods prunevid --enforce-eager \
+        --json docs/vllm_bench_qwen3_cpu.json            # Qwen3-VL-4B sizes, this machine (docs/vllm.md)
 
 Offline (default): each method gets its own engine (one at a time, in this process, prefix
 caching and the processor cache off so every request encodes its video again). TTFT: the wall
@@ -26,6 +29,8 @@ Online (`--online`): vLLM's async engine (its engine core in its own process, as
 gets `--num-requests` requests at Poisson arrivals of `--rate` per second; per method: TTFT p50
 and p95, completed requests per second and output tokens per second.
 
+`--methods` picks the pruning methods beside stock (default EVS and PruneVid; vLLM 0.32's own
+EVS for Qwen3-VL failed in its CPU build here, so its CPU run has PruneVid only).
 CUDA graphs and torch.compile stay vLLM's defaults unless `--enforce-eager`. EVS keeps at least
 a whole frame's tokens, so budgets below 1 / time steps have no equal-count EVS run; choose
 retentions at or above it.
@@ -49,7 +54,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 import numpy as np
 import torch
-from transformers import Qwen2_5_VLConfig
+from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen3VLConfig
 from vllm import LLM, SamplingParams
 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
@@ -57,7 +62,7 @@ from prunevid.bench.archs import ARCHS, QWEN25_VIT
 from prunevid.integrations import vllm as plugin
 from prunevid.models.timing import clock
 from prunevid.synthetic import make_sample
-from prunevid.testing import save_tiny_qwen_vl, tiny_tokenizer
+from prunevid.testing import save_tiny_qwen3_vl, save_tiny_qwen_vl, tiny_tokenizer
 
 PROMPT = (
     "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what is happening in the video ?"
@@ -68,10 +73,35 @@ PROMPT = (
 SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 TEXT_3B = {**{key: ARCHS["qwen2.5-vl-3b"].text[key] for key in SIZES}, "vocab_size": 151936}
 VISION_3B = {key: value for key, value in QWEN25_VIT.items() if key not in ("depth", "fullatt_block_indexes")}
+# Qwen3-VL-4B-Instruct's sizes (its published config.json), its full vocabulary; depths per run.
+TEXT_QWEN3_4B = dict(
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+)
+VISION_QWEN3_4B = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_heads=16,
+    out_hidden_size=2560,
+    num_position_embeddings=2304,
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    hidden_act="gelu_pytorch_tanh",
+)
+QWEN3_DEEPSTACK = (5, 11, 17)  # of 24 blocks
+FAMILIES = {"qwen2.5-vl": plugin.ARCHITECTURE, "qwen3-vl": plugin.QWEN3_ARCHITECTURE}
 
 
-def write_checkpoint(folder: str, layers: int, vision_depth: int, size: int) -> str:
-    """Config, tokenizer and processor files of a Qwen2.5-VL-3B-sized model (no weights)."""
+def write_checkpoint(folder: str, family: str, layers: int, vision_depth: int, size: int, frames: int) -> str:
+    """Config, tokenizer and processor files of a Qwen2.5-VL-3B- or Qwen3-VL-4B-sized model (no
+    weights) that keeps `frames` frames of `size` px whole."""
+    if family == "qwen3-vl":
+        return _write_qwen3_checkpoint(folder, layers, vision_depth, size, frames)
     save_tiny_qwen_vl(folder, min_pixels=size * size, max_pixels=size * size)
     Path(folder, "model.safetensors").unlink()
     ids = tiny_tokenizer().convert_tokens_to_ids
@@ -96,19 +126,60 @@ def write_checkpoint(folder: str, layers: int, vision_depth: int, size: int) -> 
     return folder
 
 
-def methods(retentions: list[float]) -> list[tuple[str, float | None, dict]]:
-    """(name, retention, engine options) of every run; stock first and last, to see drift."""
-    runs: list[tuple[str, float | None, dict]] = [("stock", None, {})]
-    for r in retentions:
-        runs.append(("evs", r, {"video_pruning_rate": round(1 - r, 6)}))
-        runs.append(
-            (
-                "prunevid",
-                r,
-                {"hf_overrides": {"architectures": [plugin.ARCHITECTURE], "prunevid": {"retention": r}}},
-            )
-        )
-    return [*runs, ("stock", None, {})]
+def _write_qwen3_checkpoint(folder: str, layers: int, vision_depth: int, size: int, frames: int) -> str:
+    """`write_checkpoint` for Qwen3-VL-4B sizes: its processor bounds the pixels of the whole clip;
+    its three deepstack levels stay three, at the same relative depths."""
+    save_tiny_qwen3_vl(folder, min_pixels=size * size, max_pixels=frames * size * size)
+    Path(folder, "model.safetensors").unlink()
+    ids = tiny_tokenizer().convert_tokens_to_ids
+    deepstack = sorted({min(vision_depth - 1, round(i * vision_depth / 24)) for i in QWEN3_DEEPSTACK})
+    rope = {
+        "rope_type": "default",
+        "mrope_section": [24, 20, 20],
+        "mrope_interleaved": True,
+        "rope_theta": 5e6,
+    }
+    config = Qwen3VLConfig(
+        text_config=dict(
+            TEXT_QWEN3_4B,
+            num_hidden_layers=layers,
+            max_position_embeddings=32768,
+            rope_parameters=rope,
+            tie_word_embeddings=True,
+        ),
+        vision_config=dict(VISION_QWEN3_4B, depth=vision_depth, deepstack_visual_indexes=deepstack),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    config.architectures = ["Qwen3VLForConditionalGeneration"]
+    config.save_pretrained(folder)
+    return folder
+
+
+def family_of(folder: str) -> str:
+    """The checkpoint's family, from its config (`FAMILIES`' keys)."""
+    model_type = AutoConfig.from_pretrained(folder).model_type
+    if model_type not in ("qwen2_5_vl", "qwen3_vl"):
+        raise SystemExit(f"{folder} is a {model_type} checkpoint: this benchmark runs Qwen2.5-VL or Qwen3-VL")
+    return "qwen3-vl" if model_type == "qwen3_vl" else "qwen2.5-vl"
+
+
+def methods(
+    retentions: list[float], architecture: str, names: tuple[str, ...] = ("evs", "prunevid")
+) -> list[tuple[str, float | None, dict]]:
+    """(name, retention, engine options) of every run of the pruning methods `names`; stock first
+    and last, to see drift."""
+    options = {
+        "evs": lambda r: {"video_pruning_rate": round(1 - r, 6)},
+        "prunevid": lambda r: {
+            "hf_overrides": {"architectures": [architecture], "prunevid": {"retention": r}}
+        },
+    }
+    runs = [(name, r, options[name](r)) for r in retentions for name in names]
+    return [("stock", None, {}), *runs, ("stock", None, {})]
 
 
 def _install_timers(model: torch.nn.Module) -> None:
@@ -144,6 +215,7 @@ def _keep_vision_output(model: torch.nn.Module) -> None:
 
     def keep_grid(**kwargs):
         model.bench_grid = tuple(kwargs["video_grid_thw"][0].tolist())  # a host tensor in vLLM
+        model.bench_visual_dim = model.config.vision_config.out_hidden_size  # Qwen3-VL: deepstack follows
         model.embed_multimodal = embed
         return embed(**kwargs)
 
@@ -155,8 +227,8 @@ def _keep_vision_output(model: torch.nn.Module) -> None:
     handle = model.visual.register_forward_hook(keep)
 
 
-def _vision_output(model: torch.nn.Module) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    return model.bench_vision, model.bench_grid
+def _vision_output(model: torch.nn.Module) -> tuple[torch.Tensor, tuple[int, int, int], int]:
+    return model.bench_vision, model.bench_grid, model.bench_visual_dim
 
 
 def _take_times(model: torch.nn.Module) -> dict:
@@ -201,11 +273,16 @@ def measure(llm: LLM, request: dict, repeats: int, batch: int, new_tokens: int) 
     }
 
 
-def pruning_cost(features: torch.Tensor, grid: tuple[int, int, int], retentions: list[float]) -> list[dict]:
+def pruning_cost(
+    features: torch.Tensor, grid: tuple[int, int, int], retentions: list[float], family: str, visual_dim: int
+) -> list[dict]:
     """Seconds of the pruning step alone on one video's vision-tower output (T * N, C), on the
-    device that computed it, fastest of 10: PruneVid stage 1 with its position channels
-    (`merged_video`) and vLLM's EVS as its Qwen2.5-VL runs it (retention mask on the device,
-    positions built on the host and uploaded), at each retention."""
+    device that computed it, fastest of 10, at each retention. Qwen2.5-VL: PruneVid stage 1 with
+    its position channels (`merged_video`) and vLLM's EVS as its Qwen2.5-VL runs it (retention
+    mask on the device, positions built on the host and uploaded). Qwen3-VL (features: the main
+    `visual_dim` channels, then the deepstack levels): stage 1 per time step with the deepstack
+    means and channels (`merged_qwen3_video`) and EVS's retention mask, gather and per-step counts
+    (its Qwen3-VL then also embeds the timestamps, not timed)."""
     from vllm.multimodal.video_prune.evs import compute_mrope_for_media, compute_retention_mask
 
     device = features.device
@@ -221,22 +298,28 @@ def pruning_cost(features: torch.Tensor, grid: tuple[int, int, int], retentions:
 
     rows = []
     for r in retentions:
-        config = plugin.settings({"retention": r})
+        if family == "qwen3-vl":
+            config = plugin.qwen3_settings({"retention": r})
 
-        def evs(r=r):
-            mask = compute_retention_mask(features, grid, spatial_merge_size=2, q=1 - r)
-            positions = compute_mrope_for_media(torch.tensor(grid), 2, 2.0, 1.0).to(device)
-            return torch.cat([features[mask], positions[mask].to(features.dtype)], 1)
+            def prunevid(config=config):
+                return plugin.merged_qwen3_video(features, grid, 2, visual_dim, config)
 
-        rows.append(
-            {
-                "retention": r,
-                "prunevid_s": fastest(
-                    lambda config=config: plugin.merged_video(features, grid, 2, 2.0, config)
-                ),
-                "evs_s": fastest(evs),
-            }
-        )
+            def evs(r=r):
+                mask = compute_retention_mask(features, grid, spatial_merge_size=2, q=1 - r)
+                return features[mask], mask.view(grid[0], -1).sum(1).tolist()
+
+        else:
+            config = plugin.settings({"retention": r})
+
+            def prunevid(config=config):
+                return plugin.merged_video(features, grid, 2, 2.0, config)
+
+            def evs(r=r):
+                mask = compute_retention_mask(features, grid, spatial_merge_size=2, q=1 - r)
+                positions = compute_mrope_for_media(torch.tensor(grid), 2, 2.0, 1.0).to(device)
+                return torch.cat([features[mask], positions[mask].to(features.dtype)], 1)
+
+        rows.append({"retention": r, "prunevid_s": fastest(prunevid), "evs_s": fastest(evs)})
     return rows
 
 
@@ -299,13 +382,19 @@ async def _serve(options: dict, request: dict, rate: float, count: int, new_toke
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--model", help="a local Qwen2.5-VL folder with weights (default: 3B sizes, dummy weights)"
+        "--model", help="a local Qwen2.5-VL or Qwen3-VL folder with weights (default: dummy weights)"
+    )
+    parser.add_argument(
+        "--family", choices=sorted(FAMILIES), default="qwen2.5-vl", help="without --model: 3B or 4B sizes"
     )
     parser.add_argument("--layers", type=int, default=8, help="decoder layers, without --model (3B: 36)")
     parser.add_argument("--vision-depth", type=int, default=8, help="vision blocks, without --model (3B: 32)")
     parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--size", type=int, default=336, help="frame side in pixels (a multiple of 28)")
+    parser.add_argument(
+        "--size", type=int, default=336, help="frame side in pixels (a multiple of 28; Qwen3-VL: of 32)"
+    )
     parser.add_argument("--retentions", default="0.25,0.125")
+    parser.add_argument("--methods", default="evs,prunevid", help="pruning methods to run beside stock")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4, help="offline batch; the engines' max_num_seqs")
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -334,11 +423,20 @@ def main(argv: list[str] | None = None) -> dict:
     }
     request = {"prompt": PROMPT, "multi_modal_data": {"video": (frames, metadata)}}
     folder = args.model or write_checkpoint(
-        tempfile.mkdtemp(prefix="vllm-bench-"), args.layers, args.vision_depth, args.size
+        tempfile.mkdtemp(prefix="vllm-bench-"),
+        args.family,
+        args.layers,
+        args.vision_depth,
+        args.size,
+        args.frames,
     )
+    family = family_of(folder)
     retentions = [float(r) for r in args.retentions.split(",")]
-    results, features, grid = [], None, None
-    for name, retention, method in methods(retentions):
+    results, features, grid, visual_dim = [], None, None, None
+    names = tuple(args.methods.split(","))
+    if not set(names) <= {"evs", "prunevid"}:
+        raise SystemExit(f"--methods takes evs and prunevid, got {args.methods}")
+    for name, retention, method in methods(retentions, FAMILIES[family], names):
         options = {**engine_options(args, folder), **method}
         row = {"method": name, "retention": retention}
         if args.online:
@@ -351,7 +449,7 @@ def main(argv: list[str] | None = None) -> dict:
             if name == "stock" and features is None:  # one more request, untimed, keeps its vision output
                 llm.apply_model(_keep_vision_output)
                 llm.generate(request, SamplingParams(max_tokens=1), use_tqdm=False)
-                features, grid = llm.apply_model(_vision_output)[0]
+                features, grid, visual_dim = llm.apply_model(_vision_output)[0]
             llm.llm_engine.engine_core.shutdown()
             del llm
         results.append(row)
@@ -385,7 +483,8 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
     }
     if features is not None:
-        report["pruning_step"] = pruning_cost(features[: grid[0] * grid[1] * grid[2] // 4], grid, retentions)
+        video = features[: grid[0] * grid[1] * grid[2] // 4]
+        report["pruning_step"] = pruning_cost(video, grid, retentions, family, visual_dim)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(online_table(report) if args.online else table(report))

@@ -289,10 +289,40 @@ class RetentionField:
         return fields
 
 
-def retention_field(num_videos: int, retention: float) -> torch.Tensor:
-    """(num_videos,) the request's retention for each of its videos, in float64: float32 would
-    turn 0.01 into 0.0099999998 (in messages) and could move round(r * N) where r * N ends in .5."""
-    return torch.full((num_videos,), retention, dtype=torch.float64)
+def with_request_retention(processed, videos: str, engine: PruneVidConfig, retention: float | None):
+    """A processor's output with its request's retention (validated: a bad one fails this request
+    in the front-end) for each of its videos, counted by the field `videos`, where the engine
+    prunes (else the stock fields). In float64: float32 would turn 0.01 into 0.0099999998 (in
+    messages) and could move round(r * N) where r * N ends in .5."""
+    config = request_settings(engine, retention)
+    if videos in processed and prunes(engine):
+        processed[REQUEST_RETENTION] = torch.full(
+            (len(processed[videos]),), config.retention, dtype=torch.float64
+        )
+    return processed
+
+
+class RequestRetentions:
+    """Mixin for the plugin's models: `video_retentions`, each video's request retention (a host
+    field, or None), taken from `embed_multimodal`'s inputs before vLLM's input schema drops it."""
+
+    video_retentions: list[float] | None = None
+
+    def embed_multimodal(self, **kwargs):
+        retentions = kwargs.pop(REQUEST_RETENTION, None)
+        self.video_retentions = None if retentions is None else [float(r) for r in retentions]
+        return super().embed_multimodal(**kwargs)
+
+
+def check_config_hook(vllm_config, config: PruneVidConfig) -> None:
+    """Fail where `ConfigHook` did not set vLLM's pruning rate in the front-end (a vLLM that no
+    longer calls MODELS_CONFIG_MAP's hooks): the other processes would not see the settings."""
+    rate = vllm_config.model_config.multimodal_config.video_pruning_rate
+    if (rate or None) != (1 - config.retention if prunes(config) else None):
+        raise RuntimeError(
+            f"PruneVid's config hook did not run (video pruning rate {rate}): this vLLM no longer "
+            "calls MODELS_CONFIG_MAP's hooks; use a vLLM the plugin supports"
+        )
 
 
 def request_settings(config: PruneVidConfig, retention: float | None) -> PruneVidConfig:

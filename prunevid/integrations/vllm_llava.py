@@ -34,14 +34,15 @@ from vllm.multimodal.processing import PromptReplacement
 
 from .vllm import (
     REQUEST_RETENTION,
+    RequestRetentions,
     RetentionField,
     llava_pooled_grid,
     merged_llava_video,
     prunes,
     request_settings,
-    retention_field,
     settings,
     visual_token_count,
+    with_request_retention,
 )
 
 
@@ -51,16 +52,12 @@ class PruneVidLlavaOnevisionProcessor(RetentionField, LlavaOnevisionMultiModalPr
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         """The stock processing without the request's retention (Hugging Face's processor does
         not take it); each video then carries that retention to the model (a per-video field)."""
-        retention = hf_kwargs.get(REQUEST_RETENTION)
         stock = {k: v for k, v in hf_kwargs.items() if k != REQUEST_RETENTION}
         processed = super()._apply_hf_processor_main(mm_items, stock)
         engine = settings(getattr(self.info.get_hf_config(), "prunevid", None))
-        config = request_settings(engine, retention)  # a bad one fails this request, in the front-end
-        if "pixel_values_videos" in processed and prunes(engine):  # pruning off: stock fields
-            processed[REQUEST_RETENTION] = retention_field(
-                len(processed["pixel_values_videos"]), config.retention
-            )
-        return processed
+        return with_request_retention(
+            processed, "pixel_values_videos", engine, hf_kwargs.get(REQUEST_RETENTION)
+        )
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         hf_config = self.info.get_hf_config()
@@ -89,19 +86,14 @@ class PruneVidLlavaOnevisionProcessor(RetentionField, LlavaOnevisionMultiModalPr
     info=LlavaOnevisionProcessingInfo,
     dummy_inputs=LlavaOnevisionDummyInputsBuilder,
 )
-class PruneVidLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
+class PruneVidLlavaOnevisionForConditionalGeneration(
+    RequestRetentions, LlavaOnevisionForConditionalGeneration
+):
     """vLLM's LLaVA-OneVision whose video embeddings are PruneVid stage 1's merged tokens."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.prunevid = settings(getattr(self.config, "prunevid", None))
-        self.video_retentions = None
-
-    def embed_multimodal(self, **kwargs):
-        # Each video's retention (its request's), a host tensor: read before vLLM's input schema.
-        retentions = kwargs.pop(REQUEST_RETENTION, None)
-        self.video_retentions = None if retentions is None else [float(r) for r in retentions]
-        return super().embed_multimodal(**kwargs)
 
     def _process_video_pixels(self, inputs):
         videos = super()._process_video_pixels(inputs)  # (1, T * h * w + 1, C) per video, or stacked

@@ -31,7 +31,9 @@ from vllm.multimodal.video_prune.evs import recompute_mrope_positions
 from .vllm import (
     CHANNELS,
     REQUEST_RETENTION,
+    RequestRetentions,
     RetentionField,
+    check_config_hook,
     check_extent,
     decode_positions,
     grid_positions,
@@ -40,9 +42,9 @@ from .vllm import (
     prompt_positions,
     prunes,
     request_settings,
-    retention_field,
     settings,
     video_token_count,
+    with_request_retention,
 )
 
 
@@ -58,10 +60,9 @@ class PruneVidQwen2_5_VLProcessor(RetentionField, Qwen2_5_VLMultiModalProcessor)
         """Each video carries its request's retention to the model (a per-video field)."""
         processed = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
         engine = settings(getattr(self.info.get_hf_config(), "prunevid", None))
-        config = request_settings(engine, hf_processor_mm_kwargs.get(REQUEST_RETENTION))
-        if "video_grid_thw" in processed and prunes(engine):  # pruning off: stock fields
-            processed[REQUEST_RETENTION] = retention_field(len(processed["video_grid_thw"]), config.retention)
-        return processed
+        return with_request_retention(
+            processed, "video_grid_thw", engine, hf_processor_mm_kwargs.get(REQUEST_RETENTION)
+        )
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         hf_config = self.info.get_hf_config()
@@ -93,26 +94,14 @@ class PruneVidQwen2_5_VLProcessor(RetentionField, Qwen2_5_VLMultiModalProcessor)
 @MULTIMODAL_REGISTRY.register_processor(
     PruneVidQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
 )
-class PruneVidQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class PruneVidQwen2_5_VLForConditionalGeneration(RequestRetentions, Qwen2_5_VLForConditionalGeneration):
     """vLLM's Qwen2.5-VL whose video embeddings are PruneVid stage 1's merged tokens."""
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.prunevid = settings(getattr(self.config, "prunevid", None))
         self.is_multimodal_pruning_enabled = prunes(self.prunevid)
-        # `vllm.configure` set vLLM's pruning rate in the front-end, for every process.
-        rate = vllm_config.model_config.multimodal_config.video_pruning_rate
-        if (rate or None) != (1 - self.prunevid.retention if prunes(self.prunevid) else None):
-            raise RuntimeError(
-                f"PruneVid's config hook did not run (video pruning rate {rate}): this vLLM no longer "
-                "calls MODELS_CONFIG_MAP's hooks; use a vLLM the plugin supports"
-            )
-
-    def embed_multimodal(self, **kwargs):
-        # Each video's retention (its request's), a host tensor: read before vLLM's input schema drops it.
-        retentions = kwargs.pop(REQUEST_RETENTION, None)
-        self.video_retentions = None if retentions is None else [float(r) for r in retentions]
-        return super().embed_multimodal(**kwargs)
+        check_config_hook(vllm_config, self.prunevid)
 
     def _postprocess_video_embeds_evs(self, video_embeds_split, video_input) -> tuple[torch.Tensor, ...]:
         grids = video_input["video_grid_thw"].tolist()

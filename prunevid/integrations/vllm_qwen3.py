@@ -42,7 +42,9 @@ from vllm.multimodal.processing import PromptReplacement
 from .vllm import (
     CHANNELS,
     REQUEST_RETENTION,
+    RequestRetentions,
     RetentionField,
+    check_config_hook,
     grid_positions,
     media_with_positions,
     merged_qwen3_video,
@@ -51,9 +53,9 @@ from .vllm import (
     prunes,
     qwen3_settings,
     request_settings,
-    retention_field,
     step_quotas,
     token_runs,
+    with_request_retention,
 )
 
 
@@ -63,14 +65,10 @@ class PruneVidQwen3VLProcessor(RetentionField, Qwen3VLMultiModalProcessor):
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
         """The stock processing without the request's retention (Hugging Face's processor does
         not take it); each video then carries that retention to the model (a per-video field)."""
-        retention = hf_kwargs.get(REQUEST_RETENTION)
         stock = {k: v for k, v in hf_kwargs.items() if k != REQUEST_RETENTION}
         processed = super()._apply_hf_processor_main(mm_items, stock)
         engine = qwen3_settings(getattr(self.info.get_hf_config(), "prunevid", None))
-        config = request_settings(engine, retention)  # a bad one fails this request, in the front-end
-        if "video_grid_thw" in processed and prunes(engine):  # pruning off: stock fields
-            processed[REQUEST_RETENTION] = retention_field(len(processed["video_grid_thw"]), config.retention)
-        return processed
+        return with_request_retention(processed, "video_grid_thw", engine, hf_kwargs.get(REQUEST_RETENTION))
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         hf_config = self.info.get_hf_config()
@@ -108,27 +106,14 @@ class PruneVidQwen3VLProcessor(RetentionField, Qwen3VLMultiModalProcessor):
 @MULTIMODAL_REGISTRY.register_processor(
     PruneVidQwen3VLProcessor, info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
 )
-class PruneVidQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
+class PruneVidQwen3VLForConditionalGeneration(RequestRetentions, Qwen3VLForConditionalGeneration):
     """vLLM's Qwen3-VL whose video embeddings are PruneVid stage 1's merged tokens."""
 
     def __init__(self, *, vllm_config, prefix: str = "model"):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.prunevid = qwen3_settings(getattr(self.config, "prunevid", None))
         self.is_multimodal_pruning_enabled = prunes(self.prunevid)
-        self.video_retentions = None
-        # `vllm.configure` set vLLM's pruning rate in the front-end, for every process.
-        rate = vllm_config.model_config.multimodal_config.video_pruning_rate
-        if (rate or None) != (1 - self.prunevid.retention if prunes(self.prunevid) else None):
-            raise RuntimeError(
-                f"PruneVid's config hook did not run (video pruning rate {rate}): this vLLM no longer "
-                "calls MODELS_CONFIG_MAP's hooks; use a vLLM the plugin supports"
-            )
-
-    def embed_multimodal(self, **kwargs):
-        # Each video's retention (its request's), a host tensor: read before vLLM's input schema drops it.
-        retentions = kwargs.pop(REQUEST_RETENTION, None)
-        self.video_retentions = None if retentions is None else [float(r) for r in retentions]
-        return super().embed_multimodal(**kwargs)
+        check_config_hook(vllm_config, self.prunevid)
 
     def _postprocess_video_embeds_evs(self, video_embeds_split, video_input) -> tuple[torch.Tensor, ...]:
         grids = video_input["video_grid_thw"].tolist()

@@ -101,60 +101,40 @@ def write_checkpoint(folder: str, family: str, layers: int, vision_depth: int, s
     """Config, tokenizer and processor files of a Qwen2.5-VL-3B- or Qwen3-VL-4B-sized model (no
     weights) that keeps `frames` frames of `size` px whole."""
     if family == "qwen3-vl":
-        return _write_qwen3_checkpoint(folder, layers, vision_depth, size, frames)
-    save_tiny_qwen_vl(folder, min_pixels=size * size, max_pixels=size * size)
+        # Its processor bounds the pixels of the whole clip; its three deepstack levels stay
+        # three, at the same relative depths.
+        save_tiny_qwen3_vl(folder, min_pixels=size * size, max_pixels=frames * size * size)
+        deepstack = sorted({min(vision_depth - 1, round(i * vision_depth / 24)) for i in QWEN3_DEEPSTACK})
+        make_config, architecture = Qwen3VLConfig, "Qwen3VLForConditionalGeneration"
+        rope = {
+            "rope_type": "default",
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+            "rope_theta": 5e6,
+        }
+        text = dict(TEXT_QWEN3_4B, rope_parameters=rope)
+        vision = dict(VISION_QWEN3_4B, depth=vision_depth, deepstack_visual_indexes=deepstack)
+    else:
+        save_tiny_qwen_vl(folder, min_pixels=size * size, max_pixels=size * size)
+        full_attention = [i for i in (7, 15, 23, 31) if i < vision_depth] or [vision_depth - 1]
+        make_config, architecture = Qwen2_5_VLConfig, "Qwen2_5_VLForConditionalGeneration"
+        rope = {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}
+        text = dict(TEXT_3B, rope_parameters=rope)
+        vision = dict(VISION_3B, depth=vision_depth, fullatt_block_indexes=full_attention)
     Path(folder, "model.safetensors").unlink()
     ids = tiny_tokenizer().convert_tokens_to_ids
-    full_attention = [i for i in (7, 15, 23, 31) if i < vision_depth] or [vision_depth - 1]
-    config = Qwen2_5_VLConfig(
+    config = make_config(
         text_config=dict(
-            TEXT_3B,
-            num_hidden_layers=layers,
-            max_position_embeddings=32768,
-            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
-            tie_word_embeddings=True,
+            text, num_hidden_layers=layers, max_position_embeddings=32768, tie_word_embeddings=True
         ),
-        vision_config=dict(VISION_3B, depth=vision_depth, fullatt_block_indexes=full_attention),
+        vision_config=vision,
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=True,
     )
-    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
-    config.save_pretrained(folder)
-    return folder
-
-
-def _write_qwen3_checkpoint(folder: str, layers: int, vision_depth: int, size: int, frames: int) -> str:
-    """`write_checkpoint` for Qwen3-VL-4B sizes: its processor bounds the pixels of the whole clip;
-    its three deepstack levels stay three, at the same relative depths."""
-    save_tiny_qwen3_vl(folder, min_pixels=size * size, max_pixels=frames * size * size)
-    Path(folder, "model.safetensors").unlink()
-    ids = tiny_tokenizer().convert_tokens_to_ids
-    deepstack = sorted({min(vision_depth - 1, round(i * vision_depth / 24)) for i in QWEN3_DEEPSTACK})
-    rope = {
-        "rope_type": "default",
-        "mrope_section": [24, 20, 20],
-        "mrope_interleaved": True,
-        "rope_theta": 5e6,
-    }
-    config = Qwen3VLConfig(
-        text_config=dict(
-            TEXT_QWEN3_4B,
-            num_hidden_layers=layers,
-            max_position_embeddings=32768,
-            rope_parameters=rope,
-            tie_word_embeddings=True,
-        ),
-        vision_config=dict(VISION_QWEN3_4B, depth=vision_depth, deepstack_visual_indexes=deepstack),
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True,
-    )
-    config.architectures = ["Qwen3VLForConditionalGeneration"]
+    config.architectures = [architecture]
     config.save_pretrained(folder)
     return folder
 

@@ -147,9 +147,10 @@ def checkpoint(tmp_path_factory) -> str:
 
 
 @contextmanager
-def engine(checkpoint: str, **options):
-    """One in-process engine with the model instrumented: what `embed_multimodal` gets, what the
-    vision tower returns, and the positions and embeddings of every language-model call."""
+def engine(checkpoint: str, instrument=None, **options):
+    """One in-process engine with the model instrumented (`instrument`, by default `_instrument`:
+    what `embed_multimodal` gets, what the vision tower returns, and the positions and embeddings
+    of every language-model call); `options` override the engine settings."""
     settings = dict(
         max_model_len=1024,
         enforce_eager=True,
@@ -159,7 +160,7 @@ def engine(checkpoint: str, **options):
         seed=0,
     )
     llm = LLM(checkpoint, **{**settings, **options})
-    llm.apply_model(_instrument)
+    llm.apply_model(instrument or _instrument)
     try:
         yield llm
     finally:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import gc
 import os
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,6 +53,7 @@ from test_vllm import (
     take_log,
     video,
 )
+from test_vllm import engine as shared_engine
 from vllm import LLM
 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
@@ -89,27 +89,12 @@ def checkpoint(tmp_path_factory) -> str:
     return save_tiny_llava_onevision(str(tmp_path_factory.mktemp("tiny-llava-onevision")))
 
 
-@contextmanager
 def engine(checkpoint: str, **options):
     """One in-process engine, instrumented: what `embed_multimodal` gets and the positions and
     embeddings of every language-model call."""
-    settings = dict(
-        max_model_len=1024,
-        enforce_eager=True,
-        dtype="float32",
-        limit_mm_per_prompt={"video": 1, "image": 1},
-        max_num_seqs=4,
-        seed=0,
+    return shared_engine(
+        checkpoint, _instrument, **{"limit_mm_per_prompt": {"video": 1, "image": 1}, **options}
     )
-    llm = LLM(checkpoint, **{**settings, **options})
-    llm.apply_model(_instrument)
-    try:
-        yield llm
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-        cleanup_dist_env_and_memory()
 
 
 def _instrument(model: torch.nn.Module) -> None:

@@ -24,10 +24,8 @@ The checks:
 
 from __future__ import annotations
 
-import gc
 import os
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,8 +39,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import numpy as np
 import torch
 from test_vllm import IMAGE, NEW_TOKENS, answers, greedy, prefill_inputs, take_log, video
+from test_vllm import engine as shared_engine
 from vllm import LLM
-from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
 from prunevid.integrations import vllm as plugin
 from prunevid.testing import save_tiny_qwen3_vl, tiny_tokenizer
@@ -86,27 +84,10 @@ def checkpoint(tmp_path_factory) -> str:
     return save_tiny_qwen3_vl(str(tmp_path_factory.mktemp("tiny-qwen3-vl")))
 
 
-@contextmanager
 def engine(checkpoint: str, **options):
     """One in-process engine, instrumented: what `embed_multimodal` gets, the tower's input and
     output, and the positions, embeddings and deepstack inputs of every language-model call."""
-    settings = dict(
-        max_model_len=1024,
-        enforce_eager=True,
-        dtype="float32",
-        limit_mm_per_prompt={"video": 2, "image": 1},
-        max_num_seqs=4,
-        seed=0,
-    )
-    llm = LLM(checkpoint, **{**settings, **options})
-    llm.apply_model(_instrument)
-    try:
-        yield llm
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-        cleanup_dist_env_and_memory()
+    return shared_engine(checkpoint, _instrument, **options)
 
 
 def _instrument(model: torch.nn.Module) -> None:

@@ -87,9 +87,10 @@ def allocate_tensor(
         floors = torch.minimum(sizes, minimum.to(sizes.device))
     else:
         floors = sizes.clamp(max=minimum)
-    # float64 and an exact integer numerator: the same quotas as Python's total * size / whole.
-    quotas = (total * sizes).double() / sizes.sum().clamp(min=1).double()
-    counts = torch.maximum(floors, quotas.floor().long())
+    # float64 and an exact integer numerator: the same quotas as Python's total * size / whole
+    # (the integer denominator is promoted exactly); they are >= 0, so truncating floors them.
+    quotas = (total * sizes).double() / sizes.sum().clamp(min=1)
+    counts = torch.maximum(floors, quotas.long())
     gap = total - counts.sum()
     quota, count = quotas[:, None], counts[:, None]  # (S, 1)
     adding = count + steps  # (S, J): the count before each possible step

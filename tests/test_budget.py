@@ -47,6 +47,41 @@ def test_allocate_breaks_ties_towards_earlier_sets_and_refuses_impossible_shares
         allocate([4, 4, 4], 13)
 
 
+def _greedy_shares(sizes: list[int], total: int, minimum: int) -> list[int]:
+    """allocate's documented rule, step by step on the host: start every set at
+    max(min(minimum, size), floor(quota)), then close the gap a token at a time, adding to the
+    set furthest below its quota (removing from the one furthest above it), ties to the earlier.
+    Quotas are Python floats, as the allocation's own (so 4/3 - 1 < 10/3 - 3)."""
+    whole = max(sum(sizes), 1)
+    quotas = [total * size / whole for size in sizes]
+    counts = [max(min(minimum, size), math.floor(q)) for size, q in zip(sizes, quotas)]
+    while sum(counts) < total:
+        open_sets = [i for i, size in enumerate(sizes) if counts[i] < size]
+        best = max(open_sets, key=lambda i: (quotas[i] - counts[i], -i))
+        counts[best] += 1
+    while sum(counts) > total:
+        open_sets = [i for i, size in enumerate(sizes) if counts[i] > min(minimum, size)]
+        best = max(open_sets, key=lambda i: (counts[i] - quotas[i], -i))
+        counts[best] -= 1
+    return counts
+
+
+def test_allocate_equals_the_greedy_rule_it_documents():
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        sizes = rng.integers(0, 12, rng.integers(1, 9)).tolist()
+        minimum = int(rng.integers(0, 4))
+        low, high = sum(min(minimum, size) for size in sizes), sum(sizes)
+        if low > high:
+            continue
+        total = int(rng.integers(low, high + 1))
+        assert allocate(sizes, total, minimum) == _greedy_shares(sizes, total, minimum), (
+            sizes,
+            total,
+            minimum,
+        )
+
+
 def test_counts_follow_the_documented_split():
     n = 3136
     assert final_count(n, 0.1) == 314 and final_count(n, 1e-6) == 1

@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 import prunevid
 from prunevid import PruneVidConfig
@@ -48,16 +49,21 @@ from prunevid.trace import PendingTrace, PruningTrace, materialize
 STAGES = ("merge.py", "cluster.py", "budget.py", "select.py")  # stage 1 and stage 2's rule
 QUESTION = "what colour is the object ?"
 SIDE = 14  # tokens per frame: SIDE x SIDE = 196
-# The model side's ops over stock, and how much more 32 frames may cost than 8.
-MODEL_SIDE_OPS = 160
+# The model side's ops over stock (Qwen3-VL also merges and lays out its deepstack features),
+# and how much more 32 frames may cost than 8.
+MODEL_SIDE_OPS = {"llava": 160, "qwen": 160, "qwen3": 190}
 GROWTH = 1.25
-# The model side's reads over stock: Qwen-VL reads its grid sizes off the positions once
-# (generate() consumes video_grid_thw); the kept count is host-known (`select.kept_total`).
-MODEL_SIDE_READS = {"llava": 0, "qwen": 1}
-# The whole prefill, stages included: ops at most these in the paper's mode (the issue's target;
-# measured 380-392 at 32 frames) | under a retention (measured 480-492), and the reads of the
-# paper's mode (stage 1's labels and counts) | a retention (the labels only).
-TOTAL_OPS = {None: 400, 0.25: 500}
+# The model side reads no more than stock: the adapters read once, the placeholder count (with
+# Qwen-VL's grid sizes, which generate() has consumed from video_grid_thw), where stock's check
+# reads it twice; the kept count is host-known (`select.kept_total`).
+MODEL_SIDE_READS = 0
+ADAPTER_READS = 1
+# The stages' reads: stage 1's temporal labels, and in the paper's mode its counts.
+STAGE_READS = {None: 2, 0.25: 1}
+# The whole prefill over stock, stages included: ops at most these in the paper's mode (the
+# issue's target, 400; measured 369-383, Qwen3-VL 422) | under a retention (measured 469-483,
+# Qwen3-VL 520), and reads at most the issue's targets (measured 1 | 0).
+TOTAL_OPS = {"llava": {None: 400, 0.25: 500}, "qwen": {None: 400, 0.25: 500}, "qwen3": {None: 440, 0.25: 540}}
 TOTAL_READS = {None: 2, 0.25: 1}
 DECODE_STEPS = 4
 
@@ -76,8 +82,18 @@ class _Probe(HostProbe):
     def model_side(self) -> tuple[int, int]:
         """(ops, reads) outside the stages' files."""
         ops = sum(n for f, n in self.ops_by_file.items() if f not in STAGES)
-        reads = sum(n for op, n in self.reads_by_op.items() if not op.split(" at ")[1].startswith(STAGES))
-        return ops, reads
+        return ops, self.reads - self.stage_reads()
+
+    def stage_reads(self) -> int:
+        return sum(n for op, n in self.reads_by_op.items() if op.split(" at ")[1].startswith(STAGES))
+
+    def adapter_reads(self) -> int:
+        """Reads in the adapters' code (what stock code runs below generate() counts there)."""
+        return (
+            self.reads
+            - self.stage_reads()
+            - sum(n for op, n in self.reads_by_op.items() if op.endswith("(generate)"))
+        )
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +115,11 @@ def llava(tokenizer):
 @pytest.fixture(scope="module")
 def qwen(tokenizer):
     return tiny_qwen_vl("qwen2_5_vl", seed=0, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tokenizer):
+    return tiny_qwen_vl("qwen3_vl", seed=0, tokenizer=tokenizer)
 
 
 def _features(frames: int, width: int, extra: int = 0) -> torch.Tensor:
@@ -130,14 +151,22 @@ def _qwen_inputs(model, tokenizer, frames: int) -> dict:
     inputs["mm_token_type_ids"] = (inputs["input_ids"] == model.config.video_token_id).long() * 2
     inputs["video_grid_thw"] = thw[None]
     features = _features(frames, model.config.text_config.hidden_size)
-    encoded = BaseModelOutputWithPooling(pooler_output=[features])
+    if model.config.model_type != "qwen3_vl":
+        return {
+            **inputs,
+            "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=[features])},
+        }
+    levels = len(model.config.vision_config.deepstack_visual_indexes)  # per level, per video
+    encoded = BaseModelOutputWithDeepstackFeatures(
+        pooler_output=[features], deepstack_features=[[features.flip(0)] for _ in range(levels)]
+    )
     return {**inputs, "mm_encoder_outputs": {"video": encoded}}
 
 
 def _generate(model, inputs: dict, new_tokens: int) -> _Probe:
     # Fresh features every call: a patched model would reuse stage 1 on the same tensor.
     video = inputs["mm_encoder_outputs"]["video"]
-    fresh = BaseModelOutputWithPooling(pooler_output=_clone(video.pooler_output))
+    fresh = type(video)(**{name: _clone(value) for name, value in video.items()})
     inputs = {**inputs, "mm_encoder_outputs": {"video": fresh}}
     with torch.no_grad(), _Probe() as probe:
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -145,7 +174,7 @@ def _generate(model, inputs: dict, new_tokens: int) -> _Probe:
 
 
 def _clone(features):
-    return [f.clone() for f in features] if isinstance(features, list) else features.clone()
+    return [_clone(f) for f in features] if isinstance(features, list) else features.clone()
 
 
 def _counts(model, inputs: dict) -> dict:
@@ -174,6 +203,8 @@ def measure(model, make_inputs, tokenizer, frames: int, retention: float | None)
         "reads": patched["prefill"].reads - stock["prefill"].reads,
         "side_ops": patched_side[0] - stock_side[0],
         "side_reads": patched_side[1] - stock_side[1],
+        "stage_reads": patched["prefill"].stage_reads(),
+        "adapter_reads": patched["prefill"].adapter_reads(),
         "step_ops": patched["step_ops"] - stock["step_ops"],
         "step_reads": patched["step_reads"] - stock["step_reads"],
         "probe": patched["prefill"],
@@ -181,10 +212,9 @@ def measure(model, make_inputs, tokenizer, frames: int, retention: float | None)
 
 
 CASES = [
-    pytest.param("llava", None, id="llava-paper"),
-    pytest.param("llava", 0.25, id="llava-budget"),
-    pytest.param("qwen", None, id="qwen-paper"),
-    pytest.param("qwen", 0.25, id="qwen-budget"),
+    pytest.param(family, retention, id=f"{family}-{mode}")
+    for family in ("llava", "qwen", "qwen3")
+    for retention, mode in ((None, "paper"), (0.25, "budget"))
 ]
 
 
@@ -194,18 +224,20 @@ def test_patched_prefill_and_decode_cost_what_stock_costs(request, tokenizer, fa
     make_inputs = _llava_inputs if family == "llava" else _qwen_inputs
     few = measure(model, make_inputs, tokenizer, 8, retention)
     many = measure(model, make_inputs, tokenizer, 32, retention)
-    side_reads = many["probe"].reads_by_op
-    model_reads = {op: n for op, n in side_reads.items() if not op.split(" at ")[1].startswith(STAGES)}
+    reads = dict(many["probe"].reads_by_op)
     report = {k: (few[k], many[k]) for k in few if k != "probe"}
     print(family, retention, report)
     # The model side: bounded, independent of the frame count, and no host read beyond stock's.
-    assert many["side_ops"] <= MODEL_SIDE_OPS, report
+    assert many["side_ops"] <= MODEL_SIDE_OPS[family], report
     assert many["side_ops"] <= GROWTH * max(few["side_ops"], 1), report
-    assert many["side_reads"] <= MODEL_SIDE_READS[family], model_reads
+    assert many["side_reads"] <= MODEL_SIDE_READS, reads
+    assert many["adapter_reads"] <= ADAPTER_READS, reads
+    # The stages read only what shapes need, whatever the frame count.
+    assert many["stage_reads"] <= STAGE_READS[retention], reads
     # The whole prefill, stage 1 included.
-    assert many["ops"] <= TOTAL_OPS[retention], report
+    assert many["ops"] <= TOTAL_OPS[family][retention], report
     assert many["ops"] <= GROWTH * few["ops"], report
-    assert many["reads"] <= TOTAL_READS[retention] + MODEL_SIDE_READS[family], dict(side_reads)
+    assert many["reads"] <= TOTAL_READS[retention], reads
     # A decode step: no host read, at most 2 ops over stock.
     assert many["step_reads"] <= 0, report
     assert many["step_ops"] <= 2, report

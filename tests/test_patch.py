@@ -62,6 +62,32 @@ def test_stages_off_equal_stock_logits_and_tokens(model, inputs):
     assert trace.num_visual_tokens == trace.num_after_stage1 == trace.num_after_stage2 == 16 * 49
 
 
+def test_inputs_embeds_without_ids_equal_stock(model, inputs):
+    """Without input_ids the video placeholders are found by their embedding, as stock finds them."""
+    embedded = {k: v for k, v in inputs.items() if k != "input_ids"}
+    with torch.no_grad():
+        embedded["inputs_embeds"] = model.get_input_embeddings()(inputs["input_ids"])
+        stock = model(**embedded).logits
+        prunevid.patch(model, OFF)
+        torch.testing.assert_close(model(**embedded).logits, stock, atol=1e-5, rtol=0)
+
+
+def test_placeholders_that_do_not_match_the_video_fail_as_stock(model, inputs):
+    """One text token too many turned into a video placeholder: the patched model refuses the
+    prompt with stock's error (and its count), checked in one read instead of stock's two."""
+    ids = inputs["input_ids"].clone()
+    ids[0, -1] = model.config.video_token_id
+    wrong = {**inputs, "input_ids": ids}
+    placeholders = int((ids == model.config.video_token_id).sum())
+    with pytest.raises(ValueError, match="Video features and video tokens do not match"):
+        model(**wrong)
+    prunevid.patch(model, PruneVidConfig(selected_layer=1))
+    with pytest.raises(
+        ValueError, match=f"do not match, tokens: {placeholders}, features: {placeholders - 1}"
+    ):
+        model(**wrong)
+
+
 def test_unpatch_restores_stock(model, inputs):
     stock = greedy(model, inputs, steps=6)
     stock_class, stock_inner = type(model), type(model.model)

@@ -154,6 +154,24 @@ def test_defaults_keep_at_most_a_fifth(model, tokenizer):
     assert trace.num_after_stage2 / trace.num_visual_tokens <= 0.20
 
 
+def test_placeholders_that_do_not_match_the_video_fail_as_stock(model, tokenizer):
+    """A text token turned into a video placeholder: the patched model refuses the prompt with
+    stock's error and count, read with the grids in one transfer."""
+    inputs = inputs_for(model, tokenizer)
+    ids = inputs["input_ids"].clone()
+    ids[0, -1] = model.config.video_token_id
+    wrong = {**inputs, "input_ids": ids}
+    placeholders = int((ids == model.config.video_token_id).sum())
+    with torch.no_grad(), pytest.raises(ValueError, match="Video features and video tokens do not match"):
+        model(**wrong)
+    prunevid.patch(model, PruneVidConfig(selected_layer=1))
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match=f"tokens: {placeholders}, features: {placeholders - 1}"),
+    ):
+        model(**wrong)
+
+
 def test_missing_token_types_is_a_clear_error(model, tokenizer):
     inputs = inputs_for(model, tokenizer)
     del inputs["mm_token_type_ids"]

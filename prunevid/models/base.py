@@ -108,7 +108,7 @@ class VideoGrid:
     tokens: torch.Tensor
     grid: tuple[int, int]
     suffix: torch.Tensor
-    extras: list[torch.Tensor] = field(default_factory=list)  # (T * N, C) features merged alike (deepstack)
+    extras: torch.Tensor | None = None  # (D, T * N, C) features merged alike (deepstack levels)
 
 
 def patch_inner(
@@ -233,17 +233,7 @@ def video_prefill(
             positions.gather(-1, layout.position_source.expand(positions.shape[0], -1, -1)),
             None,
         )
-    num_extras = max(len(v.extras) for v in videos)
-    residuals = [
-        layout.gather(
-            torch.zeros_like(embeds),
-            [
-                torch.cat([merged_means(v.extras[i], m).to(embeds.dtype), v.suffix.new_zeros(v.suffix.shape)])
-                for v, m in zip(videos, merges)
-            ],
-        )
-        for i in range(num_extras)
-    ] or None
+    residuals = _merged_extras(layout, embeds, videos, merges)
     if cache is None and use_cache is not False:
         cache = DynamicCache(config=lm.config)
     timer = Interval(embeds.device)
@@ -271,12 +261,49 @@ def video_prefill(
     return hidden, cache
 
 
+def _merged_extras(
+    layout: _Layout, embeds: torch.Tensor, videos: list[VideoGrid], merges: list[MergeResult]
+) -> list[torch.Tensor] | None:
+    """(B, W, C) per level of the videos' `extras`: merged as their tokens were and laid out
+    as the logical prompt (zero elsewhere), every level in one gather; None without extras."""
+    if videos[0].extras is None:
+        return None
+    levels, channels = videos[0].extras.shape[0], embeds.shape[-1]
+    own = [  # (E_b, D * C): each token's levels side by side
+        torch.cat([merged_means(v.extras, m), v.extras.new_zeros(levels, len(v.suffix), channels)], 1)
+        .transpose(0, 1)
+        .reshape(-1, levels * channels)
+        .to(embeds.dtype)
+        for v, m in zip(videos, merges)
+    ]
+    laid_out = layout.gather(embeds.new_zeros(*embeds.shape[:2], levels * channels), own)
+    return list(laid_out.view(*laid_out.shape[:2], levels, channels).unbind(2))
+
+
 def video_rows(is_video: torch.Tensor, num_videos: int) -> list[int]:
     """The rows of a (B, L) placeholder mask that hold a video: all of them when there is one
     video per row (nothing read back), else one read."""
     if num_videos == is_video.shape[0]:
         return list(range(num_videos))
     return [b for b, has in enumerate(is_video.any(1).tolist()) if has]
+
+
+def video_placeholders(model: torch.nn.Module, input_ids, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the video placeholder tokens, from the ids (or, without them, by stock's
+    comparison of the embeddings). Unlike stock's `get_placeholder_mask`, whose count check reads
+    the count twice, nothing is read: the caller checks the count (`check_placeholders`) in a
+    read it makes anyway."""
+    if input_ids is not None:
+        return (input_ids == model.config.video_token_id).to(inputs_embeds.device)
+    return model.get_placeholder_mask(None, inputs_embeds)[1][..., 0]
+
+
+def check_placeholders(count: int, num_features: int) -> None:
+    """Stock's check that a prompt has one video placeholder per video feature."""
+    if count != num_features:
+        raise ValueError(
+            f"Video features and video tokens do not match, tokens: {count}, features: {num_features}"
+        )
 
 
 def check_cache(cache) -> None:
@@ -500,10 +527,10 @@ def _numbered(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def merged_means(features: torch.Tensor, merge: MergeResult) -> torch.Tensor:
-    """(T * N, C) per-original-token features -> (M, C) the plain mean over each merged token's
-    members: what stage 1 does to the tokens themselves (a merged token is its members' mean).
-    Tokens dropped before the language model go to a spare cluster."""
+    """(D, T * N, C) per-original-token features of D levels -> (D, M, C) the plain mean over
+    each merged token's members: what stage 1 does to the tokens themselves (a merged token is
+    its members' mean). Tokens dropped before the language model go to a spare cluster."""
     index = merge.assignment.flatten().to(features.device)
     spare = merge.num_tokens
     labels = index.where(index >= 0, spare)
-    return cluster_means(features[None], labels[None], spare + 1)[0, :spare]
+    return cluster_means(features, labels.expand(len(features), -1), spare + 1)[:, :spare]

@@ -25,7 +25,9 @@ from .base import (
     Runtime,
     VideoGrid,
     chat_prompt,
+    check_placeholders,
     frame_pixels,
+    video_placeholders,
     video_prefill,
 )
 
@@ -71,9 +73,8 @@ class PruneVidLlavaOnevisionModel(LlavaOnevisionModel):
                     return_dict=True,
                 )
             features = video.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)  # (V, T*N + 1, C)
-            _, is_video = self.get_placeholder_mask(
-                input_ids, inputs_embeds, video_features=features.flatten(0, 1)
-            )
+            is_video = video_placeholders(self, input_ids, inputs_embeds)
+            check_placeholders(int(is_video.sum()), features.shape[:2].numel())  # the one read
             height, width = pooled_grid(self.config)
             grids = [
                 VideoGrid(f[:-1].view(-1, height * width, f.shape[-1]), (height, width), f[-1:])
@@ -84,7 +85,7 @@ class PruneVidLlavaOnevisionModel(LlavaOnevisionModel):
                 self.language_model,
                 inputs_embeds,
                 attention_mask,
-                is_video[..., 0],
+                is_video,
                 grids,
                 None,
                 cache,

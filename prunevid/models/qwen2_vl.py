@@ -23,7 +23,9 @@ from .base import (
     Runtime,
     VideoGrid,
     chat_prompt,
+    check_placeholders,
     frame_pixels,
+    video_placeholders,
     video_prefill,
     video_rows,
 )
@@ -94,16 +96,17 @@ class PruneVidQwenVLModel(torch.nn.Module):
             if video is None:
                 video = self.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
             features = [f.to(inputs_embeds.device, inputs_embeds.dtype) for f in video.pooler_output]
-            _, is_video = self.get_placeholder_mask(
-                input_ids, inputs_embeds, video_features=torch.cat(features)
-            )
-            is_video = is_video[..., 0]
-            # generate() consumes video_grid_thw when it encodes the video, so read each grid
-            # off the stock 3-D positions of its tokens instead (one read for all videos).
+            is_video = video_placeholders(self, input_ids, inputs_embeds)
+            # generate() consumes video_grid_thw when it encodes the video, so each grid comes
+            # off the stock 3-D positions of its tokens instead: one read, the placeholder count
+            # with all the grids.
             deepstack = getattr(video, "deepstack_features", None) or []  # Qwen3-VL: per layer, per video
             rows = video_rows(is_video, len(features))
             every = len(rows) == len(is_video)
-            sizes = grid_sizes(position_ids[-2:] if every else position_ids[-2:, rows], is_video[rows])
+            grid = grid_sizes(position_ids[-2:] if every else position_ids[-2:, rows], is_video[rows])
+            count, *flat = torch.cat([is_video.sum().view(1), grid.flatten()]).tolist()
+            check_placeholders(count, sum(len(f) for f in features))
+            sizes = list(zip(flat[::2], flat[1::2]))
             grids = [
                 _video_grid(f, size, [layer[v] for layer in deepstack])
                 for v, (f, size) in enumerate(zip(features, sizes))
@@ -140,22 +143,22 @@ class PruneVidQwenVLModel(torch.nn.Module):
         )
 
 
-def grid_sizes(positions: torch.Tensor, is_video: torch.Tensor) -> list[tuple[int, int]]:
-    """(2, V, L) stock (h, w) positions of V rows and their (V, L) video placeholders -> each
-    video's per-time-step grid (height, width): the span of its first run's positions (Qwen3-VL
-    numbers each time step's run afresh), in one read."""
+def grid_sizes(positions: torch.Tensor, is_video: torch.Tensor) -> torch.Tensor:
+    """(2, V, L) stock (h, w) positions of V rows and their (V, L) video placeholders -> (V, 2)
+    each video's per-time-step grid (height, width), on the device: the span of its first run's
+    positions (Qwen3-VL numbers each time step's run afresh)."""
     starts = is_video & ~torch.nn.functional.pad(is_video[:, :-1], (1, 0))  # the previous token is text
     elsewhere = ~(is_video & (starts.cumsum(1) == 1))  # outside the first run
     big = torch.iinfo(positions.dtype).max
     high = positions.masked_fill(elsewhere, -big).amax(-1)
     low = positions.masked_fill(elsewhere, big).amin(-1)
-    return [tuple(size) for size in (high - low + 1).T.tolist()]
+    return (high - low + 1).T
 
 
 def _video_grid(features: torch.Tensor, size: tuple[int, int], extras: list[torch.Tensor]) -> VideoGrid:
     """(t * h * w, C) merger output of one video, row-major -> per-time-step (h, w) grids."""
     tokens = features.view(-1, size[0] * size[1], features.shape[-1])
-    return VideoGrid(tokens, size, features[:0], [x.to(features) for x in extras])
+    return VideoGrid(tokens, size, features[:0], torch.stack(extras).to(features) if extras else None)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ On a GPU every kernel costs the host a launch, and every value read back waits f
 work (DESIGN.md "On a GPU"). `HostProbe` counts both while it is active, so the CPU can check what
 only a GPU would feel:
 
-* `ops`: aten operators dispatched (each is about one kernel launch on a GPU);
+* `ops`: aten operators dispatched (each is about one kernel launch on a GPU), of which `views`
+  (reshapes, slices, expands) launch none: they cost the host its dispatch only;
 * `reads`: operations whose result the host must wait for: `.item()` / `bool(t)` / `int(t)`
   (`aten._local_scalar_dense`), `nonzero`, `unique`, `masked_select`, boolean-mask indexing,
   `repeat_interleave` without `output_size`, `bincount` (CUDA reads the maximum), and calls of
@@ -47,6 +48,7 @@ class HostProbe(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops = 0
+        self.views = 0
         self.reads_by_op: Counter[str] = Counter()
         self.uploads_by_op: Counter[str] = Counter()
         self._saved: dict[str, Any] = {}
@@ -62,6 +64,7 @@ class HostProbe(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.ops += 1
+        self.views += func.is_view
         if (func in _READS and not _sized(func, kwargs)) or _bool_index(func, args):
             self.reads_by_op[f"{func} at {_caller()}"] += 1
         elif func in _UPLOADS:

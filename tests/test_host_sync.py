@@ -67,8 +67,8 @@ ADAPTER_READS = 1
 # The stages' reads: stage 1's temporal labels, and in the paper's mode its counts.
 STAGE_READS = {None: 2, 0.25: 1}
 # The whole prefill over stock, stages included: ops at most these in the paper's mode (the
-# issue's target, 400; measured 369-383, Qwen3-VL 422) | under a retention (measured 469-483,
-# Qwen3-VL 520), and reads at most the targets (measured 1 | 0).
+# issue's target, 400; measured 369-383, Qwen3-VL 422) | under a retention (measured 465-479,
+# Qwen3-VL 516-518), and reads at most the targets (measured 1 | 0).
 TOTAL_OPS = {"llava": {None: 400, 0.25: 500}, "qwen": {None: 400, 0.25: 500}, "qwen3": {None: 440, 0.25: 540}}
 TOTAL_READS = {None: 2, 0.25: 1}
 # Of those ops, the ones that launch a kernel on a GPU (views launch none): at most the issue's

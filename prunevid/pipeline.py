@@ -393,6 +393,9 @@ def check_question(question: str) -> str:
         raise ValueError(
             f"The question is too long ({len(question)} characters; at most {MAX_QUESTION_CHARS})."
         )
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in question):
+        # A JSON client can send half a UTF-16 pair; the tokenizer would fail on it with a TypeError.
+        raise ValueError("The question holds an unpaired surrogate (broken UTF-16): it is not valid text.")
     return question
 
 

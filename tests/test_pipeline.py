@@ -115,6 +115,8 @@ def test_bad_questions_and_frames(checkpoint):
         answer(loaded, SHAPES, "   ")
     with pytest.raises(ValueError, match="question is too long"):
         answer(loaded, SHAPES, "why " * 1000)
+    with pytest.raises(ValueError, match="unpaired surrogate"):
+        answer(loaded, SHAPES, "what colour \ud83d ?")
     with pytest.raises(ValueError, match=r"frames must be a non-empty \(T, H, W, 3\) uint8 array"):
         answer(loaded, np.zeros((0, 8, 8, 3), np.uint8), "what ?")
 
